@@ -1,0 +1,343 @@
+"""ISBI 2012 data: find, read and validate the stacks, normalise, split, augment.
+
+Knows nothing of models. Everything the training loop eats comes from here as
+float32 NHWC arrays in [0, 1]; labels are exactly 0 (membrane) or 1 (cell).
+
+Command line: ``python data.py download [--dest DIR]`` fetches the stacks,
+``python data.py check [DIR]`` validates what is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from scipy import ndimage
+
+DATA_ENV = "ISBI_DATA_DIR"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
+IMAGES_FILE = "train-volume.tif"
+LABELS_FILE = "train-labels.tif"
+TEST_FILE = "test-volume.tif"
+FILES = (IMAGES_FILE, LABELS_FILE, TEST_FILE)
+# Public mirror of the challenge files (the challenge site itself is gone).
+DOWNLOAD_URL = "https://github.com/alexklibisz/isbi-2012/raw/master/data/"
+
+# The original notebook's split by page index; everything else trains.
+VALIDATION_PAGES = (5, 15, 25)
+TEST_PAGES = (0, 10, 20)
+
+HOW_TO_GET = (
+    f"Put {IMAGES_FILE} and {LABELS_FILE} in the data/ folder of this project, "
+    f"or point ${DATA_ENV} at the folder that holds them, "
+    "or run `python data.py download` to fetch them."
+)
+
+
+class DataError(ValueError):
+    """A data file is missing or not what the project expects."""
+
+
+# ---------------------------------------------------------------- finding
+
+def find_data_dir(path: str | os.PathLike | None = None) -> Path:
+    """Return the folder holding the ISBI stacks: `path`, else $ISBI_DATA_DIR, else data/."""
+    if path is not None:
+        candidates = [("the path given", Path(path))]
+    elif os.environ.get(DATA_ENV):
+        candidates = [(f"${DATA_ENV}", Path(os.environ[DATA_ENV]))]
+    else:
+        candidates = [("the project's data/ folder", DEFAULT_DATA_DIR)]
+    for _, folder in candidates:
+        if (folder / IMAGES_FILE).is_file() and (folder / LABELS_FILE).is_file():
+            return folder
+    where = "; ".join(f"{name}: {folder}" for name, folder in candidates)
+    raise DataError(f"ISBI 2012 data not found (looked in {where}). {HOW_TO_GET}")
+
+
+# ---------------------------------------------------------------- reading
+
+def read_stack(path: str | os.PathLike) -> np.ndarray:
+    """Return the pages of a TIFF (or a single 2-D TIFF) as an array (pages, height, width)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found. {HOW_TO_GET}")
+    try:
+        stack = tifffile.imread(path)
+    except Exception as err:  # tifffile raises several types for non-TIFF input
+        raise DataError(f"{path}: not a readable TIFF file ({err})") from err
+    if stack.ndim == 2:
+        stack = stack[np.newaxis]
+    if stack.ndim != 3:
+        raise DataError(
+            f"{path}: expected 2-D grey pages, got an array of shape {stack.shape} "
+            "(colour or multi-channel pages are not supported)"
+        )
+    return stack
+
+
+def check_labels(labels: np.ndarray, name: str = "labels") -> None:
+    """Raise DataError unless `labels` holds exactly two distinct values."""
+    values = np.unique(labels)
+    if len(values) != 2:
+        shown = ", ".join(str(v) for v in values[:6]) + (" ..." if len(values) > 6 else "")
+        raise DataError(
+            f"{name}: labels must be two-valued (membrane / cell), "
+            f"found {len(values)} distinct values: {shown}"
+        )
+
+
+def load_isbi(data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Return the raw (images, labels) stacks, validated, as read from disk (uint8, N x H x W)."""
+    folder = find_data_dir(data_dir)
+    images = read_stack(folder / IMAGES_FILE)
+    labels = read_stack(folder / LABELS_FILE)
+    if images.shape != labels.shape:
+        raise DataError(
+            f"{folder / IMAGES_FILE} has shape {images.shape} but "
+            f"{folder / LABELS_FILE} has shape {labels.shape}; they must match page for page"
+        )
+    check_labels(labels, str(folder / LABELS_FILE))
+    return images, labels
+
+
+# ---------------------------------------------------------------- normalising
+
+def normalize_images(images: np.ndarray) -> np.ndarray:
+    """Return images as float32 in [0, 1]: integers divided by their dtype's maximum."""
+    images = np.asarray(images)
+    if np.issubdtype(images.dtype, np.integer):
+        return (images / np.iinfo(images.dtype).max).astype(np.float32)
+    return images.astype(np.float32)
+
+
+def binarize_labels(labels: np.ndarray) -> np.ndarray:
+    """Return labels as float32 {0, 1}: 1 where above the midpoint of the value range (cell)."""
+    labels = np.asarray(labels, dtype=np.float32)
+    midpoint = (labels.min() + labels.max()) / 2
+    return (labels > midpoint).astype(np.float32)
+
+
+def add_channel(stack: np.ndarray) -> np.ndarray:
+    """Return an (N, H, W) stack as (N, H, W, 1)."""
+    return stack[..., np.newaxis]
+
+
+# ---------------------------------------------------------------- splitting
+
+def split_indices(n_pages: int = 30) -> dict[str, list[int]]:
+    """Return the page indices of the 'train', 'validation' and 'test' parts."""
+    held = set(VALIDATION_PAGES) | set(TEST_PAGES)
+    if n_pages <= max(held):
+        raise DataError(f"the original split needs at least {max(held) + 1} pages, got {n_pages}")
+    return {
+        "train": [i for i in range(n_pages) if i not in held],
+        "validation": list(VALIDATION_PAGES),
+        "test": list(TEST_PAGES),
+    }
+
+
+def load_split(data_dir: str | os.PathLike | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Return {'train'|'validation'|'test': (images, labels)}, float32 NHWC, normalised."""
+    images, labels = load_isbi(data_dir)
+    x = add_channel(normalize_images(images))
+    y = add_channel(binarize_labels(labels))
+    return {part: (x[idx], y[idx]) for part, idx in split_indices(len(x)).items()}
+
+
+# ---------------------------------------------------------------- augmenting
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Random transform settings; defaults are the original notebook's ImageDataGenerator.
+
+    Angles are in degrees, shifts in fractions of the image size, zoom is the
+    half-width of the uniform range around 1.
+    """
+
+    rotation_range: float = 0.2
+    width_shift_range: float = 0.05
+    height_shift_range: float = 0.05
+    shear_range: float = 0.05
+    zoom_range: float = 0.05
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
+    rot90: bool = False
+
+    @classmethod
+    def none(cls) -> "Augmentation":
+        """Return settings that leave images unchanged."""
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, False, False, False)
+
+
+def random_affine(shape: tuple[int, int], aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    """Return a 3x3 homogeneous matrix mapping output (row, col) to input (row, col)."""
+    h, w = shape
+    theta = np.deg2rad(rng.uniform(-aug.rotation_range, aug.rotation_range))
+    shear = np.deg2rad(rng.uniform(-aug.shear_range, aug.shear_range))
+    zy, zx = rng.uniform(1 - aug.zoom_range, 1 + aug.zoom_range, size=2)
+    ty = rng.uniform(-aug.height_shift_range, aug.height_shift_range) * h
+    tx = rng.uniform(-aug.width_shift_range, aug.width_shift_range) * w
+    rotation = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    shearing = np.array([[1, 0, 0], [-np.sin(shear), np.cos(shear), 0], [0, 0, 1]])
+    zoom = np.diag([zy, zx, 1.0])
+    shift = np.array([[1, 0, ty], [0, 1, tx], [0, 0, 1]])
+    center = np.array([[1, 0, (h - 1) / 2], [0, 1, (w - 1) / 2], [0, 0, 1]])
+    uncenter = np.array([[1, 0, -(h - 1) / 2], [0, 1, -(w - 1) / 2], [0, 0, 1]])
+    matrix = shift @ center @ rotation @ shearing @ zoom @ uncenter
+    if aug.horizontal_flip and rng.random() < 0.5:
+        matrix = matrix @ np.array([[1, 0, 0], [0, -1, w - 1], [0, 0, 1]])
+    if aug.vertical_flip and rng.random() < 0.5:
+        matrix = matrix @ np.array([[-1, 0, h - 1], [0, 1, 0], [0, 0, 1]])
+    return matrix
+
+
+def augment_pair(
+    image: np.ndarray,
+    label: np.ndarray,
+    aug: Augmentation,
+    rng: np.random.Generator,
+    crop: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return one randomly transformed (image, label) pair of (H, W) arrays, optionally a random crop.
+
+    The same transform moves both; the image is interpolated bilinearly, the
+    label by nearest neighbour so that it stays binary. Borders are filled by
+    repeating the nearest pixel, as Keras' fill_mode='nearest'.
+    """
+    h, w = image.shape
+    out_h, out_w = (crop, crop) if crop else (h, w)
+    if out_h > h or out_w > w:
+        raise ValueError(f"crop {crop} is larger than the image {image.shape}")
+    matrix = random_affine((h, w), aug, rng)
+    # Shift so that the output window is a random crop of the transformed image.
+    oy, ox = rng.integers(0, h - out_h + 1), rng.integers(0, w - out_w + 1)
+    matrix = matrix @ np.array([[1, 0, oy], [0, 1, ox], [0, 0, 1]])
+    kwargs = dict(matrix=matrix, output_shape=(out_h, out_w), mode="nearest")
+    new_image = ndimage.affine_transform(image, order=1, **kwargs)
+    new_label = ndimage.affine_transform(label, order=0, **kwargs)
+    if aug.rot90:
+        # Quarter turns keep the shape only for square outputs; otherwise half turns.
+        k = int(rng.integers(4)) if out_h == out_w else 2 * int(rng.integers(2))
+        new_image, new_label = np.rot90(new_image, k), np.rot90(new_label, k)
+    return new_image, new_label
+
+
+def _keras_sequence_base():
+    import keras  # imported lazily so that data.py works without TensorFlow
+
+    return keras.utils.PyDataset
+
+
+class AugmentedBatches(_keras_sequence_base()):
+    """Keras dataset of augmented training batches: (images, labels), float32 NHWC.
+
+    Each index draws `batch_size` random pages, transforms each pair with its
+    own random transform and crops it to `crop` pixels. The random stream is a
+    function of (seed, epoch, index) only, so a resumed run sees the batches it
+    would have seen.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int = 5,
+        steps_per_epoch: int = 1000,
+        augmentation: Augmentation | None = None,
+        crop: int | None = None,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if images.shape != labels.shape:
+            raise DataError(f"images {images.shape} and labels {labels.shape} differ in shape")
+        self.images = images[..., 0]
+        self.labels = labels[..., 0]
+        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.augmentation = augmentation if augmentation is not None else Augmentation()
+        self.crop = crop
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        pages = rng.integers(0, len(self.images), size=self.batch_size)
+        pairs = [augment_pair(self.images[p], self.labels[p], self.augmentation, rng, self.crop) for p in pages]
+        x = np.stack([p[0] for p in pairs])[..., np.newaxis].astype(np.float32)
+        y = np.stack([p[1] for p in pairs])[..., np.newaxis].astype(np.float32)
+        return x, y
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+
+
+# ---------------------------------------------------------------- downloading
+
+def download(dest: str | os.PathLike = DEFAULT_DATA_DIR, base_url: str = DOWNLOAD_URL, files=FILES) -> Path:
+    """Download the ISBI stacks into `dest` (atomically, validated); return `dest`."""
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        target = dest / name
+        if target.is_file():
+            print(f"{target} already present")
+            continue
+        url = base_url.rstrip("/") + "/" + name
+        fd, tmp_name = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
+                    while chunk := response.read(1 << 16):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+            read_stack(tmp_name)  # validate before it takes the real name
+            os.replace(tmp_name, target)
+        finally:
+            if os.path.exists(tmp_name):
+                os.remove(tmp_name)
+    if LABELS_FILE in files:
+        load_isbi(dest)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    get = sub.add_parser("download", help="fetch the ISBI 2012 stacks")
+    get.add_argument("--dest", default=str(DEFAULT_DATA_DIR))
+    get.add_argument("--url", default=DOWNLOAD_URL)
+    check = sub.add_parser("check", help="validate the stacks and print the split")
+    check.add_argument("data_dir", nargs="?")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "download":
+            print(f"data ready in {download(args.dest, args.url)}")
+        else:
+            images, labels = load_isbi(args.data_dir)
+            print(f"{find_data_dir(args.data_dir)}: {images.shape[0]} pages of "
+                  f"{images.shape[1]}x{images.shape[2]} {images.dtype}; labels {np.unique(labels).tolist()}")
+            for part, idx in split_indices(len(images)).items():
+                print(f"  {part}: {idx}")
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

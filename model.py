@@ -1,0 +1,104 @@
+"""The U-Net of the original notebook, as a plain Keras 3 builder.
+
+Reference: Ronneberger, Fischer and Brox, "U-Net: Convolutional Networks for
+Biomedical Image Segmentation", MICCAI 2015 (arXiv:1505.04597). Knows nothing
+of data.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+DEPTH = 4  # pooling steps: five contracting blocks, four expanding blocks
+
+
+def conv_block(x, filters: int, padding: str, name: str, dtype=None):
+    """Two 3x3 convolutions + ReLU: `name`_conv_1, `name`_conv_2."""
+    for i in (1, 2):
+        x = layers.Conv2D(filters, 3, activation="relu", padding=padding, name=f"{name}_conv_{i}", dtype=dtype)(x)
+    return x
+
+
+def contracting_block(x, filters: int, padding: str, name: str, pool: bool = True, dtype=None):
+    """2x2 max-pool (unless `pool` is False), then `conv_block`."""
+    if pool:
+        x = layers.MaxPooling2D(2, name=f"{name}_maxpool", dtype=dtype)(x)
+    return conv_block(x, filters, padding, name, dtype)
+
+
+def center_crop(skip, target, name: str, dtype=None):
+    """Crop `skip` symmetrically to the spatial size of `target` (static shapes only)."""
+    dh = skip.shape[1] - target.shape[1]
+    dw = skip.shape[2] - target.shape[2]
+    if dh is None or dw is None:
+        raise ValueError("'valid' padding needs a fixed input size (no None dimensions)")
+    return layers.Cropping2D(((dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)), name=f"{name}_crop", dtype=dtype)(skip)
+
+
+def expanding_block(x, skip, filters: int, padding: str, name: str, dtype=None):
+    """Upsample x2, 2x2 conv + ReLU, concatenate with the (cropped) skip, then `conv_block`."""
+    x = layers.UpSampling2D(2, name=f"{name}_upscaling", dtype=dtype)(x)
+    # The 2x2 "up-convolution" keeps the size, as in the paper, whatever the padding.
+    x = layers.Conv2D(filters, 2, activation="relu", padding="same", name=f"{name}_conv_0", dtype=dtype)(x)
+    if padding == "valid":
+        skip = center_crop(skip, x, name, dtype)
+    x = layers.Concatenate(axis=-1, name=f"{name}_concat1", dtype=dtype)([skip, x])
+    return conv_block(x, filters, padding, name, dtype)
+
+
+def build_unet(
+    input_shape: tuple = (512, 512, 1),
+    filters: int = 64,
+    padding: str = "same",
+    dtype_policy: str | None = None,
+    name: str = "unet",
+) -> keras.Model:
+    """Return the original notebook's U-Net (31,031,685 parameters at the defaults).
+
+    Args:
+        input_shape: (height, width, channels); height and width may be None
+            for any size. With 'same' padding sizes must be multiples of 16;
+            with 'valid' they must make every pooled size even (572 is the
+            paper's example) and the output is smaller (see `output_size`).
+        filters: width of the first block; block k has filters * 2**k.
+        padding: 'same' (output size = input size) or 'valid' (the paper's).
+        dtype_policy: a Keras dtype policy such as 'mixed_bfloat16' for every
+            layer but the sigmoid output, which always computes in float32.
+        name: the model's name.
+
+    Output: per-pixel probability of "cell" (1) against membrane (0), float32.
+    """
+    if padding not in ("same", "valid"):
+        raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+    if filters < 1:
+        raise ValueError(f"filters must be a positive integer, got {filters!r}")
+    if padding == "same":
+        for size in input_shape[:2]:
+            if size is not None and size % 2**DEPTH:
+                raise ValueError(f"with 'same' padding the input size must be a multiple of 16, got {input_shape}")
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    skips = []
+    x = inputs
+    for level in range(DEPTH + 1):
+        x = contracting_block(x, filters * 2**level, padding, f"CNT_{level + 1}", pool=level > 0, dtype=dtype_policy)
+        skips.append(x)
+    for step, level in enumerate(reversed(range(DEPTH))):
+        x = expanding_block(x, skips[level], filters * 2**level, padding, f"EXP_{step + 1}", dtype=dtype_policy)
+    x = layers.Conv2D(2, 3, activation="relu", padding=padding, name="OUT_3", dtype=dtype_policy)(x)
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", name="OUT", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def output_size(input_size: int, padding: str = "same") -> int:
+    """Return the output height (or width) in pixels for an input of `input_size` pixels."""
+    if padding == "same":
+        return input_size
+    size = input_size
+    for _ in range(DEPTH):
+        size = (size - 4) // 2
+    size -= 4
+    for _ in range(DEPTH):
+        size = size * 2 - 4
+    return size - 2  # OUT_3
