@@ -1,0 +1,43 @@
+# Quick start:  make run   (set up, train the preset that fits this machine, evaluate, draw figures)
+#               make test  (set up, run the test suite)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PRESET ?= auto
+RUN    ?= runs/$(PRESET)
+# Quiet TensorFlow's C++ INFO lines; warnings and errors still show.
+export TF_CPP_MIN_LOG_LEVEL ?= 1
+
+.PHONY: setup run train evaluate figures test notebook clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (unet-isbi)" > /dev/null
+	touch $@
+
+run: setup
+	$(PY) train.py --preset $(PRESET) --run-dir $(RUN)
+	$(PY) evaluate.py $(RUN)/best.keras --out $(RUN)/evaluation.json --grid images/unet_results.png
+	$(PY) figures.py $(RUN)/logs --out images
+
+train: setup
+	$(PY) train.py --preset $(PRESET) --run-dir $(RUN)
+
+evaluate: setup
+	$(PY) evaluate.py $(RUN)/best.keras --out $(RUN)/evaluation.json --grid images/unet_results.png
+
+figures: setup
+	$(PY) figures.py $(RUN)/logs --out images
+
+notebook: setup
+	$(PY) -m papermill unet-isbi.ipynb $(RUN)-notebook.ipynb -p run_dir $(RUN)
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from model import build_unet, output_size
+
+
+def test_default_model_has_original_parameter_count_and_layer_names():
+    model = build_unet()
+    assert model.count_params() == 31_031_685
+    names = [layer.name for layer in model.layers]
+    for expected in ["CNT_1_conv_1", "CNT_2_maxpool", "CNT_5_conv_2", "EXP_1_upscaling", "EXP_1_conv_0",
+                     "EXP_1_concat1", "EXP_4_conv_2", "OUT_3", "OUT"]:
+        assert expected in names
+    assert names[-1] == "OUT"
+    assert model.output_shape == (None, 512, 512, 1)
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (16, 16), (112, 64)])
+def test_any_size_multiple_of_16_keeps_its_shape(shape):
+    model = build_unet((None, None, 1), filters=2)
+    out = model.predict_on_batch(np.random.rand(2, *shape, 1).astype("float32"))
+    assert out.shape == (2, *shape, 1)
+    assert np.all((out >= 0) & (out <= 1))
+
+
+def test_size_not_multiple_of_16_is_refused_with_the_shape():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        build_unet((100, 100, 1), filters=2)
+
+
+@pytest.mark.parametrize("size", [188, 572])
+def test_valid_padding_output_size_matches_formula_and_crops_skips(size):
+    model = build_unet((size, size, 1), filters=2, padding="valid")
+    assert model.output_shape[1:3] == (output_size(size, "valid"),) * 2
+    assert "EXP_1_crop" in [layer.name for layer in model.layers]
+    assert output_size(572, "valid") == 386  # the paper's 388 minus the OUT_3 3x3 conv
+
+
+def test_bfloat16_policy_keeps_float32_output():
+    model = build_unet((32, 32, 1), filters=2, dtype_policy="mixed_bfloat16")
+    assert model.get_layer("CNT_1_conv_1").compute_dtype == "bfloat16"
+    assert model.predict_on_batch(np.zeros((1, 32, 32, 1), "float32")).dtype == np.float32
+
+
+def test_bad_padding_is_refused():
+    with pytest.raises(ValueError, match="padding"):
+        build_unet(padding="full")

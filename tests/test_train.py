@@ -1,0 +1,61 @@
+import json
+
+import numpy as np
+import pytest
+
+import data
+import train
+
+
+def test_presets_keep_the_original_defaults():
+    original = train.preset("original")
+    assert (original.filters, original.crop, original.batch_size, original.steps_per_epoch, original.epochs) == (
+        64, 512, 5, 1000, 3)
+    assert original.learning_rate == 1e-4 and original.loss == "binary_crossentropy"
+    assert train.preset("cpu").filters < 64
+    with pytest.raises(ValueError, match="unknown preset"):
+        train.preset("huge")
+
+
+def test_command_line_overrides_preset_fields():
+    settings = train.parse_args(["--preset", "tiny", "--epochs", "7", "--learning-rate", "0.01", "--no-resume"])
+    assert (settings.epochs, settings.learning_rate, settings.resume, settings.filters) == (7, 0.01, False, 4)
+
+
+def test_short_training_on_real_crops_lowers_the_loss(isbi_dir, tmp_path):
+    settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), filters=8, crop=128,
+                            batch_size=4, steps_per_epoch=15, epochs=3, learning_rate=3e-3, precision="float32")
+    result = train.train(settings)
+    losses = result["history"]["loss"]
+    assert losses[-1] < losses[0] - 0.05
+    assert result["best"].is_file() and result["last"].is_file()
+
+
+def test_rerun_resumes_from_last_epoch_and_clear_all_starts_afresh(isbi_dir, tmp_path, capsys):
+    settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=1)
+    train.train(settings)
+    result = train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=settings.run_dir, epochs=2))
+    assert "resuming from" in capsys.readouterr().out
+    assert len(result["history"]["loss"]) == 1  # only epoch 2 was trained
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["epochs_done"] == 2
+    model = train.load_model(result["last"])
+    assert int(model.optimizer.iterations.numpy()) == 2 * settings.steps_per_epoch
+
+    result = train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=settings.run_dir, epochs=1,
+                                      clear_all=True))
+    assert "resuming" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["epochs_done"] == 1
+
+
+def test_resume_refuses_a_run_of_another_width(isbi_dir, tmp_path):
+    run_dir = str(tmp_path / "run")
+    train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=run_dir, epochs=1))
+    with pytest.raises(ValueError, match="filters=4"):
+        train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=run_dir, epochs=2, filters=8))
+
+
+def test_missing_data_fails_with_a_clear_message(tmp_path, capsys):
+    code = train.main(["--preset", "tiny", "--data-dir", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r")])
+    assert code == 1
+    assert "ISBI 2012 data not found" in capsys.readouterr().err
