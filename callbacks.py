@@ -141,7 +141,7 @@ class TimeLimit(keras.callbacks.Callback):
         left = elapsed / done * (self.epochs - epoch - 1)
         if self.seconds is not None:
             left = min(left, max(self.seconds - elapsed, 0.0))
-        print(f"epoch {epoch + 1}/{self.epochs}: {elapsed / 60:.1f} min spent, about {left / 60:.1f} min left")
+        print(f"epoch {epoch + 1}/{self.epochs}: {elapsed / 60:.1f} min spent, about {left / 60:.1f} min left", flush=True)
         if self.seconds is not None and elapsed >= self.seconds:
             print(f"time limit reached ({elapsed:.0f} s >= {self.seconds:.0f} s): stopping after epoch {epoch + 1}")
             self.model.stop_training = True
