@@ -25,15 +25,24 @@ def predict_pages(model, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
     )
 
 
+def score_page(label: np.ndarray, prediction: np.ndarray) -> dict:
+    """Return one page's scores: pixel difference (percent), accuracy (fraction), and the
+    challenge's V_rand and V_info (best over the threshold sweep, with their thresholds)."""
+    label, prediction = np.squeeze(label), np.squeeze(prediction)
+    challenge = metrics.challenge_scores(prediction, label)
+    return {
+        "pixel_difference": metrics.pixel_difference_np(label, prediction),
+        "accuracy": metrics.accuracy_np(label, prediction),
+        "v_rand": challenge["v_rand"],
+        "v_rand_threshold": challenge["v_rand_threshold"],
+        "v_info": challenge["v_info"],
+        "v_info_threshold": challenge["v_info_threshold"],
+    }
+
+
 def score_pages(labels: np.ndarray, predictions: np.ndarray) -> list[dict]:
-    """Return per-page scores: pixel difference (percent) and accuracy (fraction)."""
-    return [
-        {
-            "pixel_difference": metrics.pixel_difference_np(y, p),
-            "accuracy": metrics.accuracy_np(y, p),
-        }
-        for y, p in zip(labels, predictions)
-    ]
+    """Return `score_page` for each (label, prediction) pair of two (N, H, W, 1) stacks."""
+    return [score_page(y, p) for y, p in zip(labels, predictions)]
 
 
 def evaluate(model_path: str | Path, data_dir: str | Path | None = None, part: str = "test") -> dict:
@@ -45,7 +54,7 @@ def evaluate(model_path: str | Path, data_dir: str | Path | None = None, part: s
     model = load_model(model_path)
     predictions = predict_pages(model, images)
     per_page = score_pages(labels, predictions)
-    mean = {key: float(np.mean([page[key] for page in per_page])) for key in per_page[0]}
+    mean = {key: float(np.mean([page[key] for page in per_page])) for key in per_page[0] if "threshold" not in key}
     return {
         "model": str(model_path),
         "part": part,
@@ -61,11 +70,12 @@ def evaluate(model_path: str | Path, data_dir: str | Path | None = None, part: s
 def report(result: dict) -> str:
     """Return a small text table of the per-page and mean scores."""
     lines = [f"{result['model']} on {result['part']} pages {result['pages']}:",
-             f"{'page':>6} {'pixel diff %':>13} {'accuracy':>9}"]
-    for page, scores in zip(result["pages"], result["per_page"]):
-        lines.append(f"{page:>6} {scores['pixel_difference']:>13.2f} {scores['accuracy']:>9.4f}")
-    mean = result["mean"]
-    lines.append(f"{'mean':>6} {mean['pixel_difference']:>13.2f} {mean['accuracy']:>9.4f}")
+             f"{'page':>6} {'pixel diff %':>13} {'accuracy':>9} {'V_rand':>7} {'V_info':>7}"]
+    rows = list(zip(result["pages"], result["per_page"])) + [("mean", result["mean"])]
+    for page, s in rows:
+        lines.append(
+            f"{page:>6} {s['pixel_difference']:>13.2f} {s['accuracy']:>9.4f} {s['v_rand']:>7.4f} {s['v_info']:>7.4f}"
+        )
     return "\n".join(lines)
 
 

@@ -98,12 +98,16 @@ PRESETS = {
 
 
 def preset(name: str = "auto", **overrides) -> TrainSettings:
-    """Return the settings of preset `name` ('auto' = 'original' on a GPU, else 'cpu') with overrides."""
+    """Return the settings of preset `name` ('auto' = 'original' on a GPU, else 'cpu') with overrides.
+
+    Overrides that are None are ignored, so that unset command-line flags and
+    notebook parameters keep the preset's value.
+    """
     if name == "auto":
         name = "original" if hardware.gpu_names() else "cpu"
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from auto, {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
 def run_paths(run_dir: str | Path) -> dict[str, Path]:
@@ -153,6 +157,17 @@ def state_settings(settings: TrainSettings) -> dict:
     return {**settings.to_dict(), "precision_policy": hardware.choose_precision(settings.precision)}
 
 
+def training_batches(settings: TrainSettings, split: dict, epoch: int = 0) -> data.AugmentedBatches:
+    """Return the augmented training batches of `split['train']` as `settings` describe them, from `epoch`."""
+    images, labels = split["train"]
+    crop = settings.crop if settings.crop < images.shape[1] else None
+    batches = data.AugmentedBatches(
+        images, labels, settings.batch_size, settings.steps_per_epoch, settings.augmentation, crop, settings.seed
+    )
+    batches.epoch = epoch
+    return batches
+
+
 def train(settings: TrainSettings) -> dict:
     """Train (or resume) a run; return {'history': per-epoch logs, 'best', 'last', 'logs', 'seconds'}."""
     paths = run_paths(settings.run_dir)
@@ -163,7 +178,6 @@ def train(settings: TrainSettings) -> dict:
     keras.utils.set_random_seed(settings.seed)
 
     split = data.load_split(settings.data_dir)
-    train_x, train_y = split["train"]
     val_x, val_y = split["validation"]
 
     model, initial_epoch, best = _resume_point(settings, paths)
@@ -177,11 +191,7 @@ def train(settings: TrainSettings) -> dict:
     saved = state_settings(settings)
     paths["settings"].write_text(json.dumps(saved, indent=2))
 
-    crop = settings.crop if settings.crop < train_x.shape[1] else None
-    batches = data.AugmentedBatches(
-        train_x, train_y, settings.batch_size, settings.steps_per_epoch, settings.augmentation, crop, settings.seed
-    )
-    batches.epoch = initial_epoch
+    batches = training_batches(settings, split, initial_epoch)
     callbacks = [
         keras.callbacks.TensorBoard(
             str(paths["logs"]),
@@ -242,8 +252,7 @@ def parse_args(argv: list[str] | None = None) -> TrainSettings:
         else:
             parser.add_argument(flag, type=types.get(field.type, str), default=None)
     args = vars(parser.parse_args(argv))
-    name = args.pop("preset")
-    return preset(name, **{k: v for k, v in args.items() if v is not None})
+    return preset(args.pop("preset"), **args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,13 +13,16 @@ def tiny_model_path(tmp_path_factory, isbi_dir):
     return train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(run_dir), epochs=1))["best"]
 
 
-def test_scores_match_direct_computation():
-    labels = np.zeros((2, 4, 4, 1))
-    labels[1] = 1
-    predictions = np.full((2, 4, 4, 1), 0.25)
-    scores = evaluate.score_pages(labels, predictions)
-    assert scores[0] == {"pixel_difference": 25.0, "accuracy": 1.0}
-    assert scores[1] == {"pixel_difference": 75.0, "accuracy": 0.0}
+def test_page_scores_match_direct_computation():
+    labels = np.ones((2, 16, 16, 1))
+    labels[:, 8, :] = 0  # two cells split by a membrane row
+    predictions = np.stack([labels[0] * 0.75 + 0.25 * (1 - labels[0]), np.full_like(labels[0], 0.25)])
+    perfect, poor = evaluate.score_pages(labels, predictions)
+    assert perfect["pixel_difference"] == pytest.approx(25.0)
+    assert perfect["accuracy"] == 1.0
+    assert perfect["v_rand"] == pytest.approx(1.0) and perfect["v_info"] == pytest.approx(1.0)
+    assert poor["pixel_difference"] == pytest.approx(100 * (15 * 0.75 + 0.25) / 16)
+    assert poor["v_rand"] < 1
 
 
 def test_evaluate_scores_the_three_test_pages(tiny_model_path, isbi_dir, tmp_path, capsys):
@@ -29,6 +32,7 @@ def test_evaluate_scores_the_three_test_pages(tiny_model_path, isbi_dir, tmp_pat
     assert saved["pages"] == [0, 10, 20]
     assert len(saved["per_page"]) == 3
     assert 0 <= saved["mean"]["pixel_difference"] <= 100
+    assert 0 <= saved["mean"]["v_rand"] <= 1 and 0 <= saved["mean"]["v_info"] <= 1
     assert "mean" in capsys.readouterr().out
 
 

@@ -1,0 +1,107 @@
+"""figures.py: curves and snapshots read back from a real (tiny) run's logs, and the result grid."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import figures
+import train
+
+VALIDATION_PAGES = 3
+PAGE = 512
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, isbi_dir):
+    """Train the 'tiny' preset for 2 epochs once for this module; return train()'s result."""
+    run_dir = tmp_path_factory.mktemp("figures") / "run"
+    return train.train(train.preset("tiny", run_dir=str(run_dir), data_dir=str(isbi_dir), epochs=2))
+
+
+def test_read_scalars_has_one_epoch_loss_per_epoch_for_train_and_validation(tiny_run):
+    scalars = figures.read_scalars(tiny_run["logs"])
+    for part in ("train", "validation"):
+        steps = [step for step, _ in scalars[part]["epoch_loss"]]
+        assert steps == [0, 1]
+        assert all(np.isfinite(value) for _, value in scalars[part]["epoch_loss"])
+    # update_freq=1: one 'batch_loss' per optimizer step, 3 steps per epoch.
+    assert [step for step, _ in scalars["train"]["batch_loss"]] == [1, 2, 3, 4, 5, 6]
+    assert figures.steps_per_epoch(tiny_run["logs"]) == 3
+
+
+def test_plot_curves_writes_nonempty_pngs_named_as_in_the_write_up(tiny_run, tmp_path):
+    paths = figures.plot_curves(tiny_run["logs"], tmp_path / "images")
+    assert sorted(p.name for p in paths) == ["acc.png", "loss.png", "pixel_difference.png"]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.stat().st_size > 1000
+
+
+def test_read_images_returns_prediction_and_label_rows_of_all_validation_pages(tiny_run):
+    images = figures.read_images(tiny_run["logs"])
+    assert [step for step, _ in images["epoch"]] == [1, 2]
+    assert [step for step, _ in images["batch"]] == [2, 4, 6]  # draw_interval=2
+    for _, image in images["batch"] + images["epoch"]:
+        assert image.dtype == np.uint8
+        assert image.shape == (2 * PAGE, VALIDATION_PAGES * PAGE)
+
+
+def test_save_snapshots_writes_the_label_row_and_one_prediction_row_per_step(tiny_run, tmp_path):
+    paths = figures.save_snapshots(tiny_run["logs"], tmp_path, steps=[2, 6])
+    assert [p.name for p in paths] == ["labels.png", "step2.png", "step6.png"]
+    from PIL import Image
+
+    for path in paths:
+        assert Image.open(path).size == (VALIDATION_PAGES * PAGE, PAGE)  # PIL gives (width, height)
+    with pytest.raises(ValueError, match="no 'batch' picture at steps \\[5\\]"):
+        figures.save_snapshots(tiny_run["logs"], tmp_path, steps=[5])
+
+
+def test_snapshot_steps_are_dense_early_and_end_at_the_last():
+    assert figures.snapshot_steps(range(200, 4201, 200)) == [200, 400, 1000, 2000, 4200]
+    assert figures.snapshot_steps([2, 4, 6]) == [2, 4, 6]
+    assert figures.snapshot_steps([]) == []
+
+
+def test_resumed_logs_merge_with_later_writes_winning_and_batch_steps_made_global(tmp_path):
+    # Two fit() sessions in the order Keras writes them (2 steps per epoch): the second
+    # resumed at epoch 1 and counted its 'batch_*' steps from 1 again.
+    log_dir = tmp_path / "logs"
+    sessions = [
+        [("batch_loss", 1, 1.0), ("batch_loss", 2, 0.95), ("epoch_loss", 0, 0.9),
+         ("batch_loss", 3, 0.9), ("batch_loss", 4, 0.85), ("epoch_loss", 1, 0.8)],
+        [("batch_loss", 1, 0.75), ("batch_loss", 2, 0.72), ("epoch_loss", 1, 0.7),
+         ("batch_loss", 3, 0.7), ("batch_loss", 4, 0.65), ("epoch_loss", 2, 0.6)],
+    ]
+    for events in sessions:
+        writer = tf.summary.create_file_writer(str(log_dir / "train"))
+        with writer.as_default():
+            for tag, step, value in events:
+                tf.summary.scalar(tag, value, step=step)
+        writer.close()
+    assert len(list((log_dir / "train").iterdir())) == 2
+
+    scalars = figures.read_scalars(log_dir)["train"]
+
+    epochs, values = zip(*scalars["epoch_loss"])
+    assert epochs == (0, 1, 2) and values == pytest.approx([0.9, 0.7, 0.6])
+    steps, values = zip(*scalars["batch_loss"])
+    assert steps == (1, 2, 3, 4, 5, 6) and values == pytest.approx([1.0, 0.95, 0.75, 0.72, 0.7, 0.65])
+    assert figures.steps_per_epoch(log_dir) == 2
+
+
+def test_results_grid_has_images_labels_and_predictions_titled_with_pixel_difference():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((3, 32, 48, 1)) > 0.5).astype(np.float32)
+    predictions = labels.copy()
+    predictions[1] = 1 - predictions[1]  # all wrong: 100 %
+    figure = figures.results_grid(rng.random((3, 32, 48, 1)), labels, predictions, ["page 0", "page 10", "page 20"])
+    assert len(figure.axes) == 9
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles[:3] == ["page 0", "page 10", "page 20"]
+    assert titles[6:] == ["pixel difference 0.0%", "pixel difference 100.0%", "pixel difference 0.0%"]
+
+
+def test_results_grid_refuses_rows_of_different_lengths():
+    with pytest.raises(ValueError, match="3 images, 2 labels"):
+        figures.results_grid(np.zeros((3, 16, 16)), np.zeros((2, 16, 16)), np.zeros((3, 16, 16)))

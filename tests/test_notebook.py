@@ -1,0 +1,29 @@
+"""unet-isbi.ipynb runs headless from a clean kernel with the 'tiny' preset and shows its results."""
+
+import nbformat
+import pytest
+
+from conftest import ROOT
+
+papermill = pytest.importorskip("papermill", reason="papermill is needed to run the notebook headless")
+
+NOTEBOOK = ROOT / "unet-isbi.ipynb"
+
+
+def test_notebook_runs_with_tiny_preset_and_displays_the_results_grid(tmp_path, isbi_dir):
+    out = tmp_path / "unet-isbi.out.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOK),
+        str(out),
+        parameters=dict(preset="tiny", run_dir=str(tmp_path / "nb"), data_dir=str(isbi_dir)),
+        kernel_name="python3",
+        cwd=str(ROOT),
+        progress_bar=False,
+    )
+    notebook = nbformat.read(out, as_version=4)
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    errors = [output for cell in code_cells for output in cell.outputs if output.output_type == "error"]
+    assert not errors, errors
+    (results,) = [cell for cell in code_cells if "results" in cell.metadata.get("tags", [])]
+    assert any("image/png" in output.get("data", {}) for output in results.outputs)
+    assert (tmp_path / "nb" / "best.keras").is_file()
