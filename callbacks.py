@@ -11,6 +11,8 @@ import numpy as np
 import keras
 import tensorflow as tf
 
+import metrics
+
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """Return `image` min-max scaled to uint8 0..255 (a constant image becomes all zeros)."""
@@ -85,7 +87,7 @@ class TrainingState(keras.callbacks.Callback):
 
     Together `model_path` and `state_path` let `train()` resume exactly where an
     interrupted run stopped: the state holds the epochs done, the last logs and
-    the best value of `monitor` so far (lower is better). Both are written
+    the best value of `monitor` so far (`mode` 'min' or 'max' says which is better). Both are written
     atomically.
     """
 
@@ -96,8 +98,12 @@ class TrainingState(keras.callbacks.Callback):
         monitor: str = "val_loss",
         best: float | None = None,
         extra: dict | None = None,
+        mode: str = "min",
     ):
         super().__init__()
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.mode = mode
         self.model_path = Path(model_path)
         self.state_path = Path(state_path)
         self.monitor = monitor
@@ -107,7 +113,8 @@ class TrainingState(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
         value = logs.get(self.monitor)
-        if value is not None and (self.best is None or value < self.best):
+        better = (lambda a, b: a < b) if self.mode == "min" else (lambda a, b: a > b)
+        if value is not None and (self.best is None or better(value, self.best)):
             self.best = value
         tmp = self.model_path.with_name(self.model_path.stem + ".tmp.keras")
         self.model.save(tmp)
@@ -145,3 +152,92 @@ class TimeLimit(keras.callbacks.Callback):
         if self.seconds is not None and elapsed >= self.seconds:
             print(f"time limit reached ({elapsed:.0f} s >= {self.seconds:.0f} s): stopping after epoch {epoch + 1}")
             self.model.stop_training = True
+
+
+class ChallengeScores(keras.callbacks.Callback):
+    """Score the validation images with the ISBI 2012 challenge's V_rand and V_info after each epoch.
+
+    Every `every` epochs it predicts `images` (`predict_on_batch`, `batch_size`
+    images at a time), scores each image with `metrics.challenge_scores` (best
+    over the threshold sweep) and adds the means over the images to the epoch's
+    logs as 'val_v_rand', 'val_v_info', 'val_v_rand_threshold' and
+    'val_v_info_threshold' (1 is a perfect score). It also writes the two scores
+    to TensorBoard in `log_dir` as 'epoch_v_rand' and 'epoch_v_info' at step =
+    epoch index (0-based), the steps Keras' TensorBoard callback uses, so the
+    curves line up with its 'epoch_loss'.
+
+    Keras passes one logs dict to the callbacks in list order, so place this
+    callback BEFORE those that read the scores, e.g.
+    `[ChallengeScores(...), ModelCheckpoint(monitor="val_v_rand", mode="max"), EarlyStopping(...)]`.
+    With `every` > 1 the keys are missing on the other epochs and those
+    callbacks warn and skip them.
+
+    Args:
+        images: float (N, H, W, 1) validation images, as the model takes them.
+        labels: (N, H, W, 1) binary ground truth; > 0.5 = cell, else membrane.
+        log_dir: folder of the TensorBoard event files written.
+        every: epochs between two evaluations (due when (epoch + 1) % every == 0).
+        batch_size: images predicted at a time.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        log_dir: str | os.PathLike,
+        every: int = 1,
+        batch_size: int = 1,
+    ):
+        super().__init__()
+        images, labels = np.asarray(images, dtype=np.float32), np.asarray(labels)
+        if images.ndim != 4 or images.shape[-1] != 1 or images.shape != labels.shape:
+            raise ValueError(f"images and labels must both be (N, H, W, 1), got {images.shape} and {labels.shape}")
+        if len(images) == 0:
+            raise ValueError("images is empty")
+        if every < 1 or batch_size < 1:
+            raise ValueError(f"every and batch_size must be positive integers, got {every!r} and {batch_size!r}")
+        self.images = images
+        self.labels = labels[..., 0] > 0.5
+        self.log_dir = str(log_dir)
+        self.every = int(every)
+        self.batch_size = int(batch_size)
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+        return self._writer
+
+    def predict(self) -> np.ndarray:
+        """Return the model's (N, H, W) probabilities of `images`."""
+        batches = [
+            self.model.predict_on_batch(self.images[start : start + self.batch_size])
+            for start in range(0, len(self.images), self.batch_size)
+        ]
+        predictions = np.concatenate([np.asarray(batch, dtype=np.float32) for batch in batches])[..., 0]
+        if predictions.shape != self.labels.shape:
+            raise ValueError(f"predictions are {predictions.shape} but labels {self.labels.shape} ('same' padding needed)")
+        return predictions
+
+    def scores(self) -> dict[str, float]:
+        """Return the mean over the images of the challenge scores, keyed as in the logs."""
+        per_image = [metrics.challenge_scores(p, label) for p, label in zip(self.predict(), self.labels)]
+        keys = ("v_rand", "v_info", "v_rand_threshold", "v_info_threshold")
+        return {f"val_{key}": float(np.mean([image[key] for image in per_image])) for key in keys}
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every:
+            return
+        scores = self.scores()
+        if logs is not None:
+            logs.update(scores)  # the same dict object the later callbacks receive
+        with self.writer.as_default():
+            tf.summary.scalar("epoch_v_rand", scores["val_v_rand"], step=epoch)
+            tf.summary.scalar("epoch_v_info", scores["val_v_info"], step=epoch)
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

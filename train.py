@@ -23,12 +23,18 @@ import keras
 
 import data
 import hardware
-from callbacks import ImageHistory, TimeLimit, TrainingState
+from callbacks import ChallengeScores, ImageHistory, TimeLimit, TrainingState
 from metrics import pixel_difference
 from model import build_unet
 
 PROJECT_DIR = Path(__file__).resolve().parent
 CUSTOM_OBJECTS = {"pixel_difference": pixel_difference}
+HIGHER_IS_BETTER = ("accuracy", "v_rand", "v_info")
+
+
+def monitor_mode(monitor: str) -> str:
+    """Return 'max' for scores where higher is better (accuracy, V_rand, V_info), else 'min'."""
+    return "max" if monitor.endswith(HIGHER_IS_BETTER) else "min"
 
 
 @dataclasses.dataclass
@@ -46,6 +52,7 @@ class TrainSettings:
     loss: str = "binary_crossentropy"
     precision: str = "auto"  # see hardware.choose_precision
     monitor: str = "val_loss"  # what best.keras is chosen by (the original used training loss)
+    challenge_every: int = 1  # epochs between validation V_rand / V_info (0: never)
     draw_interval: int = 100  # optimizer steps between ImageHistory pictures
     histogram_freq: int = 1
     update_freq: int = 100
@@ -91,6 +98,7 @@ PRESETS = {
         draw_interval=2,
         histogram_freq=0,
         update_freq=1,
+        challenge_every=0,
         verbose=0,
         preset="tiny",
     ),
@@ -110,6 +118,20 @@ def preset(name: str = "auto", **overrides) -> TrainSettings:
     return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def git_commit() -> str | None:
+    """Return the project's current git commit (with '+dirty' if changed), or None outside git."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_DIR, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_DIR,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def run_paths(run_dir: str | Path) -> dict[str, Path]:
     """Return the files of a run folder: logs, best, last, state, settings."""
     run_dir = Path(run_dir)
@@ -120,6 +142,7 @@ def run_paths(run_dir: str | Path) -> dict[str, Path]:
         "last": run_dir / "last.keras",
         "state": run_dir / "state.json",
         "settings": run_dir / "settings.json",
+        "summary": run_dir / "summary.json",
     }
 
 
@@ -127,7 +150,7 @@ def clear_run(run_dir: str | Path) -> None:
     """Delete a run's models, state and TensorBoard logs (the original's clear_all)."""
     paths = run_paths(run_dir)
     shutil.rmtree(paths["logs"], ignore_errors=True)
-    for key in ("best", "last", "state", "settings"):
+    for key in ("best", "last", "state", "settings", "summary"):
         paths[key].unlink(missing_ok=True)
 
 
@@ -192,7 +215,12 @@ def train(settings: TrainSettings) -> dict:
     paths["settings"].write_text(json.dumps(saved, indent=2))
 
     batches = training_batches(settings, split, initial_epoch)
+    mode = monitor_mode(settings.monitor)
     callbacks = [
+        # Before the checkpoints: it adds val_v_rand / val_v_info to the logs they read.
+        ChallengeScores(val_x, val_y, paths["logs"] / "validation", every=settings.challenge_every)
+    ] if settings.challenge_every else []
+    callbacks += [
         keras.callbacks.TensorBoard(
             str(paths["logs"]),
             histogram_freq=settings.histogram_freq,
@@ -201,9 +229,10 @@ def train(settings: TrainSettings) -> dict:
             update_freq=settings.update_freq,
         ),
         keras.callbacks.ModelCheckpoint(
-            str(paths["best"]), monitor=settings.monitor, save_best_only=True, verbose=1, initial_value_threshold=best
+            str(paths["best"]), monitor=settings.monitor, mode=mode, save_best_only=True, verbose=1,
+            initial_value_threshold=best,
         ),
-        TrainingState(paths["last"], paths["state"], monitor=settings.monitor, best=best, extra={"settings": saved}),
+        TrainingState(paths["last"], paths["state"], settings.monitor, best, {"settings": saved}, mode),
         ImageHistory(paths["logs"] / "images", val_x, val_y, draw_interval=settings.draw_interval),
     ]
     callbacks.append(TimeLimit(settings.time_limit, initial_epoch, settings.epochs))
@@ -228,6 +257,18 @@ def train(settings: TrainSettings) -> dict:
     )
     seconds = time.monotonic() - start
     print(f"training took {seconds / 60:.1f} min; best model: {paths['best']}")
+    summary = {
+        "command": " ".join(sys.argv) if Path(sys.argv[0]).name == "train.py" else "train.train(settings)",
+        "commit": git_commit(),
+        "machine": hardware.describe(),
+        "precision": policy,
+        "seconds": seconds,
+        "epochs_trained": len(history.history.get("loss", [])),
+        "epochs_done": initial_epoch + len(history.history.get("loss", [])),
+        "steps_per_epoch": settings.steps_per_epoch,
+        "final_logs": {k: float(v[-1]) for k, v in history.history.items() if v},
+    }
+    paths["summary"].write_text(json.dumps(summary, indent=2))
     return {
         "history": history.history,
         "best": paths["best"],

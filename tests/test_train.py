@@ -29,6 +29,9 @@ def test_short_training_on_real_crops_lowers_the_loss(isbi_dir, tmp_path):
     losses = result["history"]["loss"]
     assert losses[-1] < losses[0] - 0.05
     assert result["best"].is_file() and result["last"].is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epochs_done"] == 3 and summary["precision"] == "float32"
+    assert summary["final_logs"]["loss"] == pytest.approx(losses[-1])
 
 
 def test_rerun_resumes_from_last_epoch_and_clear_all_starts_afresh(isbi_dir, tmp_path, capsys):
@@ -59,3 +62,20 @@ def test_missing_data_fails_with_a_clear_message(tmp_path, capsys):
     code = train.main(["--preset", "tiny", "--data-dir", str(tmp_path / "none"), "--run-dir", str(tmp_path / "r")])
     assert code == 1
     assert "ISBI 2012 data not found" in capsys.readouterr().err
+
+
+def test_checkpoint_can_keep_the_best_validation_v_rand(isbi_dir, tmp_path):
+    settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=2,
+                            challenge_every=1, monitor="val_v_rand")
+    result = train.train(settings)
+    scores = result["history"]["val_v_rand"]
+    assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["best"] == pytest.approx(max(scores))
+    assert result["best"].is_file()
+
+
+def test_monitor_direction():
+    assert train.monitor_mode("val_loss") == "min"
+    assert train.monitor_mode("val_v_rand") == "max"
+    assert train.monitor_mode("val_accuracy") == "max"

@@ -1,0 +1,423 @@
+"""Predict cell probabilities for EM images of any size with a trained U-Net.
+
+    python predict.py test-volume.tif                        # writes test-volume-prediction.tif beside it
+    python predict.py images/ page.png --model runs/cpu/best.keras --out predictions/
+    python predict.py big.tif --tile 256 --overlap 64 --tta --uint8
+
+Images are cut into overlapping tiles as in the U-Net paper (Ronneberger et
+al. 2015, Fig. 2): the borders are extrapolated by mirroring, each tile is
+predicted on its own, and the tile predictions are blended with a smooth
+window so that no seams show. The output is a multipage TIFF of float32
+probabilities of "cell" (1) against membrane (0), the size of the input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from tqdm import tqdm
+
+import data
+
+PROJECT_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = PROJECT_DIR / "models" / "unet-isbi-cpu.keras"
+DEFAULT_TILE = 512  # pixels; the size the original model was trained on
+DEFAULT_OVERLAP = 64  # pixels shared by neighbouring tiles; half of it is the mirrored border
+DEFAULT_BATCH_SIZE = 4  # tiles per model call
+SIZE_MULTIPLE = 16  # the U-Net pools four times, so tile sides must divide by 2**4
+PREDICTION_SUFFIX = "-prediction"
+TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+GREY_PIL_MODES = ("1", "L", "I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+PathLike = str | os.PathLike
+
+
+# ---------------------------------------------------------------- tile geometry
+
+@dataclasses.dataclass(frozen=True)
+class TileGrid:
+    """Where the tiles of one image lie; the one place that defines the tile geometry.
+
+    The image is mirror-padded by `pad` ((top, bottom), (left, right)) to
+    `padded_shape`; tiles of `tile` (height, width) pixels start at `origins`
+    (top, left) in the padded image, overlap by at least the requested
+    overlap, and together cover every pixel.
+    """
+
+    shape: tuple[int, int]
+    tile: tuple[int, int]
+    overlap: int
+    pad: tuple[tuple[int, int], tuple[int, int]]
+    origins: tuple[tuple[int, int], ...]
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return tuple(size + sum(pad) for size, pad in zip(self.shape, self.pad))
+
+
+def _round_up(size: int, multiple: int = SIZE_MULTIPLE) -> int:
+    return -(-size // multiple) * multiple
+
+
+def _axis_layout(size: int, tile: int, overlap: int, fit: bool) -> tuple[int, tuple[int, int], list[int]]:
+    """Return (tile side, (pad before, pad after), tile starts) along one axis of `size` pixels."""
+    before, after = overlap // 2, overlap - overlap // 2
+    padded = size + overlap
+    if fit:  # a small image gets one tile just large enough, not a whole `tile`
+        tile = min(tile, _round_up(padded))
+    if padded < tile:
+        extra = tile - padded
+        before, after, padded = before + extra // 2, after + extra - extra // 2, tile
+    count = 1 if padded == tile else math.ceil((padded - tile) / (tile - overlap)) + 1
+    # Spread the tiles evenly from one end to the other: overlaps are never below `overlap`.
+    starts = [0] if count == 1 else [round(i * (padded - tile) / (count - 1)) for i in range(count)]
+    return tile, (before, after), starts
+
+
+def tile_grid(
+    shape: tuple[int, int], tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, fit: bool = True
+) -> TileGrid:
+    """Return the tiles that cover an image of `shape` (height, width).
+
+    Each side is mirror-padded by `overlap` / 2, so that border pixels have
+    context and lie as far inside a tile as pixels between two tiles. An image
+    of n * (tile - overlap) pixels along a side takes exactly n tiles along it.
+    With `fit`, a side that needs less than one `tile` gets a single tile of the
+    next multiple of 16 (for models that take any size); without it, tiles
+    are always `tile` pixels (for models built for one input size).
+    """
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"shape must be (height, width) of at least one pixel, got {shape}")
+    if tile < SIZE_MULTIPLE or tile % SIZE_MULTIPLE:
+        raise ValueError(f"tile must be a positive multiple of {SIZE_MULTIPLE}, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be at least 0 and smaller than the tile ({tile}), got {overlap}")
+    (tile_h, pad_h, rows), (tile_w, pad_w, cols) = (_axis_layout(size, tile, overlap, fit) for size in shape)
+    origins = tuple((y, x) for y in rows for x in cols)
+    return TileGrid(tuple(shape), (tile_h, tile_w), overlap, (pad_h, pad_w), origins)
+
+
+def blend_window(tile: tuple[int, int], overlap: int) -> np.ndarray:
+    """Return the (height, width) float32 weights of a tile's prediction when tiles are blended.
+
+    Separable: 1 in the middle, rising as sin^2 over the outer `overlap`
+    pixels of each edge, never exactly 0. Two tiles that overlap by exactly
+    `overlap` get weights that sum to 1 there (sin^2 + cos^2), a smooth
+    cross-fade; any other overlap is normalised by the summed weights.
+    """
+
+    def ramp(side: int) -> np.ndarray:
+        if overlap == 0:
+            return np.ones(side)
+        distance = np.minimum(np.arange(side), np.arange(side)[::-1]) + 0.5  # to the nearer edge
+        return np.sin(np.pi / 2 * np.clip(distance / overlap, 0, 1)) ** 2
+
+    return np.outer(ramp(tile[0]), ramp(tile[1])).astype(np.float32)
+
+
+# ---------------------------------------------------------------- predicting
+
+def _dihedral(batch: np.ndarray, k: int) -> np.ndarray:
+    """Return (N, H, W, C) `batch` under the k-th of the 8 flips/rotations (k in 0..7)."""
+    batch = np.rot90(batch, k % 4, axes=(1, 2))
+    return batch[:, :, ::-1] if k >= 4 else batch
+
+
+def _undo_dihedral(batch: np.ndarray, k: int) -> np.ndarray:
+    """Return `batch` mapped back from the k-th flip/rotation: the inverse of `_dihedral`."""
+    if k >= 4:
+        batch = batch[:, :, ::-1]
+    return np.rot90(batch, -(k % 4), axes=(1, 2))
+
+
+def _fixed_input_size(model) -> tuple[int, int] | None:
+    """Return the model's (height, width) if it only takes one input size, else None."""
+    height, width = model.input_shape[1:3]
+    return (height, width) if height is not None and width is not None else None
+
+
+def _predict_tiles(model, tiles: np.ndarray, tta: bool) -> np.ndarray:
+    """Return the model's (N, H, W) probabilities for (N, H, W, 1) tiles, averaged over the 8 flips if `tta`."""
+    transforms = range(8) if tta else (0,)
+    total = np.zeros(tiles.shape[:3], np.float32)
+    for k in transforms:
+        moved = np.ascontiguousarray(_dihedral(tiles, k))
+        out = np.asarray(model.predict_on_batch(moved), dtype=np.float32)
+        if out.shape[:3] != moved.shape[:3] or out.ndim != 4 or out.shape[3] != 1:
+            raise ValueError(
+                f"the model turned tiles of shape {moved.shape} into {out.shape}; tiled prediction needs one "
+                "output channel of the input's size (a U-Net with padding='same')"
+            )
+        total += _undo_dihedral(out, k)[..., 0]
+    return total / len(transforms)
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def predict_image(
+    model,
+    image: np.ndarray,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    tta: bool = False,
+) -> np.ndarray:
+    """Return the model's probability of "cell" for every pixel of one grey image, float32 (H, W).
+
+    Args:
+        model: a Keras model mapping (N, H, W, 1) images in [0, 1] to (N, H, W, 1)
+            probabilities, for H and W multiples of 16 (as `model.build_unet` makes).
+        image: (H, W) or (H, W, 1), any size, any integer or float dtype; it is
+            normalised as for training (`data.normalize_images`).
+        tile: side of the square tiles in pixels, a multiple of 16. Must equal the
+            model's input size if it takes only one.
+        overlap: pixels shared by neighbouring tiles (and twice the mirrored border).
+        batch_size: tiles per model call.
+        tta: average the predictions of the 8 flips and quarter turns of each tile.
+
+    Example: ``predict_image(train.load_model("runs/cpu/best.keras"), page, tile=256)``.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim != 2 or image.size == 0:
+        raise ValueError(f"expected one grey image of shape (height, width), got shape {image.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    fixed = _fixed_input_size(model)
+    if fixed is not None and fixed != (tile, tile):
+        raise ValueError(f"the model only takes {fixed[0]}x{fixed[1]} inputs; use tile={fixed[0]}")
+    grid = tile_grid(image.shape, tile, overlap, fit=fixed is None)
+
+    padded = np.pad(data.normalize_images(image), grid.pad, mode="reflect")
+    window = blend_window(grid.tile, overlap)
+    total = np.zeros(grid.padded_shape, np.float32)
+    weight = np.zeros(grid.padded_shape, np.float32)
+    tile_h, tile_w = grid.tile
+    for origins in _batches(grid.origins, batch_size):
+        tiles = np.stack([padded[y : y + tile_h, x : x + tile_w] for y, x in origins])[..., np.newaxis]
+        for (y, x), probabilities in zip(origins, _predict_tiles(model, tiles, tta)):
+            total[y : y + tile_h, x : x + tile_w] += window * probabilities
+            weight[y : y + tile_h, x : x + tile_w] += window
+    (top, _), (left, _) = grid.pad
+    height, width = image.shape
+    return (total / weight)[top : top + height, left : left + width]
+
+
+def predict_stack(
+    model,
+    stack: np.ndarray,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    tta: bool = False,
+    desc: str | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Return `predict_image` of each page of a (pages, H, W) stack, float32 (pages, H, W); shows a progress bar."""
+    stack = np.asarray(stack)
+    if stack.ndim != 3:
+        raise ValueError(f"expected a stack of grey pages (pages, height, width), got shape {stack.shape}")
+    pages = tqdm(stack, desc=desc, unit="page", disable=not progress)
+    return np.stack([predict_image(model, page, tile, overlap, batch_size, tta) for page in pages])
+
+
+# ---------------------------------------------------------------- reading and writing
+
+def _check_grey_tiff(path: Path) -> None:
+    """Raise DataError if the TIFF at `path` is unreadable or holds colour or multi-channel pages."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes, photometric = series.axes, series.keyframe.photometric
+    except Exception as err:  # tifffile raises several types for non-TIFF input
+        raise data.DataError(f"{path}: not a readable TIFF file ({err})") from err
+    if "S" in axes or "C" in axes or photometric == tifffile.PHOTOMETRIC.PALETTE:
+        raise data.DataError(
+            f"{path}: colour or multi-channel image (axes {axes}, {photometric.name}); "
+            "predict.py needs grey pages, convert it to greyscale first"
+        )
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    """Return the frames of a PIL-readable grey image as (frames, H, W) in its own dtype."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            frames = []
+            for frame in ImageSequence.Iterator(image):
+                if frame.mode not in GREY_PIL_MODES:
+                    raise data.DataError(
+                        f"{path}: {frame.mode} image; predict.py needs grey images, convert it to greyscale "
+                        "first (e.g. PIL's Image.convert('L'))"
+                    )
+                frames.append(np.array(frame))
+    except (UnidentifiedImageError, OSError) as err:
+        raise data.DataError(f"{path}: not a readable image file ({err})") from err
+    return np.stack(frames)
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Return the grey pages of one image file (multipage TIFF, PNG, ...) as (pages, H, W) in the file's dtype."""
+    path = Path(path)
+    if not path.is_file():
+        raise data.DataError(f"{path}: file not found")
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        _check_grey_tiff(path)
+        return data.read_stack(path)
+    return _read_pil(path)
+
+
+def image_files(paths: Sequence[PathLike]) -> list[Path]:
+    """Return the image files named by `paths`: files as given, folders as their images sorted by name.
+
+    Files in a folder whose name ends in "-prediction" (this script's
+    outputs) are left out, so that a second run does not predict predictions.
+    """
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(
+                p for p in path.iterdir()
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(PREDICTION_SUFFIX)
+            )
+            if not found:
+                raise data.DataError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise data.DataError(f"{path}: no such file or folder")
+    return files
+
+
+def read_images(paths: Sequence[PathLike]) -> list[tuple[str, np.ndarray]]:
+    """Return (file name, pages) for every image named by `paths` (files or folders); pages are (N, H, W)."""
+    return [(str(path), read_image(path)) for path in image_files(paths)]
+
+
+def write_prediction(path: PathLike, probabilities: np.ndarray, uint8: bool = False) -> Path:
+    """Write (H, W) or (pages, H, W) probabilities to a multipage TIFF atomically; return its path.
+
+    float32 by default; with `uint8`, rounded to 0-255 (a quarter of the size).
+    """
+    path = Path(path)
+    pages = np.asarray(probabilities, dtype=np.float32)
+    if pages.ndim not in (2, 3):
+        raise ValueError(f"expected (height, width) or (pages, height, width) probabilities, got shape {pages.shape}")
+    if uint8:
+        pages = np.round(np.clip(pages, 0, 1) * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh name in the same folder, created by tifffile (so with the usual permissions), renamed into place.
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        tifffile.imwrite(part, pages, photometric="minisblack")
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+    return path
+
+
+def output_path(input_path: PathLike, out: PathLike | None = None) -> Path:
+    """Return where the prediction of `input_path` goes: `<stem>-prediction.tif` beside it, or in folder `out`."""
+    input_path = Path(input_path)
+    name = input_path.stem + PREDICTION_SUFFIX + ".tif"
+    return (Path(out) if out is not None else input_path.parent) / name
+
+
+def resolve_model(path: PathLike | None = None) -> Path:
+    """Return the model file to use: `path`, else DEFAULT_MODEL; FileNotFoundError saying what to do if missing."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such model file (train one with `python train.py`)")
+        return Path(path)
+    if not DEFAULT_MODEL.is_file():
+        raise FileNotFoundError(
+            f"no model given and the default {DEFAULT_MODEL} is not there; train one with "
+            "`python train.py` and pass --model runs/<run>/best.keras"
+        )
+    return DEFAULT_MODEL
+
+
+# ---------------------------------------------------------------- the job
+
+def predict_files(
+    inputs: Sequence[PathLike],
+    model_path: PathLike | None = None,
+    out: PathLike | None = None,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    tta: bool = False,
+    uint8: bool = False,
+) -> list[Path]:
+    """Predict every image named by `inputs` (files or folders) and write one TIFF each; return their paths.
+
+    `out` is a folder for the predictions (default: beside each input), or a
+    .tif/.tiff file name when there is exactly one input image.
+    """
+    model_path = resolve_model(model_path)
+    tile_grid((1, 1), tile, overlap)  # check the settings before the slow part
+    images = read_images(inputs)
+    if out is not None and Path(out).suffix.lower() in TIFF_SUFFIXES:
+        if len(images) != 1:
+            raise ValueError(f"--out {out} is a file name, but there are {len(images)} input images; give a folder")
+        targets = [Path(out)]
+    else:
+        targets = [output_path(name, out) for name, _ in images]
+    repeated = {str(t) for t in targets if targets.count(t) > 1}
+    if repeated:
+        raise ValueError(f"two inputs would write the same file ({', '.join(sorted(repeated))}); predict them apart")
+
+    from train import load_model  # TensorFlow loads here, after the cheap checks
+
+    model = load_model(model_path)
+    print(f"predicting {len(images)} image(s) with {model_path}: tiles {tile}, overlap {overlap}, "
+          f"batch {batch_size}" + (", 8-fold test-time augmentation" if tta else ""))
+    for (name, pages), target in zip(images, targets):
+        probabilities = predict_stack(model, pages, tile, overlap, batch_size, tta, desc=Path(name).name)
+        write_prediction(target, probabilities if len(probabilities) > 1 else probabilities[0], uint8)
+        print(f"wrote {target} ({len(pages)} page(s) of {pages.shape[1]}x{pages.shape[2]}, "
+              f"{'uint8 0-255' if uint8 else 'float32 probabilities'})")
+    return targets
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("inputs", nargs="+", metavar="INPUT", help="image files (TIFF, PNG, ...) or folders of them")
+    add("--model", help=f"a .keras file saved by train.py (default: {DEFAULT_MODEL.relative_to(PROJECT_DIR)})")
+    add("--out", help="folder for the predictions (default: beside each input), or a .tif file name")
+    add("--tile", type=int, default=DEFAULT_TILE, help="tile side in pixels, a multiple of 16 (default %(default)s)")
+    add("--overlap", type=int, default=DEFAULT_OVERLAP, help="pixels shared by neighbouring tiles (default %(default)s)")
+    add("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="tiles per model call (default %(default)s)")
+    add("--tta", action="store_true", help="average over the 8 flips and quarter turns of each tile (8x slower)")
+    add("--uint8", action="store_true", help="write 0-255 uint8 instead of float32 probabilities")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args(argv)
+    try:
+        predict_files(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta, args.uint8)
+    except (ValueError, FileNotFoundError) as err:  # data.DataError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
