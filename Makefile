@@ -8,7 +8,7 @@ RUN    ?= runs/$(PRESET)
 # Quiet TensorFlow's C++ INFO lines; warnings and errors still show.
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
-.PHONY: setup run train evaluate figures test notebook clean
+.PHONY: setup run train evaluate figures submission benchmark test notebook clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,14 @@ run: setup
 	$(PY) train.py --preset $(PRESET) --run-dir $(RUN)
 	$(PY) evaluate.py $(RUN)/best.keras --out $(RUN)/evaluation.json --grid images/unet_results.png
 	$(PY) figures.py $(RUN)/logs --out images
+
+# The challenge's submission: test-volume.tif predicted as a 32-bit float TIFF, 1 = cell.
+MODEL ?= $(RUN)/best.keras
+submission: setup
+	$(PY) predict.py --challenge --model $(MODEL) --out submission/test-volume-prediction.tif
+
+benchmark: setup
+	$(PY) benchmark.py --precision float32 --precision mixed_bfloat16 --out bench/seed-512-b5.json
 
 train: setup
 	$(PY) train.py --preset $(PRESET) --run-dir $(RUN)

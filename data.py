@@ -17,6 +17,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+import keras
 import numpy as np
 import tifffile
 from scipy import ndimage
@@ -65,22 +66,23 @@ def find_data_dir(path: str | os.PathLike | None = None) -> Path:
 # ---------------------------------------------------------------- reading
 
 def read_stack(path: str | os.PathLike) -> np.ndarray:
-    """Return the pages of a TIFF (or a single 2-D TIFF) as an array (pages, height, width)."""
+    """Return the grey pages of a TIFF (or its single 2-D page) as an array (pages, height, width)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found. {HOW_TO_GET}")
+        raise DataError(f"{path}: file not found")
     try:
-        stack = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes, photometric = series.axes, series.keyframe.photometric
+            stack = series.asarray()
     except Exception as err:  # tifffile raises several types for non-TIFF input
         raise DataError(f"{path}: not a readable TIFF file ({err})") from err
-    if stack.ndim == 2:
-        stack = stack[np.newaxis]
-    if stack.ndim != 3:
+    if "S" in axes or "C" in axes or photometric == tifffile.PHOTOMETRIC.PALETTE or stack.ndim not in (2, 3):
         raise DataError(
-            f"{path}: expected 2-D grey pages, got an array of shape {stack.shape} "
-            "(colour or multi-channel pages are not supported)"
+            f"{path}: expected 2-D grey pages, got an array of shape {stack.shape} (axes {axes}, "
+            f"{photometric.name}); colour or multi-channel pages are not supported, convert to greyscale first"
         )
-    return stack
+    return stack[np.newaxis] if stack.ndim == 2 else stack
 
 
 def check_labels(labels: np.ndarray, name: str = "labels") -> None:
@@ -230,13 +232,7 @@ def augment_pair(
     return new_image, new_label
 
 
-def _keras_sequence_base():
-    import keras  # imported lazily so that data.py works without TensorFlow
-
-    return keras.utils.PyDataset
-
-
-class AugmentedBatches(_keras_sequence_base()):
+class AugmentedBatches(keras.utils.PyDataset):
     """Keras dataset of augmented training batches: (images, labels), float32 NHWC.
 
     Each index draws `batch_size` random pages, transforms each pair with its
@@ -306,6 +302,7 @@ def download(dest: str | os.PathLike = DEFAULT_DATA_DIR, base_url: str = DOWNLOA
                         out.write(chunk)
                         bar.update(len(chunk))
             read_stack(tmp_name)  # validate before it takes the real name
+            os.chmod(tmp_name, 0o644)  # mkstemp makes it private; data files are for everyone
             os.replace(tmp_name, target)
         finally:
             if os.path.exists(tmp_name):

@@ -1,7 +1,8 @@
 """Score a trained model on the held-out pages of the ISBI training stack.
 
-    python evaluate.py runs/cpu/best.keras                 # test pages 0, 10, 20
-    python evaluate.py runs/cpu/best.keras --part validation --out scores.json --grid images/unet_results.png
+    python evaluate.py runs/cpu/best.keras                          # test pages 0, 10, 20
+    python evaluate.py runs/cpu/best.keras --pages 5 15 25 --out scores.json --grid images/unet_results.png
+    python evaluate.py my-probabilities.tif                         # a probability TIFF (1 = cell)
 """
 
 from __future__ import annotations
@@ -15,14 +16,7 @@ import numpy as np
 
 import data
 import metrics
-
-
-def predict_pages(model, images: np.ndarray, batch_size: int = 1) -> np.ndarray:
-    """Return the model's cell probabilities for (N, H, W, 1) images, float32 (N, H, W, 1)."""
-    return np.concatenate(
-        [np.asarray(model.predict_on_batch(images[i : i + batch_size]), dtype=np.float32)
-         for i in range(0, len(images), batch_size)]
-    )
+import predict
 
 
 def score_page(label: np.ndarray, prediction: np.ndarray) -> dict:
@@ -33,6 +27,7 @@ def score_page(label: np.ndarray, prediction: np.ndarray) -> dict:
     return {
         "pixel_difference": metrics.pixel_difference_np(label, prediction),
         "accuracy": metrics.accuracy_np(label, prediction),
+        "pixel_error": metrics.pixel_error(prediction, label),
         "v_rand": challenge["v_rand"],
         "v_rand_threshold": challenge["v_rand_threshold"],
         "v_info": challenge["v_info"],
@@ -45,23 +40,42 @@ def score_pages(labels: np.ndarray, predictions: np.ndarray) -> list[dict]:
     return [score_page(y, p) for y, p in zip(labels, predictions)]
 
 
-def evaluate(model_path: str | Path, data_dir: str | Path | None = None, part: str = "test") -> dict:
-    """Return {'pages', 'per_page', 'mean', 'images', 'labels', 'predictions'} for one part of the split."""
+def probabilities_for(source: str | Path, images: np.ndarray, pages: list[int], tta: bool = False) -> np.ndarray:
+    """Return cell probabilities (len(pages), H, W) for `pages`: predicted by a .keras model, or read
+    from a probability TIFF holding either every page of the stack or exactly the pages asked for."""
+    source = Path(source)
+    if source.suffix.lower() in (".tif", ".tiff"):
+        stack = data.read_stack(source).astype(np.float32)
+        if stack.shape[1:] != images.shape[1:]:
+            raise data.DataError(f"{source}: pages of {stack.shape[1:]} pixels, the labels have {images.shape[1:]}")
+        if len(stack) == len(images):
+            return stack[pages]
+        if len(stack) == len(pages):
+            return stack
+        raise data.DataError(f"{source}: {len(stack)} pages; expected {len(images)} (the stack) or {len(pages)}")
     from train import load_model
 
-    split = data.load_split(data_dir)
-    images, labels = split[part]
-    model = load_model(model_path)
-    predictions = predict_pages(model, images)
+    return predict.predict_stack(load_model(source), images[pages], tta=tta, desc="predicting")
+
+
+def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.TEST_PAGES, tta: bool = False) -> dict:
+    """Return {'pages', 'per_page', 'mean', 'images', 'labels', 'predictions'} of a model (.keras) or
+    probability TIFF against the labelled stack's `pages` (default: the test pages 0, 10, 20)."""
+    raw_images, raw_labels = data.load_isbi(data_dir)
+    pages = [int(p) for p in pages]
+    if not pages or min(pages) < 0 or max(pages) >= len(raw_images):
+        raise data.DataError(f"pages must lie in 0..{len(raw_images) - 1}, got {pages}")
+    images = data.normalize_images(raw_images)
+    labels = data.binarize_labels(raw_labels)[pages]
+    predictions = probabilities_for(source, raw_images, pages, tta)
     per_page = score_pages(labels, predictions)
     mean = {key: float(np.mean([page[key] for page in per_page])) for key in per_page[0] if "threshold" not in key}
     return {
-        "model": str(model_path),
-        "part": part,
-        "pages": data.split_indices(len(data.load_isbi(data_dir)[0]))[part],
+        "source": str(source),
+        "pages": pages,
         "per_page": per_page,
         "mean": mean,
-        "images": images,
+        "images": images[pages],
         "labels": labels,
         "predictions": predictions,
     }
@@ -69,40 +83,47 @@ def evaluate(model_path: str | Path, data_dir: str | Path | None = None, part: s
 
 def report(result: dict) -> str:
     """Return a small text table of the per-page and mean scores."""
-    lines = [f"{result['model']} on {result['part']} pages {result['pages']}:",
-             f"{'page':>6} {'pixel diff %':>13} {'accuracy':>9} {'V_rand':>7} {'V_info':>7}"]
+    lines = [f"{result['source']} on pages {result['pages']}:",
+             f"{'page':>6} {'pixel diff %':>13} {'accuracy':>9} {'pixel error':>11} {'V_rand':>7} {'(thr)':>5} "
+             f"{'V_info':>7} {'(thr)':>5}"]
     rows = list(zip(result["pages"], result["per_page"])) + [("mean", result["mean"])]
     for page, s in rows:
+        thresholds = [f"{s[k]:>5.1f}" if k in s else " " * 5 for k in ("v_rand_threshold", "v_info_threshold")]
         lines.append(
-            f"{page:>6} {s['pixel_difference']:>13.2f} {s['accuracy']:>9.4f} {s['v_rand']:>7.4f} {s['v_info']:>7.4f}"
+            f"{page:>6} {s['pixel_difference']:>13.2f} {s['accuracy']:>9.4f} {s['pixel_error']:>11.4f} "
+            f"{s['v_rand']:>7.4f} {thresholds[0]} {s['v_info']:>7.4f} {thresholds[1]}"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a .keras file saved by train.py")
+    parser.add_argument("source", help="a .keras model saved by train.py, or a probability TIFF (1 = cell)")
     parser.add_argument("--data-dir")
-    parser.add_argument("--part", default="test", choices=("test", "validation", "train"))
+    parser.add_argument("--pages", type=int, nargs="+", default=list(data.TEST_PAGES),
+                        help="page indices of the labelled stack (default: the test pages 0 10 20)")
+    parser.add_argument("--tta", action="store_true", help="predict with the 8 flips and quarter turns averaged")
     parser.add_argument("--out", help="write the scores to this JSON file")
     parser.add_argument("--grid", help="write the images / labels / predictions grid to this PNG")
     args = parser.parse_args(argv)
-    if not Path(args.model).is_file():
-        print(f"error: {args.model}: no such model file (train one with `python train.py`)", file=sys.stderr)
+    if not Path(args.source).is_file():
+        print(f"error: {args.source}: no such model or TIFF file (train a model with `python train.py`)",
+              file=sys.stderr)
         return 1
     try:
-        result = evaluate(args.model, args.data_dir, args.part)
+        result = evaluate(args.source, args.data_dir, args.pages, args.tta)
     except data.DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(report(result))
     if args.out:
-        keep = {k: result[k] for k in ("model", "part", "pages", "per_page", "mean")}
+        keep = {k: result[k] for k in ("source", "pages", "per_page", "mean")}
         Path(args.out).write_text(json.dumps(keep, indent=2))
     if args.grid:
         import figures
 
-        figures.save_results_grid(result["images"], result["labels"], result["predictions"], args.grid)
+        titles = [f"page {page}" for page in result["pages"]]
+        figures.save_results_grid(result["images"], result["labels"], result["predictions"], args.grid, titles)
     return 0
 
 

@@ -3,6 +3,8 @@
     python predict.py test-volume.tif                        # writes test-volume-prediction.tif beside it
     python predict.py images/ page.png --model runs/cpu/best.keras --out predictions/
     python predict.py big.tif --tile 256 --overlap 64 --tta --uint8
+    python predict.py --challenge --out submission/test-volume-prediction.tif   # the challenge's submission
+    python predict.py page.png --png                         # also page-prediction.png, a 0/255 mask
 
 Images are cut into overlapping tiles as in the U-Net paper (Ronneberger et
 al. 2015, Fig. 2): the borders are extrapolated by mirroring, each tile is
@@ -29,7 +31,7 @@ import data
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = PROJECT_DIR / "models" / "unet-isbi-cpu.keras"
-DEFAULT_TILE = 512  # pixels; the size the original model was trained on
+DEFAULT_TILE = 576  # pixels; a 512x512 page and its mirrored border (overlap / 2 each side) fit in one tile
 DEFAULT_OVERLAP = 64  # pixels shared by neighbouring tiles; half of it is the mirrored border
 DEFAULT_BATCH_SIZE = 4  # tiles per model call
 SIZE_MULTIPLE = 16  # the U-Net pools four times, so tile sides must divide by 2**4
@@ -173,6 +175,7 @@ def predict_image(
     overlap: int = DEFAULT_OVERLAP,
     batch_size: int = DEFAULT_BATCH_SIZE,
     tta: bool = False,
+    progress=None,
 ) -> np.ndarray:
     """Return the model's probability of "cell" for every pixel of one grey image, float32 (H, W).
 
@@ -186,6 +189,7 @@ def predict_image(
         overlap: pixels shared by neighbouring tiles (and twice the mirrored border).
         batch_size: tiles per model call.
         tta: average the predictions of the 8 flips and quarter turns of each tile.
+        progress: a tqdm bar (or anything with `update(n)`) advanced by the tiles done.
 
     Example: ``predict_image(train.load_model("runs/cpu/best.keras"), page, tile=256)``.
     """
@@ -211,6 +215,8 @@ def predict_image(
         for (y, x), probabilities in zip(origins, _predict_tiles(model, tiles, tta)):
             total[y : y + tile_h, x : x + tile_w] += window * probabilities
             weight[y : y + tile_h, x : x + tile_w] += window
+        if progress is not None:
+            progress.update(len(origins))
     (top, _), (left, _) = grid.pad
     height, width = image.shape
     return (total / weight)[top : top + height, left : left + width]
@@ -226,30 +232,17 @@ def predict_stack(
     desc: str | None = None,
     progress: bool = True,
 ) -> np.ndarray:
-    """Return `predict_image` of each page of a (pages, H, W) stack, float32 (pages, H, W); shows a progress bar."""
+    """Return `predict_image` of each page of a (pages, H, W) stack, float32 (pages, H, W); shows a progress bar over tiles."""
     stack = np.asarray(stack)
     if stack.ndim != 3:
         raise ValueError(f"expected a stack of grey pages (pages, height, width), got shape {stack.shape}")
-    pages = tqdm(stack, desc=desc, unit="page", disable=not progress)
-    return np.stack([predict_image(model, page, tile, overlap, batch_size, tta) for page in pages])
+    fixed = _fixed_input_size(model)
+    tiles = len(tile_grid(stack.shape[1:], tile, overlap, fit=fixed is None).origins) * len(stack)
+    with tqdm(total=tiles, desc=desc, unit="tile", disable=not progress) as bar:
+        return np.stack([predict_image(model, page, tile, overlap, batch_size, tta, bar) for page in stack])
 
 
 # ---------------------------------------------------------------- reading and writing
-
-def _check_grey_tiff(path: Path) -> None:
-    """Raise DataError if the TIFF at `path` is unreadable or holds colour or multi-channel pages."""
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            axes, photometric = series.axes, series.keyframe.photometric
-    except Exception as err:  # tifffile raises several types for non-TIFF input
-        raise data.DataError(f"{path}: not a readable TIFF file ({err})") from err
-    if "S" in axes or "C" in axes or photometric == tifffile.PHOTOMETRIC.PALETTE:
-        raise data.DataError(
-            f"{path}: colour or multi-channel image (axes {axes}, {photometric.name}); "
-            "predict.py needs grey pages, convert it to greyscale first"
-        )
-
 
 def _read_pil(path: Path) -> np.ndarray:
     """Return the frames of a PIL-readable grey image as (frames, H, W) in its own dtype."""
@@ -276,7 +269,6 @@ def read_image(path: PathLike) -> np.ndarray:
     if not path.is_file():
         raise data.DataError(f"{path}: file not found")
     if path.suffix.lower() in TIFF_SUFFIXES:
-        _check_grey_tiff(path)
         return data.read_stack(path)
     return _read_pil(path)
 
@@ -331,6 +323,21 @@ def write_prediction(path: PathLike, probabilities: np.ndarray, uint8: bool = Fa
     return path
 
 
+def write_masks(target: PathLike, probabilities: np.ndarray, threshold: float = 0.5) -> list[Path]:
+    """Write each page's mask (255 = cell where probability > threshold, 0 = membrane) as a PNG
+    beside `target` (name-N.png for several pages); return the paths."""
+    from PIL import Image
+
+    target = Path(target)
+    paths = []
+    for i, page in enumerate(probabilities):
+        suffix = f"-{i}" if len(probabilities) > 1 else ""
+        path = target.with_name(f"{target.stem}{suffix}.png")
+        Image.fromarray(np.where(page > threshold, 255, 0).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
 def output_path(input_path: PathLike, out: PathLike | None = None) -> Path:
     """Return where the prediction of `input_path` goes: `<stem>-prediction.tif` beside it, or in folder `out`."""
     input_path = Path(input_path)
@@ -363,6 +370,7 @@ def predict_files(
     batch_size: int = DEFAULT_BATCH_SIZE,
     tta: bool = False,
     uint8: bool = False,
+    png: bool = False,
 ) -> list[Path]:
     """Predict every image named by `inputs` (files or folders) and write one TIFF each; return their paths.
 
@@ -390,6 +398,9 @@ def predict_files(
     for (name, pages), target in zip(images, targets):
         probabilities = predict_stack(model, pages, tile, overlap, batch_size, tta, desc=Path(name).name)
         write_prediction(target, probabilities if len(probabilities) > 1 else probabilities[0], uint8)
+        if png:
+            for path in write_masks(target, probabilities):
+                print(f"wrote {path}")
         print(f"wrote {target} ({len(pages)} page(s) of {pages.shape[1]}x{pages.shape[2]}, "
               f"{'uint8 0-255' if uint8 else 'float32 probabilities'})")
     return targets
@@ -398,7 +409,10 @@ def predict_files(
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("inputs", nargs="+", metavar="INPUT", help="image files (TIFF, PNG, ...) or folders of them")
+    add("inputs", nargs="*", metavar="INPUT", help="image files (TIFF, PNG, ...) or folders of them")
+    add("--challenge", action="store_true",
+        help=f"predict the challenge's {data.TEST_FILE} (found as the training data are) for submission")
+    add("--data-dir", help="with --challenge: the folder holding the ISBI stacks")
     add("--model", help=f"a .keras file saved by train.py (default: {DEFAULT_MODEL.relative_to(PROJECT_DIR)})")
     add("--out", help="folder for the predictions (default: beside each input), or a .tif file name")
     add("--tile", type=int, default=DEFAULT_TILE, help="tile side in pixels, a multiple of 16 (default %(default)s)")
@@ -406,13 +420,20 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="tiles per model call (default %(default)s)")
     add("--tta", action="store_true", help="average over the 8 flips and quarter turns of each tile (8x slower)")
     add("--uint8", action="store_true", help="write 0-255 uint8 instead of float32 probabilities")
+    add("--png", action="store_true", help="also write a 0/255 PNG mask per page (threshold 0.5)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
     try:
-        predict_files(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta, args.uint8)
+        if args.challenge:
+            args.inputs = [*args.inputs, data.find_data_dir(args.data_dir) / data.TEST_FILE]
+        if not args.inputs:
+            raise ValueError("no input: name image files or folders, or use --challenge")
+        if args.out and Path(args.out).suffix.lower() in TIFF_SUFFIXES:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        predict_files(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta, args.uint8, args.png)
     except (ValueError, FileNotFoundError) as err:  # data.DataError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -3,6 +3,9 @@ import json
 import numpy as np
 import pytest
 
+import tifffile
+
+import data
 import evaluate
 import train
 
@@ -36,6 +39,25 @@ def test_evaluate_scores_the_three_test_pages(tiny_model_path, isbi_dir, tmp_pat
     assert "mean" in capsys.readouterr().out
 
 
+def test_perfect_probability_tiff_scores_one(isbi_dir, tmp_path):
+    _, labels = data.load_isbi(isbi_dir)
+    perfect = tmp_path / "perfect.tif"
+    tifffile.imwrite(perfect, (labels == 255).astype("float32"), photometric="minisblack")
+    result = evaluate.evaluate(perfect, isbi_dir, pages=[0, 10])
+    assert result["mean"]["v_rand"] == pytest.approx(1.0)
+    assert result["mean"]["v_info"] == pytest.approx(1.0)
+    assert result["mean"]["pixel_difference"] == 0 and result["mean"]["pixel_error"] == 0
+
+
+def test_probability_tiff_of_the_wrong_size_is_refused(isbi_dir, tmp_path):
+    wrong = tmp_path / "wrong.tif"
+    tifffile.imwrite(wrong, np.zeros((3, 100, 100), "float32"), photometric="minisblack")
+    with pytest.raises(data.DataError, match="wrong.tif: pages of"):
+        evaluate.evaluate(wrong, isbi_dir)
+    with pytest.raises(data.DataError, match="pages must lie in"):
+        evaluate.evaluate(wrong, isbi_dir, pages=[30])
+
+
 def test_missing_model_file_is_a_clear_error(tmp_path, capsys):
     assert evaluate.main([str(tmp_path / "none.keras")]) == 1
-    assert "no such model file" in capsys.readouterr().err
+    assert "no such model or TIFF file" in capsys.readouterr().err

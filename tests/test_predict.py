@@ -186,7 +186,7 @@ def test_read_images_explains_bad_inputs(tmp_path):
     with pytest.raises(data.DataError, match="colour.png: RGB image"):
         predict.read_images([tmp_path / "colour.png"])
     tifffile.imwrite(tmp_path / "colour.tif", np.zeros((8, 8, 3), np.uint8), photometric="rgb")
-    with pytest.raises(data.DataError, match="colour.tif: colour"):
+    with pytest.raises(data.DataError, match="colour.tif: expected 2-D grey pages"):
         predict.read_images([tmp_path / "colour.tif"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="no image files"):
@@ -242,3 +242,27 @@ def test_command_line_reports_errors_without_a_traceback(tmp_path, unet_path, ca
     assert "no such model file" in capsys.readouterr().err
     assert predict.main([str(tmp_path), "--model", str(unet_path), "--tile", "100"]) == 1
     assert "multiple of 16" in capsys.readouterr().err
+
+
+def test_challenge_option_predicts_the_test_volume_with_png_masks(tmp_path, unet_path, monkeypatch):
+    stack = (np.arange(2 * 40 * 48).reshape(2, 40, 48) % 251).astype(np.uint8)
+    labels = np.where(np.arange(40 * 48).reshape(40, 48) % 7 == 0, 0, 255).astype(np.uint8)
+    for name, pages in ((data.IMAGES_FILE, stack), (data.LABELS_FILE, np.stack([labels, labels])),
+                        (data.TEST_FILE, stack)):
+        tifffile.imwrite(tmp_path / name, pages, photometric="minisblack")
+    out = tmp_path / "submission" / "test-prediction.tif"
+    args = ["--challenge", "--data-dir", str(tmp_path), "--model", str(unet_path), "--out", str(out), "--png"]
+    assert predict.main(args) == 0
+    written = tifffile.imread(out)
+    assert written.shape == (2, 40, 48) and written.dtype == np.float32
+    masks = sorted(out.parent.glob("*.png"))
+    assert [m.name for m in masks] == ["test-prediction-0.png", "test-prediction-1.png"]
+    from PIL import Image
+
+    mask = np.asarray(Image.open(masks[0]))
+    np.testing.assert_array_equal(mask, np.where(written[0] > 0.5, 255, 0))
+
+
+def test_no_input_is_a_clear_error(capsys):
+    assert predict.main([]) == 1
+    assert "no input" in capsys.readouterr().err
