@@ -55,7 +55,7 @@ def probabilities_for(source: str | Path, images: np.ndarray, pages: list[int], 
         raise data.DataError(f"{source}: {len(stack)} pages; expected {len(images)} (the stack) or {len(pages)}")
     from train import load_model
 
-    return predict.predict_stack(load_model(source), images[pages], tta=tta, desc="predicting")
+    return predict.predict_stack(load_model(source, precision="auto"), images[pages], tta=tta, desc="predicting")
 
 
 def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.TEST_PAGES, tta: bool = False) -> dict:

@@ -102,3 +102,18 @@ def output_size(input_size: int, padding: str = "same") -> int:
     for _ in range(DEPTH):
         size = size * 2 - 4
     return size - 2  # OUT_3
+
+
+def with_dtype_policy(model: keras.Model, dtype_policy: str) -> keras.Model:
+    """Return a copy of `model` whose layers compute in `dtype_policy` (the output layer stays float32),
+    with the same weights and no optimizer."""
+    def clone(layer):
+        config = layer.get_config()
+        if not isinstance(layer, keras.layers.InputLayer) and layer.name != "OUT":
+            config["dtype"] = dtype_policy
+        return layer.__class__.from_config(config)
+
+    uncompiled = keras.Model(model.inputs, model.outputs, name=model.name)  # clone_model would recompile
+    copy = keras.models.clone_model(uncompiled, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy

@@ -392,7 +392,7 @@ def predict_files(
 
     from train import load_model  # TensorFlow loads here, after the cheap checks
 
-    model = load_model(model_path)
+    model = load_model(model_path, precision="auto")
     print(f"predicting {len(images)} image(s) with {model_path}: tiles {tile}, overlap {overlap}, "
           f"batch {batch_size}" + (", 8-fold test-time augmentation" if tta else ""))
     for (name, pages), target in zip(images, targets):

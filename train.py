@@ -25,7 +25,7 @@ import data
 import hardware
 from callbacks import ChallengeScores, ImageHistory, TimeLimit, TrainingState
 from metrics import pixel_difference
-from model import build_unet
+from model import build_unet, with_dtype_policy
 
 PROJECT_DIR = Path(__file__).resolve().parent
 CUSTOM_OBJECTS = {"pixel_difference": pixel_difference}
@@ -154,9 +154,20 @@ def clear_run(run_dir: str | Path) -> None:
         paths[key].unlink(missing_ok=True)
 
 
-def load_model(path: str | Path) -> keras.Model:
-    """Return a model saved by this project (with its custom metric)."""
-    return keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS)
+def load_model(path: str | Path, precision: str | None = None) -> keras.Model:
+    """Return a model saved by this project (with its custom metric).
+
+    With `precision` (e.g. 'auto', see `hardware.choose_precision`) the model
+    is returned for inference in that precision: recast if it was saved in
+    another one, then without its optimizer.
+    """
+    model = keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS)
+    if precision is None:
+        return model
+    policy = hardware.choose_precision(precision)
+    if model.get_layer("CNT_1_conv_1").dtype_policy.name == policy:
+        return model
+    return with_dtype_policy(model, policy)
 
 
 def _resume_point(settings: TrainSettings, paths: dict) -> tuple[keras.Model | None, int, float | None]:
