@@ -266,3 +266,26 @@ def test_challenge_option_predicts_the_test_volume_with_png_masks(tmp_path, unet
 def test_no_input_is_a_clear_error(capsys):
     assert predict.main([]) == 1
     assert "no input" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def shipped_model():
+    if not predict.DEFAULT_MODEL.is_file():
+        pytest.skip(f"{predict.DEFAULT_MODEL} not shipped")
+    from train import load_model
+
+    return load_model(predict.DEFAULT_MODEL, precision="float32")
+
+
+def test_tiled_prediction_of_a_real_page_matches_whole_page_prediction(shipped_model, isbi_dir):
+    page = data.read_stack(isbi_dir / data.IMAGES_FILE)[0]
+    whole = shipped_model.predict_on_batch(data.normalize_images(page)[np.newaxis, ..., np.newaxis])[0, ..., 0]
+    tiled = predict.predict_image(shipped_model, page, tile=256, overlap=64)
+    inner = (slice(64, -64), slice(64, -64))  # the borders differ by design: mirrored vs zero padding
+    assert np.mean(np.abs(tiled[inner] - whole[inner])) < 0.01
+    assert np.mean((tiled[inner] > 0.5) == (whole[inner] > 0.5)) > 0.99
+
+
+def test_no_seams_on_a_constant_image(shipped_model):
+    flat = predict.predict_image(shipped_model, np.full((700, 900), 0.6, np.float32), tile=256, overlap=64)
+    assert flat.std() < 0.01
