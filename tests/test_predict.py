@@ -220,7 +220,7 @@ def test_command_line_writes_a_prediction_beside_the_input(tmp_path, unet_path, 
     result = tifffile.imread(written)
     assert result.shape == (2, 40, 70) and result.dtype == np.float32
     np.testing.assert_allclose(
-        result[0], predict.predict_image(train.load_model(unet_path), picture((2, 40, 70))[0], 64, 16), atol=1e-6
+        result[0], predict.predict_image(train.load_model(unet_path, precision="auto"), picture((2, 40, 70))[0], 64, 16), atol=1e-6
     )
     assert f"wrote {written}" in capsys.readouterr().out
 
