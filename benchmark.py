@@ -2,6 +2,9 @@
 
     python benchmark.py                                   # the seed model (64 filters, 512x512, batch 5), auto precision
     python benchmark.py --filters 16 --size 256 --batch 4 --precision float32 --precision mixed_bfloat16
+    python benchmark.py --preset cpu --pipeline --peak    # the quick start's configuration, its input
+                                                          # pipeline, and the matmul peak of this CPU
+    python benchmark.py --volume test-volume.tif          # predict a stack with predict.py's path
 
 Prints a table (median and min-max of timed steps after warm-up) and writes
 JSON. Train figures are seconds per optimizer step on random data; inference
@@ -47,6 +50,46 @@ def time_calls(fn, warmup: int, repeats: int) -> list[float]:
     return times
 
 
+def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """Return the best TFLOP/s of an n x n matrix product in `dtype` ('float32' or 'bfloat16')."""
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n), dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    product = tf.function(lambda x: tf.matmul(x, x))
+    times = time_calls(lambda: product(a).numpy(), 1, repeats)
+    return 2 * n**3 / min(times) / 1e12
+
+
+def pipeline_pairs_per_s(crop: int | None, augmentation=None, batches: int = 10, batch_size: int = 4) -> float:
+    """Return augmented (image, label) pairs per second that `data.AugmentedBatches` makes on one core."""
+    import data
+
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 512, 512, 1), dtype=np.float32)
+    labels = (images > 0.5).astype(np.float32)
+    pairs = data.AugmentedBatches(images, labels, batch_size, batches, augmentation, crop)
+    start = time.perf_counter()
+    for i in range(batches):
+        pairs[i]
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def volume_prediction(model_path, volume_path, precision: str = "auto") -> dict:
+    """Return the seconds and pages/s of predicting a TIFF stack with predict.py's tiled path."""
+    import data
+    import predict
+    from train import load_model
+
+    stack = data.read_stack(volume_path)
+    model = load_model(model_path, precision=precision)
+    predict.predict_stack(model, stack[:1], progress=False)  # warm-up
+    start = time.perf_counter()
+    predict.predict_stack(model, stack, progress=False)
+    seconds = time.perf_counter() - start
+    return {"volume": str(volume_path), "pages": len(stack), "seconds": seconds, "pages_per_s": len(stack) / seconds}
+
+
 def benchmark(filters: int = 64, size: int = 512, batch: int = 5, precision: str = "auto",
               warmup: int = 2, repeats: int = 5) -> dict:
     """Return train and inference timings (seconds) and throughput for one configuration."""
@@ -90,22 +133,51 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", help="take filters, size (crop) and batch from a train.py preset")
     parser.add_argument("--filters", type=int, default=64)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=5)
     parser.add_argument("--precision", action="append", help="repeat to compare; default: auto")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--peak", action="store_true", help="also measure the bf16 and fp32 matmul peaks")
+    parser.add_argument("--pipeline", action="store_true", help="also measure the augmentation pipeline alone")
+    parser.add_argument("--volume", help="also time predicting this TIFF stack with --model")
+    parser.add_argument("--model", default="models/unet-isbi-cpu.keras", help="model for --volume")
     parser.add_argument("--out", default="benchmark.json")
     args = parser.parse_args(argv)
-    print(f"machine: {hardware.describe()}")
-    rows = []
+    if args.preset:
+        from train import preset
+
+        settings = preset(args.preset)
+        args.filters, args.size, args.batch = settings.filters, settings.crop, settings.batch_size
+    report = {"machine": hardware.describe(), "results": []}
+    print(f"machine: {report['machine']}")
+    if args.peak:
+        report["peak_tflops"] = {dtype: matmul_peak(dtype) for dtype in ("bfloat16", "float32")}
+        print("matmul peak TFLOP/s: " + ", ".join(f"{k} {v:.3f}" for k, v in report["peak_tflops"].items()))
     for precision in args.precision or ["auto"]:
-        rows.append(benchmark(args.filters, args.size, args.batch, precision, args.warmup, args.repeats))
-        print(table(rows[-1:]), flush=True)
-    print(table(rows))
+        row = benchmark(args.filters, args.size, args.batch, precision, args.warmup, args.repeats)
+        if args.peak:
+            peak = report["peak_tflops"]["bfloat16" if "bfloat16" in row["precision"] else "float32"]
+            row["train_fraction_of_peak"] = row["train_tflops"] / peak
+            row["infer_fraction_of_peak"] = row["infer_tflops"] / peak
+        report["results"].append(row)
+        print(table([row]), flush=True)
+    print(table(report["results"]))
+    if args.pipeline:
+        crop = args.size if args.size < 512 else None
+        pairs = pipeline_pairs_per_s(crop, batch_size=args.batch)
+        consumed = max(r["train_images_per_s"] for r in report["results"])
+        report["pipeline"] = {"pairs_per_s": pairs, "training_consumes_per_s": consumed, "ratio": pairs / consumed}
+        print(f"input pipeline: {pairs:.1f} pairs/s on one core; training consumes {consumed:.1f}/s "
+              f"({pairs / consumed:.1f}x)")
+    if args.volume:
+        report["volume"] = volume_prediction(args.model, args.volume)
+        v = report["volume"]
+        print(f"predicting {v['volume']}: {v['pages']} pages in {v['seconds']:.1f} s ({v['pages_per_s']:.2f} pages/s)")
     with open(args.out, "w") as f:
-        json.dump({"machine": hardware.describe(), "results": rows}, f, indent=2)
+        json.dump(report, f, indent=2)
     return 0
 
 

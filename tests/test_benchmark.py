@@ -1,3 +1,5 @@
+import json
+
 import keras
 import pytest
 
@@ -21,3 +23,18 @@ def test_benchmark_reports_consistent_throughput(tmp_path):
     assert step["min"] <= step["median"] <= step["max"]
     assert result["train_images_per_s"] == pytest.approx(2 / step["median"])
     assert "float32" in benchmark.table([result])
+
+
+def test_pipeline_and_peak_measurements_are_positive():
+    assert benchmark.pipeline_pairs_per_s(64, batches=2, batch_size=2) > 0
+    assert benchmark.matmul_peak("float32", n=128, repeats=1) > 0
+
+
+def test_command_line_writes_json_with_every_part(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert benchmark.main(["--filters", "2", "--size", "32", "--batch", "2", "--warmup", "1", "--repeats", "1",
+                           "--pipeline", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["results"][0]["filters"] == 2
+    assert saved["pipeline"]["ratio"] > 0
+    assert "input pipeline" in capsys.readouterr().out
