@@ -250,29 +250,25 @@ def _elastic_displacement(shape: tuple[int, int], grid: int, sigma: float, rng: 
     return rows @ coarse @ np.ascontiguousarray(cols.T)
 
 
-def _resample_pair(
-    image: np.ndarray,
-    label: np.ndarray,
+def _resample(
+    arrays: tuple[tuple[np.ndarray, int], ...],
     matrix: np.ndarray,
     output_shape: tuple[int, int],
     displacement: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return (image, label) sampled at input = matrix @ output (+ displacement), in one pass each.
+) -> list[np.ndarray]:
+    """Return each (array, spline order) sampled at input = matrix @ output (+ displacement), one pass each.
 
-    Image bilinear, label nearest neighbour, borders repeat the nearest pixel.
+    Borders repeat the nearest pixel.
     """
     if displacement is None:
         kwargs = dict(matrix=matrix, output_shape=output_shape, mode="nearest")
-        return ndimage.affine_transform(image, order=1, **kwargs), ndimage.affine_transform(label, order=0, **kwargs)
+        return [ndimage.affine_transform(array, order=order, **kwargs) for array, order in arrays]
     r = np.arange(output_shape[0], dtype=np.float64)[:, np.newaxis]
     c = np.arange(output_shape[1], dtype=np.float64)[np.newaxis, :]
     coords = np.empty((2, *output_shape))
     for axis in range(2):
         coords[axis] = matrix[axis, 0] * r + matrix[axis, 1] * c + matrix[axis, 2] + displacement[axis]
-    return (
-        ndimage.map_coordinates(image, coords, order=1, mode="nearest"),
-        ndimage.map_coordinates(label, coords, order=0, mode="nearest"),
-    )
+    return [ndimage.map_coordinates(array, coords, order=order, mode="nearest") for array, order in arrays]
 
 
 def augment_pair(
@@ -281,11 +277,14 @@ def augment_pair(
     aug: Augmentation,
     rng: np.random.Generator,
     crop: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return one randomly transformed (image, label) pair of (H, W) arrays, optionally a random crop.
+    weight: np.ndarray | None = None,
+) -> tuple[np.ndarray, ...]:
+    """Return one randomly transformed (image, label) pair of (H, W) arrays, optionally a random crop;
+    (image, label, weight) when a per-pixel `weight` map is given to move along.
 
-    The same transform moves both; the image is interpolated bilinearly, the
-    label by nearest neighbour so that it stays binary. Borders are filled by
+    The same transform moves all; the image is interpolated bilinearly, the
+    label (and weight) by nearest neighbour so that the label stays binary and
+    the weights stay on the pixels they were computed for. Borders are filled by
     repeating the nearest pixel, as Keras' fill_mode='nearest'. An elastic
     deformation, when `aug` asks for one, is composed with the affine transform
     and the crop, so that the image is interpolated only once.
@@ -301,21 +300,24 @@ def augment_pair(
     displacement = None
     if aug.elastic:
         displacement = _elastic_displacement((out_h, out_w), aug.elastic_grid, aug.elastic_sigma, rng)
-    new_image, new_label = _resample_pair(image, label, matrix, (out_h, out_w), displacement)
+    arrays = ((image, 1), (label, 0)) + (((weight, 0),) if weight is not None else ())
+    outputs = _resample(arrays, matrix, (out_h, out_w), displacement)
     if aug.rot90:
         # Quarter turns keep the shape only for square outputs; otherwise half turns.
         k = int(rng.integers(4)) if out_h == out_w else 2 * int(rng.integers(2))
-        new_image, new_label = np.rot90(new_image, k), np.rot90(new_label, k)
-    return new_image, new_label
+        outputs = [np.rot90(array, k) for array in outputs]
+    return tuple(outputs)
 
 
 class AugmentedBatches(keras.utils.PyDataset):
     """Keras dataset of augmented training batches: (images, labels), float32 NHWC.
 
     Each index draws `batch_size` random pages, transforms each pair with its
-    own random transform and crops it to `crop` pixels. The random stream is a
-    function of (seed, epoch, index) only, so a resumed run sees the batches it
-    would have seen.
+    own random transform and crops it to `crop` pixels. With `weights` (per-pixel
+    loss weights of each page, N x H x W) it yields (images, labels, weights),
+    the weights moved with their labels, which Keras applies as sample weights.
+    The random stream is a function of (seed, epoch, index) only, so a resumed
+    run sees the batches it would have seen.
     """
 
     def __init__(
@@ -327,13 +329,17 @@ class AugmentedBatches(keras.utils.PyDataset):
         augmentation: Augmentation | None = None,
         crop: int | None = None,
         seed: int = 0,
+        weights: np.ndarray | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         if images.shape != labels.shape:
             raise DataError(f"images {images.shape} and labels {labels.shape} differ in shape")
+        if weights is not None and weights.shape != labels.shape[:3]:
+            raise DataError(f"weights {weights.shape} do not match the labels {labels.shape[:3]}")
         self.images = images[..., 0]
         self.labels = labels[..., 0]
+        self.weights = weights
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
         self.augmentation = augmentation if augmentation is not None else Augmentation()
@@ -344,13 +350,16 @@ class AugmentedBatches(keras.utils.PyDataset):
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         pages = rng.integers(0, len(self.images), size=self.batch_size)
-        pairs = [augment_pair(self.images[p], self.labels[p], self.augmentation, rng, self.crop) for p in pages]
-        x = np.stack([p[0] for p in pairs])[..., np.newaxis].astype(np.float32)
-        y = np.stack([p[1] for p in pairs])[..., np.newaxis].astype(np.float32)
-        return x, y
+        samples = [
+            augment_pair(self.images[p], self.labels[p], self.augmentation, rng, self.crop,
+                         None if self.weights is None else self.weights[p])
+            for p in pages
+        ]
+        x, y, *w = (np.stack(parts).astype(np.float32) for parts in zip(*samples))
+        return (x[..., np.newaxis], y[..., np.newaxis], *w)
 
     def on_epoch_end(self) -> None:
         self.epoch += 1

@@ -20,15 +20,17 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
 import data
 import hardware
+import losses
 from callbacks import ChallengeScores, ImageHistory, TimeLimit, TrainingState
 from metrics import pixel_difference
 from model import build_unet, with_dtype_policy
 
 PROJECT_DIR = Path(__file__).resolve().parent
-CUSTOM_OBJECTS = {"pixel_difference": pixel_difference}
+CUSTOM_OBJECTS = {"pixel_difference": pixel_difference, **losses.CUSTOM_OBJECTS}
 HIGHER_IS_BETTER = ("accuracy", "v_rand", "v_info")
 
 
@@ -49,7 +51,7 @@ class TrainSettings:
     steps_per_epoch: int = 1000
     epochs: int = 3
     learning_rate: float = 1e-4
-    loss: str = "binary_crossentropy"
+    loss: str = "binary_crossentropy"  # or weighted_bce (U-Net paper's border weights), dice, bce_dice
     precision: str = "auto"  # see hardware.choose_precision
     monitor: str = "val_loss"  # what best.keras is chosen by (the original used training loss)
     challenge_every: int = 1  # epochs between validation V_rand / V_info (0: never)
@@ -176,7 +178,7 @@ def _resume_point(settings: TrainSettings, paths: dict) -> tuple[keras.Model | N
         return None, 0, None
     state = json.loads(paths["state"].read_text())
     saved = state.get("settings", {})
-    for key in ("filters", "precision_policy"):
+    for key in ("filters", "precision_policy", "loss"):
         if key in saved and saved[key] != state_settings(settings).get(key):
             raise ValueError(
                 f"{paths['last']} was trained with {key}={saved[key]!r}, not {state_settings(settings)[key]!r}; "
@@ -191,12 +193,20 @@ def state_settings(settings: TrainSettings) -> dict:
     return {**settings.to_dict(), "precision_policy": hardware.choose_precision(settings.precision)}
 
 
+def weight_maps(settings: TrainSettings, labels: np.ndarray) -> np.ndarray | None:
+    """Return the border weight maps (N, H, W) of (N, H, W, 1) labels if the loss needs them, else None."""
+    if not losses.needs_weight_map(settings.loss):
+        return None
+    return np.stack([losses.border_weight_map(label[..., 0]) for label in labels])
+
+
 def training_batches(settings: TrainSettings, split: dict, epoch: int = 0) -> data.AugmentedBatches:
     """Return the augmented training batches of `split['train']` as `settings` describe them, from `epoch`."""
     images, labels = split["train"]
     crop = settings.crop if settings.crop < images.shape[1] else None
     batches = data.AugmentedBatches(
-        images, labels, settings.batch_size, settings.steps_per_epoch, settings.augmentation, crop, settings.seed
+        images, labels, settings.batch_size, settings.steps_per_epoch, settings.augmentation, crop, settings.seed,
+        weights=weight_maps(settings, labels),
     )
     batches.epoch = epoch
     return batches
@@ -209,17 +219,19 @@ def train(settings: TrainSettings) -> dict:
         clear_run(paths["run_dir"])
     paths["run_dir"].mkdir(parents=True, exist_ok=True)
     policy = hardware.choose_precision(settings.precision)
+    loss = losses.get_loss(settings.loss)  # an unknown name fails here, before the data load
     keras.utils.set_random_seed(settings.seed)
 
     split = data.load_split(settings.data_dir)
     val_x, val_y = split["validation"]
+    val_w = weight_maps(settings, val_y)
 
     model, initial_epoch, best = _resume_point(settings, paths)
     if model is None:
         model = build_unet((None, None, 1), filters=settings.filters, dtype_policy=policy)
         model.compile(
             optimizer=keras.optimizers.Adam(settings.learning_rate),
-            loss=settings.loss,
+            loss=loss,
             metrics=["accuracy", pixel_difference],
         )
     saved = state_settings(settings)
@@ -261,7 +273,7 @@ def train(settings: TrainSettings) -> dict:
         batches,
         epochs=settings.epochs,
         initial_epoch=initial_epoch,
-        validation_data=(val_x, val_y),
+        validation_data=(val_x, val_y) if val_w is None else (val_x, val_y, val_w),
         validation_batch_size=1,
         callbacks=callbacks,
         verbose=settings.verbose,
@@ -303,8 +315,15 @@ def parse_args(argv: list[str] | None = None) -> TrainSettings:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             parser.add_argument(flag, type=types.get(field.type, str), default=None)
+    parser.add_argument("--elastic-grid", type=int, help="elastic deformation grid points per side (0: off; paper: 3)")
+    parser.add_argument("--elastic-sigma", type=float, help="elastic displacement standard deviation, pixels")
     args = vars(parser.parse_args(argv))
-    return preset(args.pop("preset"), **args)
+    elastic = {k: args.pop(k) for k in ("elastic_grid", "elastic_sigma")}
+    settings = preset(args.pop("preset"), **args)
+    elastic = {k: v for k, v in elastic.items() if v is not None}
+    if elastic:
+        settings.augmentation = dataclasses.replace(settings.augmentation, **elastic)
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:

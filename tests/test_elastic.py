@@ -89,8 +89,8 @@ def test_one_pass_resampling_with_zero_displacement_equals_the_affine_path():
     matrix = data.random_affine(label.shape, aug, np.random.default_rng(3)) @ np.array(
         [[1, 0, 7], [0, 1, 11], [0, 0, 1]]
     )
-    affine = data._resample_pair(image, label, matrix, (96, 96))
-    one_pass = data._resample_pair(image, label, matrix, (96, 96), np.zeros((2, 96, 96)))
+    affine = data._resample(((image, 1), (label, 0)), matrix, (96, 96))
+    one_pass = data._resample(((image, 1), (label, 0)), matrix, (96, 96), np.zeros((2, 96, 96)))
     np.testing.assert_allclose(one_pass[0], affine[0], atol=1e-5)
     np.testing.assert_array_equal(one_pass[1], affine[1])
 

@@ -20,6 +20,9 @@ def test_presets_keep_the_original_defaults():
 def test_command_line_overrides_preset_fields():
     settings = train.parse_args(["--preset", "tiny", "--epochs", "7", "--learning-rate", "0.01", "--no-resume"])
     assert (settings.epochs, settings.learning_rate, settings.resume, settings.filters) == (7, 0.01, False, 4)
+    elastic = train.parse_args(["--preset", "cpu", "--elastic-grid", "3", "--loss", "weighted_bce"])
+    assert elastic.augmentation.elastic_grid == 3 and elastic.augmentation.rot90 and elastic.loss == "weighted_bce"
+    assert train.PRESETS["cpu"].augmentation.elastic_grid == 0  # the preset itself is left alone
 
 
 def test_short_training_on_real_crops_lowers_the_loss(isbi_dir, tmp_path):
@@ -79,3 +82,19 @@ def test_monitor_direction():
     assert train.monitor_mode("val_loss") == "min"
     assert train.monitor_mode("val_v_rand") == "max"
     assert train.monitor_mode("val_accuracy") == "max"
+
+
+def test_weighted_loss_trains_with_border_weight_maps_as_sample_weights(isbi_dir, tmp_path):
+    settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=1,
+                            loss="weighted_bce")
+    split = data.load_split(isbi_dir)
+    x, y, w = train.training_batches(settings, split)[0]
+    assert w.shape == y.shape[:3] and w.min() >= 1
+    assert w[y[..., 0] == 0].mean() > w[y[..., 0] == 1].mean()  # membranes weigh more: the map moved with them
+    result = train.train(settings)
+    assert np.isfinite(result["history"]["val_loss"][0])
+
+
+def test_unknown_loss_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unknown loss"):
+        train.train(train.preset("tiny", run_dir=str(tmp_path / "run"), loss="hinge"))
