@@ -97,11 +97,18 @@ def test_tiled_prediction_equals_whole_image_prediction_for_a_pointwise_model(po
     np.testing.assert_allclose(tiled, direct, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(37, 53), (530, 515)])
+@pytest.mark.parametrize("shape", [(37, 53), (530, 515), (1000, 1337)])
 def test_prediction_has_the_input_shape_for_odd_sizes(unet, shape):
     probabilities = predict.predict_image(unet, picture(shape), tile=256, overlap=32, batch_size=4)
     assert probabilities.shape == shape and probabilities.dtype == np.float32
     assert np.isfinite(probabilities).all() and 0 <= probabilities.min() and probabilities.max() <= 1
+
+
+def test_a_two_page_stack_comes_back_at_its_own_size(unet):
+    stack = np.stack([picture((600, 700)), picture((600, 700))[::-1]])
+    probabilities = predict.predict_stack(unet, stack, progress=False)
+    assert probabilities.shape == (2, 600, 700)
+    assert not np.array_equal(probabilities[0], probabilities[1])
 
 
 def test_test_time_augmentation_keeps_the_result_of_a_flip_equivariant_model(pointwise_model):
