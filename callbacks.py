@@ -30,7 +30,27 @@ def prediction_grid(predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.concatenate([top, bottom], axis=0)
 
 
-class ImageHistory(keras.callbacks.Callback):
+class SummaryCallback(keras.callbacks.Callback):
+    """A callback that writes TensorBoard summaries to `log_dir` with one writer, opened lazily, closed at the end."""
+
+    def __init__(self, log_dir: str | os.PathLike):
+        super().__init__()
+        self.log_dir = str(log_dir)
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+        return self._writer
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class ImageHistory(SummaryCallback):
     """Write validation predictions to TensorBoard as images while a model trains.
 
     Every `draw_interval` optimizer steps (tag 'batch') and at each epoch end
@@ -46,20 +66,12 @@ class ImageHistory(keras.callbacks.Callback):
     """
 
     def __init__(self, log_dir: str | os.PathLike, images: np.ndarray, labels: np.ndarray, draw_interval: int = 100):
-        super().__init__()
+        super().__init__(log_dir)
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.log_dir = str(log_dir)
         self.images = np.asarray(images, dtype=np.float32)
         self.labels = np.asarray(labels, dtype=np.float32)
         self.draw_interval = int(draw_interval)
-        self._writer = None
-
-    @property
-    def writer(self):
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
-        return self._writer
 
     def _write(self, tag: str, step: int) -> None:
         predictions = self.model.predict_on_batch(self.images)
@@ -76,10 +88,6 @@ class ImageHistory(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self._write("epoch", epoch + 1)
 
-    def on_train_end(self, logs=None):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
 
 class TrainingState(keras.callbacks.Callback):
@@ -154,7 +162,7 @@ class TimeLimit(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-class ChallengeScores(keras.callbacks.Callback):
+class ChallengeScores(SummaryCallback):
     """Score the validation images with the ISBI 2012 challenge's V_rand and V_info after each epoch.
 
     Every `every` epochs it predicts `images` (`predict_on_batch`, `batch_size`
@@ -188,7 +196,7 @@ class ChallengeScores(keras.callbacks.Callback):
         every: int = 1,
         batch_size: int = 1,
     ):
-        super().__init__()
+        super().__init__(log_dir)
         images, labels = np.asarray(images, dtype=np.float32), np.asarray(labels)
         if images.ndim != 4 or images.shape[-1] != 1 or images.shape != labels.shape:
             raise ValueError(f"images and labels must both be (N, H, W, 1), got {images.shape} and {labels.shape}")
@@ -198,16 +206,8 @@ class ChallengeScores(keras.callbacks.Callback):
             raise ValueError(f"every and batch_size must be positive integers, got {every!r} and {batch_size!r}")
         self.images = images
         self.labels = labels[..., 0] > 0.5
-        self.log_dir = str(log_dir)
         self.every = int(every)
         self.batch_size = int(batch_size)
-        self._writer = None
-
-    @property
-    def writer(self):
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
-        return self._writer
 
     def predict(self) -> np.ndarray:
         """Return the model's (N, H, W) probabilities of `images`."""
@@ -237,7 +237,3 @@ class ChallengeScores(keras.callbacks.Callback):
             tf.summary.scalar("epoch_v_info", scores["val_v_info"], step=epoch)
         self.writer.flush()
 
-    def on_train_end(self, logs=None):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
