@@ -42,7 +42,7 @@ figures: setup
 	$(PY) figures.py $(RUN)/logs --out images
 
 notebook: setup
-	$(PY) -m papermill unet-isbi.ipynb $(RUN)-notebook.ipynb -p run_dir $(RUN)
+	$(PY) -m papermill unet-isbi.ipynb $(RUN)-notebook.ipynb -p preset $(PRESET) -p run_dir $(RUN)
 
 test: setup
 	$(PY) -m pytest -q
