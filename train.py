@@ -179,11 +179,11 @@ def _resume_point(settings: TrainSettings, paths: dict) -> tuple[keras.Model | N
     if not (settings.resume and paths["last"].is_file() and paths["state"].is_file()):
         return None, 0, None
     state = json.loads(paths["state"].read_text())
-    saved = state.get("settings", {})
+    saved, current = state.get("settings", {}), state_settings(settings)
     for key in ("filters", "precision_policy", "loss"):
-        if key in saved and saved[key] != state_settings(settings).get(key):
+        if key in saved and saved[key] != current[key]:
             raise ValueError(
-                f"{paths['last']} was trained with {key}={saved[key]!r}, not {state_settings(settings)[key]!r}; "
+                f"{paths['last']} was trained with {key}={saved[key]!r}, not {current[key]!r}; "
                 "use another run_dir, or clear_all=True (--clear-all) to start afresh"
             )
     print(f"resuming from {paths['last']} after epoch {state['epochs_done']}")
