@@ -8,6 +8,7 @@ CPUs without bfloat16 instructions (AVX2 only). See ../shared/MACHINES.md.
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 
@@ -68,8 +69,6 @@ def choose_precision(requested: str = "auto", gpus: list[str] | None = None, fla
 
 def describe() -> str:
     """Return one line naming the hardware: CPU model, cores, bf16 support, GPUs."""
-    import os
-
     gpus = gpu_names()
     bf16 = ", ".join(f for f in BF16_CPU_FLAGS if f in cpu_flags()) or "no bf16 instructions"
     text = f"{cpu_name()} ({os.cpu_count()} cores, {bf16})"
