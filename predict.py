@@ -5,12 +5,15 @@
     python predict.py big.tif --tile 256 --overlap 64 --tta --uint8
     python predict.py --challenge --out submission/test-volume-prediction.tif   # the challenge's submission
     python predict.py page.png --png                         # also page-prediction.png, a 0/255 mask
+    python predict.py big.zarr --block 1024 --workers 4      # block by block into big-prediction.zarr (blocks.py)
 
 Images are cut into overlapping tiles as in the U-Net paper (Ronneberger et
 al. 2015, Fig. 2): the borders are extrapolated by mirroring, each tile is
 predicted on its own, and the tile predictions are blended with a smooth
 window so that no seams show. The output is a multipage TIFF of float32
 probabilities of "cell" (1) against membrane (0), the size of the input.
+A .zarr input or output (larger than memory, resumable, optionally on a Dask
+cluster) is predicted block by block into a zarr array: see blocks.py.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ SIZE_MULTIPLE = 16  # the U-Net pools four times, so tile sides must divide by 2
 PREDICTION_SUFFIX = "-prediction"
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+ZARR_SUFFIX = ".zarr"
 GREY_PIL_MODES = ("1", "L", "I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 PathLike = str | os.PathLike
@@ -168,6 +172,83 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
+    """Return the image indices (int64) of positions start..stop-1 along an axis of `size` pixels,
+    mirrored at the edges as ``np.pad(mode="reflect")`` does, also for pads larger than the image."""
+    positions = np.arange(start, stop)
+    if size == 1:
+        return np.zeros_like(positions)
+    period = 2 * (size - 1)  # reflecting without repeating the edge pixel repeats with this period
+    positions = np.mod(positions, period)
+    return np.where(positions < size, positions, period - positions)
+
+
+def predict_region(
+    model,
+    page,
+    region: tuple[tuple[int, int], tuple[int, int]],
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    tta: bool = False,
+    progress=None,
+) -> np.ndarray:
+    """Return the probabilities of "cell" in `region` of one grey page, float32 (bottom - top, right - left).
+
+    The tiles are those of the whole page (`tile_grid(page.shape)`), so a
+    region gets the values that `predict_image` gives the whole page there:
+    predicting a page region by region gives the same result for any region
+    size. Only the pixels that the tiles touching the region need are read.
+
+    Args:
+        model, tile, overlap, batch_size, tta, progress: as for `predict_image`.
+        page: a (height, width) array, or anything with `shape` and
+            ``page[rows, cols]`` slicing (e.g. a lazily read page of a zarr array).
+        region: ((top, bottom), (left, right)) in page pixels, ends exclusive.
+    """
+    if len(page.shape) != 2 or min(page.shape) < 1:
+        raise ValueError(f"expected one grey page of shape (height, width), got shape {tuple(page.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    fixed = _fixed_input_size(model)
+    if fixed is not None and fixed != (tile, tile):
+        raise ValueError(f"the model only takes {fixed[0]}x{fixed[1]} inputs; use tile={fixed[0]}")
+    height, width = page.shape
+    (y0, y1), (x0, x1) = region
+    if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
+        raise ValueError(f"region {region} is empty or not inside the page of {height}x{width} pixels")
+    grid = tile_grid((height, width), tile, overlap, fit=fixed is None)
+    (top, _), (left, _) = grid.pad
+    tile_h, tile_w = grid.tile
+
+    # The tiles that touch the region and the box they span, in padded-image coordinates.
+    origins = [
+        (y, x) for y, x in grid.origins
+        if y < y1 + top and y0 + top < y + tile_h and x < x1 + left and x0 + left < x + tile_w
+    ]
+    box_y0, box_x0 = min(y for y, _ in origins), min(x for _, x in origins)
+    box_y1, box_x1 = max(y for y, _ in origins) + tile_h, max(x for _, x in origins) + tile_w
+    rows = reflect_indices(box_y0 - top, box_y1 - top, height)
+    cols = reflect_indices(box_x0 - left, box_x1 - left, width)
+    read = np.asarray(page[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1])
+    padded = data.normalize_images(read)[np.ix_(rows - rows.min(), cols - cols.min())]
+
+    window = blend_window(grid.tile, overlap)
+    total = np.zeros(padded.shape, np.float32)
+    weight = np.zeros(padded.shape, np.float32)
+    for batch in _batches(origins, batch_size):
+        boxes = [(y - box_y0, x - box_x0) for y, x in batch]
+        tiles = np.stack([padded[y : y + tile_h, x : x + tile_w] for y, x in boxes])[..., np.newaxis]
+        for (y, x), probabilities in zip(boxes, _predict_tiles(model, tiles, tta)):
+            total[y : y + tile_h, x : x + tile_w] += window * probabilities
+            weight[y : y + tile_h, x : x + tile_w] += window
+        if progress is not None:
+            progress.update(len(batch))
+    rows_out = slice(y0 + top - box_y0, y1 + top - box_y0)
+    cols_out = slice(x0 + left - box_x0, x1 + left - box_x0)
+    return total[rows_out, cols_out] / weight[rows_out, cols_out]
+
+
 def predict_image(
     model,
     image: np.ndarray,
@@ -198,28 +279,8 @@ def predict_image(
         image = image[..., 0]
     if image.ndim != 2 or image.size == 0:
         raise ValueError(f"expected one grey image of shape (height, width), got shape {image.shape}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    fixed = _fixed_input_size(model)
-    if fixed is not None and fixed != (tile, tile):
-        raise ValueError(f"the model only takes {fixed[0]}x{fixed[1]} inputs; use tile={fixed[0]}")
-    grid = tile_grid(image.shape, tile, overlap, fit=fixed is None)
-
-    padded = np.pad(data.normalize_images(image), grid.pad, mode="reflect")
-    window = blend_window(grid.tile, overlap)
-    total = np.zeros(grid.padded_shape, np.float32)
-    weight = np.zeros(grid.padded_shape, np.float32)
-    tile_h, tile_w = grid.tile
-    for origins in _batches(grid.origins, batch_size):
-        tiles = np.stack([padded[y : y + tile_h, x : x + tile_w] for y, x in origins])[..., np.newaxis]
-        for (y, x), probabilities in zip(origins, _predict_tiles(model, tiles, tta)):
-            total[y : y + tile_h, x : x + tile_w] += window * probabilities
-            weight[y : y + tile_h, x : x + tile_w] += window
-        if progress is not None:
-            progress.update(len(origins))
-    (top, _), (left, _) = grid.pad
-    height, width = image.shape
-    return (total / weight)[top : top + height, left : left + width]
+    whole = ((0, image.shape[0]), (0, image.shape[1]))
+    return predict_region(model, image, whole, tile, overlap, batch_size, tta, progress)
 
 
 def predict_stack(
@@ -301,6 +362,11 @@ def read_images(paths: Sequence[PathLike]) -> list[tuple[str, np.ndarray]]:
     return [(str(path), read_image(path)) for path in image_files(paths)]
 
 
+def to_uint8(probabilities: np.ndarray) -> np.ndarray:
+    """Return probabilities in [0, 1] as uint8 0-255, rounded."""
+    return np.round(np.clip(probabilities, 0, 1) * 255).astype(np.uint8)
+
+
 def write_prediction(path: PathLike, probabilities: np.ndarray, uint8: bool = False) -> Path:
     """Write (H, W) or (pages, H, W) probabilities to a multipage TIFF atomically; return its path.
 
@@ -311,7 +377,7 @@ def write_prediction(path: PathLike, probabilities: np.ndarray, uint8: bool = Fa
     if pages.ndim not in (2, 3):
         raise ValueError(f"expected (height, width) or (pages, height, width) probabilities, got shape {pages.shape}")
     if uint8:
-        pages = np.round(np.clip(pages, 0, 1) * 255).astype(np.uint8)
+        pages = to_uint8(pages)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A fresh name in the same folder, created by tifffile (so with the usual permissions), renamed into place.
     part = path.with_name(f".{path.name}.{os.getpid()}.part")
@@ -343,6 +409,11 @@ def output_path(input_path: PathLike, out: PathLike | None = None) -> Path:
     input_path = Path(input_path)
     name = input_path.stem + PREDICTION_SUFFIX + ".tif"
     return (Path(out) if out is not None else input_path.parent) / name
+
+
+def is_zarr(path: PathLike) -> bool:
+    """Return whether `path` names a zarr store: it, or a folder above it, ends in .zarr."""
+    return any(part.lower().endswith(ZARR_SUFFIX) for part in Path(path).parts)
 
 
 def resolve_model(path: PathLike | None = None) -> Path:
@@ -406,6 +477,59 @@ def predict_files(
     return targets
 
 
+def predict_volumes(
+    inputs: Sequence[PathLike],
+    model_path: PathLike | None = None,
+    out: PathLike | None = None,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    tta: bool = False,
+    uint8: bool = False,
+    block: int | None = None,
+    workers: int | None = None,
+    dask: str | None = None,
+) -> list[Path]:
+    """Predict each .zarr or TIFF input block by block into a zarr array (`blocks.predict_volume`); return their paths.
+
+    `out` is a folder (default: beside each input, as `<stem>-prediction.zarr`),
+    or a .zarr name when there is one input. With `workers` (a local cluster of
+    that many processes) or `dask` (a scheduler's address) the blocks run on Dask.
+    """
+    import blocks
+
+    model_path = resolve_model(model_path)
+    block = blocks.DEFAULT_BLOCK if block is None else block
+    if block < 1:
+        raise ValueError(f"--block must be a positive number of pixels, got {block}")
+    tile_grid((1, 1), tile, overlap)  # check the settings before the slow part
+    for path in map(Path, inputs):
+        if not (is_zarr(path) or path.suffix.lower() in TIFF_SUFFIXES):
+            raise data.DataError(f"{path}: zarr output needs .zarr or TIFF inputs; predict other images to TIFF")
+        blocks.open_volume(path)  # readable, grey
+    if out is not None and is_zarr(out):
+        if len(inputs) != 1:
+            raise ValueError(f"--out {out} is one zarr array, but there are {len(inputs)} inputs; give a folder")
+        targets = [Path(out)]
+    else:
+        folders = [Path(out) if out is not None else Path(path).parent for path in inputs]
+        names = [Path(path).stem + PREDICTION_SUFFIX + ZARR_SUFFIX for path in inputs]
+        targets = [folder / name for folder, name in zip(folders, names)]
+    repeated = {str(t) for t in targets if targets.count(t) > 1}
+    if repeated:
+        raise ValueError(f"two inputs would write the same array ({', '.join(sorted(repeated))}); predict them apart")
+    print(f"predicting {len(inputs)} volume(s) with {model_path}: blocks {block}, tiles {tile}, overlap {overlap}, "
+          f"batch {batch_size}" + (", 8-fold test-time augmentation" if tta else ""))
+    with blocks.dask_client(workers, dask) as client:
+        for source, target in zip(inputs, targets):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            stats = blocks.predict_volume(model_path, str(source), target, block, tile, overlap, batch_size, tta,
+                                          uint8, client=client)
+            print(f"wrote {target}: {stats['computed']} blocks computed, {stats['skipped']} skipped, "
+                  f"{stats['seconds']:.1f} s")
+    return targets
+
+
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
@@ -421,6 +545,13 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--tta", action="store_true", help="average over the 8 flips and quarter turns of each tile (8x slower)")
     add("--uint8", action="store_true", help="write 0-255 uint8 instead of float32 probabilities")
     add("--png", action="store_true", help="also write a 0/255 PNG mask per page (threshold 0.5)")
+    volumes = parser.add_argument_group("zarr output, block by block (a .zarr input or --out NAME.zarr)")
+    volumes.add_argument("--block", type=int, help="block side in pixels, also the output's chunks (default 1024)")
+    volumes.add_argument("--workers", type=int, metavar="N",
+                         help="predict the blocks on a local Dask cluster of N processes")
+    volumes.add_argument("--dask", metavar="ADDRESS",
+                         help="predict the blocks on the Dask scheduler at this address (its scheduler and workers "
+                              "need this project on PYTHONPATH, see blocks.py)")
     return parser.parse_args(argv)
 
 
@@ -431,10 +562,19 @@ def main(argv: list[str] | None = None) -> int:
             args.inputs = [*args.inputs, data.find_data_dir(args.data_dir) / data.TEST_FILE]
         if not args.inputs:
             raise ValueError("no input: name image files or folders, or use --challenge")
+        if any(is_zarr(path) for path in [*args.inputs, args.out or ""]):
+            if args.png:
+                raise ValueError("--png is for TIFF output; a zarr output can be thresholded later")
+            predict_volumes(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta,
+                            args.uint8, args.block, args.workers, args.dask)
+            return 0
+        for flag in ("block", "workers", "dask"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} is for zarr output: give a .zarr input or --out NAME.zarr")
         if args.out and Path(args.out).suffix.lower() in TIFF_SUFFIXES:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         predict_files(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta, args.uint8, args.png)
-    except (ValueError, FileNotFoundError) as err:  # data.DataError is a ValueError
+    except (ValueError, OSError) as err:  # data.DataError is a ValueError; OSError: files, Dask connections
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,276 @@
+"""Predict volumes larger than memory, block by block, into a zarr array; optionally on a Dask cluster.
+
+    python predict.py big.zarr                                  # writes big-prediction.zarr beside it
+    python predict.py test-volume.tif --out test.zarr --block 512 --workers 2
+    python predict.py big.zarr --dask tcp://scheduler:8786      # an existing cluster, see below
+
+The output is cut into blocks of (1, block, block) pixels, one zarr chunk
+each. A block is predicted with the tiles of its whole page (see
+`predict.predict_region`), so the result does not depend on the block size.
+After a block is written an empty marker `<out>/.done/<page>_<block row>_<block col>` is
+written; a rerun skips the blocks that have one, so an interrupted run
+resumes where it stopped.
+
+On a cluster of your own, the scheduler and the workers must import this
+project's modules and read the model, input and output by the same paths:
+e.g. `PYTHONPATH=/path/to/project dask scheduler` and
+`PYTHONPATH=/path/to/project dask worker ADDRESS --nthreads 1`. Each worker
+loads the model once, on its first block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import zarr
+from tqdm import tqdm
+
+import data
+import predict
+
+DEFAULT_BLOCK = 1024  # pixels; a block and the tiles around it fit easily in memory
+PRECISION = "auto"  # as predict.py loads models
+DONE_FOLDER = ".done"  # inside the output zarr: one empty file per finished block
+SETTINGS_KEY = "prediction"  # the output's attribute holding the settings it was made with
+
+Block = tuple[int, int, int]  # (page, block row, block column)
+
+
+# ---------------------------------------------------------------- reading
+
+def open_volume(path: predict.PathLike) -> zarr.Array:
+    """Return the grey pages of a zarr array or TIFF file, read lazily: (pages, H, W), or (H, W) for one page.
+
+    A zarr group holding exactly one array stands for that array; name
+    another as `group.zarr/name`. TIFFs are read through tifffile's zarr store.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise data.DataError(f"{path}: no such file or folder")
+    if path.suffix.lower() in predict.TIFF_SUFFIXES:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                axes, photometric = tif.series[0].axes, tif.series[0].keyframe.photometric
+            volume = zarr.open(tifffile.imread(path, aszarr=True, series=0, level=0), mode="r")
+        except Exception as err:  # tifffile raises several types for non-TIFF input
+            raise data.DataError(f"{path}: not a readable TIFF file ({err})") from err
+        if "S" in axes or "C" in axes or photometric == tifffile.PHOTOMETRIC.PALETTE:
+            raise data.DataError(f"{path}: expected grey pages, got axes {axes} ({photometric.name}); "
+                                 "convert colour images to greyscale first")
+    elif predict.is_zarr(path) or path.is_dir():
+        try:
+            volume = zarr.open(str(path), mode="r")
+        except Exception as err:
+            raise data.DataError(f"{path}: not a readable zarr array ({err})") from err
+        if isinstance(volume, zarr.Group):
+            arrays = dict(volume.arrays())
+            if len(arrays) != 1:
+                names = ", ".join(sorted(arrays)) or "none"
+                raise data.DataError(f"{path}: a zarr group of {len(arrays)} arrays ({names}); "
+                                     f"name one, as {path}/<array>")
+            volume = next(iter(arrays.values()))
+    else:
+        raise data.DataError(f"{path}: expected a .zarr array or a TIFF file ({', '.join(predict.TIFF_SUFFIXES)})")
+    if volume.ndim not in (2, 3) or volume.size == 0 or not np.issubdtype(volume.dtype, np.number):
+        raise data.DataError(f"{path}: expected grey pages (pages, height, width) or one (height, width) page "
+                             f"of numbers, got shape {volume.shape} of {volume.dtype}")
+    return volume
+
+
+def volume_shape(volume) -> tuple[int, int, int]:
+    """Return (pages, height, width) of a 3-D volume, or of a 2-D page as a volume of one page."""
+    return (1, *volume.shape) if len(volume.shape) == 2 else tuple(volume.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class PageView:
+    """Page `index` of a (pages, H, W) or (H, W) array; `view[rows, cols]` reads only those pixels."""
+
+    volume: object
+    index: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return volume_shape(self.volume)[1:]
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        return np.asarray(self.volume[key] if len(self.volume.shape) == 2 else self.volume[(self.index, *key)])
+
+
+# ---------------------------------------------------------------- blocks
+
+def block_layout(shape: tuple[int, int, int], block: int) -> list[Block]:
+    """Return the indices (page, block row, block column) of the (1, block, block) blocks covering `shape`."""
+    pages, height, width = shape
+    return [(z, y, x) for z in range(pages) for y in range(math.ceil(height / block))
+            for x in range(math.ceil(width / block))]
+
+
+def _marker(target: Path, index: Block) -> Path:
+    return target / DONE_FOLDER / "_".join(map(str, index))
+
+
+def open_output(target: predict.PathLike, shape: tuple[int, int, int], settings: dict) -> zarr.Array:
+    """Return the output zarr array at `target`: created with chunks of one block, or, when it exists,
+    checked to have been made with the same `settings` (ValueError otherwise) for resuming."""
+    target = Path(target)
+    block, dtype = settings["block"], settings["dtype"]
+    if not target.exists():
+        out = zarr.create_array(str(target), shape=shape, chunks=(1, block, block), dtype=dtype, fill_value=0,
+                                attributes={SETTINGS_KEY: settings})
+        (target / DONE_FOLDER).mkdir()
+        return out
+    try:
+        out = zarr.open_array(str(target), mode="r+")
+        saved = out.attrs[SETTINGS_KEY]
+    except Exception as err:
+        raise ValueError(f"{target} exists and is not a prediction written by predict.py ({err}); "
+                         "choose another output or delete it") from err
+    for key, value in settings.items():
+        if saved.get(key) != value:
+            raise ValueError(f"{target} holds a prediction made with {key}={saved.get(key)!r}, not {value!r}; "
+                             "choose another output, or delete it to start afresh")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{target} has shape {out.shape}, the input {shape}; choose another output")
+    (target / DONE_FOLDER).mkdir(exist_ok=True)
+    return out
+
+
+def predict_block(model, volume, out: zarr.Array, target: predict.PathLike, index: Block, *, block: int,
+                  tile: int, overlap: int, batch_size: int, tta: bool) -> Block:
+    """Predict block `index` of `volume`, write it into `out` and then its marker beside it; return `index`."""
+    z, by, bx = index
+    _, height, width = volume_shape(volume)
+    rows = (by * block, min((by + 1) * block, height))
+    cols = (bx * block, min((bx + 1) * block, width))
+    probabilities = predict.predict_region(model, PageView(volume, z), (rows, cols), tile, overlap, batch_size, tta)
+    out[z, slice(*rows), slice(*cols)] = predict.to_uint8(probabilities) if out.dtype == np.uint8 else probabilities
+    _marker(Path(target), index).touch()  # only after the data: an interrupted write leaves no marker
+    return index
+
+
+@functools.lru_cache(maxsize=2)
+def cached_model(model_path: str, precision: str = PRECISION):
+    """Return the model at `model_path`, loaded once per process (so once per Dask worker)."""
+    from train import load_model  # TensorFlow loads here
+
+    return load_model(model_path, precision=precision)
+
+
+def _block_task(index: Block, *, model_path: str, source: str, target: str, settings: dict) -> Block:
+    """One Dask task: predict and write one block, opening everything by path; return its index."""
+    out = zarr.open_array(target, mode="r+")
+    return predict_block(cached_model(model_path), open_volume(source), out, target, index, **settings)
+
+
+# ---------------------------------------------------------------- the job
+
+def predict_volume(
+    model_path: predict.PathLike,
+    source,
+    target: predict.PathLike,
+    block: int = DEFAULT_BLOCK,
+    tile: int = predict.DEFAULT_TILE,
+    overlap: int = predict.DEFAULT_OVERLAP,
+    batch_size: int = predict.DEFAULT_BATCH_SIZE,
+    tta: bool = False,
+    uint8: bool = False,
+    client=None,
+    progress: bool = True,
+    on_block: Callable[[Block], None] | None = None,
+) -> dict:
+    """Predict a volume block by block into the zarr array `target`, skipping blocks already done;
+    return {"blocks", "computed", "skipped", "seconds"} (counts of blocks, wall time in seconds).
+
+    Args:
+        source: a .zarr or TIFF path (`open_volume`), or in-process also a (pages, H, W)
+            array-like with numpy slicing. A Dask `client` needs a path its workers can open.
+        target: the output .zarr folder: float32 probabilities, or 0-255 with `uint8`.
+        block: side of the (1, block, block) blocks in pixels, and of the output's chunks.
+        client: a `distributed.Client`; its workers then predict one block per task,
+            each loading the model once. None predicts in this process.
+        on_block: called with each block's index (page, row, column) once it is written.
+        tile, overlap, batch_size, tta: as for `predict.predict_image`.
+    """
+    start = time.perf_counter()
+    if block < 1:
+        raise ValueError(f"block must be a positive number of pixels, got {block}")
+    predict.tile_grid((1, 1), tile, overlap)  # check the settings before the slow part
+    model_path = Path(model_path).resolve()
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path}: no such model file (train one with `python train.py`)")
+    from_path = isinstance(source, (str, Path))
+    if client is not None and not from_path:
+        raise ValueError("a Dask cluster needs the input as a path that its workers can open, not an array")
+    volume = open_volume(source) if from_path else source
+    shape = volume_shape(volume)
+    if len(shape) != 3:
+        raise ValueError(f"expected a volume (pages, height, width) or one (height, width) page, got shape {shape}")
+    target = Path(target).resolve()
+    settings = {"model": str(model_path), "source": str(Path(source).resolve()) if from_path else None,
+                "tile": tile, "overlap": overlap, "tta": tta, "block": block,
+                "dtype": "uint8" if uint8 else "float32"}
+    out = open_output(target, shape, settings)
+    blocks = block_layout(shape, block)
+    pending = [index for index in blocks if not _marker(target, index).exists()]
+    block_settings = dict(block=block, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
+    with tqdm(total=len(pending), desc=target.name, unit="block", disable=not progress) as bar:
+        for index in _run(pending, volume, out, target, model_path, source, client, block_settings):
+            bar.update(1)
+            if on_block is not None:
+                on_block(index)
+    return {"blocks": len(blocks), "computed": len(pending), "skipped": len(blocks) - len(pending),
+            "seconds": time.perf_counter() - start}
+
+
+def _run(pending: list[Block], volume, out, target: Path, model_path: Path, source, client,
+         settings: dict) -> Iterator[Block]:
+    """Yield the index of each pending block once written: here, or as the Dask tasks complete."""
+    if not pending:
+        return
+    if client is None:
+        from train import load_model  # TensorFlow loads here, after the cheap checks
+
+        model = load_model(model_path, precision=PRECISION)
+        for index in pending:
+            yield predict_block(model, volume, out, target, index, **settings)
+        return
+    from distributed import as_completed
+
+    # The settings go as one dict: Client.map has a `batch_size` argument of its own.
+    futures = client.map(_block_task, pending, pure=False, model_path=str(model_path),
+                         source=str(Path(source).resolve()), target=str(target), settings=settings)
+    try:
+        for future in as_completed(futures):
+            yield tuple(future.result())
+    finally:
+        client.cancel(futures)  # nothing left running after an error or an interruption
+
+
+@contextlib.contextmanager
+def dask_client(workers: int | None = None, address: str | None = None):
+    """Yield a `distributed.Client` of a local cluster of `workers` processes, or of the scheduler at
+    `address`, or None when neither is given; closes what it opened."""
+    if workers is not None and address is not None:
+        raise ValueError("give either --workers (a local cluster) or --dask (a running scheduler), not both")
+    if workers is None and address is None:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if address is not None:
+        with Client(address) as client:
+            yield client
+        return
+    if workers < 1:
+        raise ValueError(f"--workers must be a positive number of processes, got {workers}")
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True) as cluster, Client(cluster) as client:
+        yield client

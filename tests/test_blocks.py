@@ -1,0 +1,245 @@
+import keras
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+import blocks
+import data
+import predict
+import train
+from model import build_unet
+
+TILE, OVERLAP = 64, 16  # many tiles on the small pages below
+SETTINGS = dict(tile=TILE, overlap=OVERLAP, batch_size=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def unet_path(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.keras"
+    build_unet((None, None, 1), filters=2).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def unet(unet_path):
+    return train.load_model(unet_path, precision=blocks.PRECISION)  # as predict_volume loads it
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return np.random.default_rng(0).integers(0, 256, (2, 150, 230)).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def expected(unet, volume):
+    return predict.predict_stack(unet, volume, TILE, OVERLAP, progress=False)
+
+
+@pytest.fixture
+def source(tmp_path, volume):
+    path = tmp_path / "volume.zarr"
+    zarr.create_array(str(path), data=volume, chunks=(1, 64, 64))
+    return path
+
+
+def read(path):
+    return zarr.open_array(str(path), mode="r")[:]
+
+
+# ---------------------------------------------------------------- regions
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 40])
+@pytest.mark.parametrize("pad", [0, 1, 3, 39, 100])
+def test_reflect_indices_equal_numpy_reflect_padding(size, pad):
+    line = np.arange(size) * 10
+    expected = np.pad(line, (pad, pad + 2), mode="reflect")
+    np.testing.assert_array_equal(line[predict.reflect_indices(-pad, size + pad + 2, size)], expected)
+
+
+@pytest.mark.parametrize(
+    "region", [((0, 150), (0, 230)), ((0, 1), (0, 1)), ((149, 150), (229, 230)), ((0, 48), (182, 230)),
+               ((37, 101), (55, 56)), ((100, 150), (0, 100)), ((60, 61), (0, 230))],
+)
+def test_a_region_gets_the_values_of_the_whole_page_prediction(unet, volume, expected, region):
+    (y0, y1), (x0, x1) = region
+    result = predict.predict_region(unet, volume[1], region, TILE, OVERLAP, batch_size=3)
+    assert result.shape == (y1 - y0, x1 - x0) and result.dtype == np.float32
+    np.testing.assert_allclose(result, expected[1, y0:y1, x0:x1], atol=1e-5)
+
+
+def test_a_region_of_a_page_smaller_than_its_padding(unet):
+    page = np.random.default_rng(1).integers(0, 256, (5, 7)).astype(np.uint8)  # mirrored several times over
+    whole = predict.predict_image(unet, page, TILE, OVERLAP)
+    np.testing.assert_allclose(predict.predict_region(unet, page, ((2, 5), (1, 4)), TILE, OVERLAP), whole[2:, 1:4],
+                               atol=1e-5)
+
+
+def test_a_region_outside_the_page_is_refused(unet, volume):
+    with pytest.raises(ValueError, match="not inside the page"):
+        predict.predict_region(unet, volume[0], ((0, 151), (0, 10)), TILE, OVERLAP)
+    with pytest.raises(ValueError, match="empty"):
+        predict.predict_region(unet, volume[0], ((5, 5), (0, 10)), TILE, OVERLAP)
+
+
+# ---------------------------------------------------------------- volumes
+
+@pytest.mark.parametrize("block", [48, 100])
+def test_a_volume_predicted_block_by_block_equals_the_whole_prediction(unet_path, source, expected, tmp_path, block):
+    target = tmp_path / "out.zarr"
+    stats = blocks.predict_volume(unet_path, source, target, block=block, **SETTINGS)
+    blocks_per_page = -(-150 // block) * -(-230 // block)
+    assert stats["computed"] == stats["blocks"] == 2 * blocks_per_page and stats["skipped"] == 0
+    out = zarr.open_array(str(target), mode="r")
+    assert out.chunks == (1, block, block) and out.dtype == np.float32
+    np.testing.assert_allclose(out[:], expected, atol=1e-5)
+
+
+def test_a_numpy_volume_and_uint8_output(unet_path, volume, expected, tmp_path):
+    target = tmp_path / "out.zarr"
+    blocks.predict_volume(unet_path, volume, target, block=100, uint8=True, **SETTINGS)
+    result = read(target)
+    assert result.dtype == np.uint8
+    assert np.abs(result.astype(int) - predict.to_uint8(expected)).max() <= 1  # rounding at exactly .5
+
+
+def test_an_interrupted_prediction_resumes_with_the_blocks_left(unet_path, source, expected, tmp_path):
+    target = tmp_path / "out.zarr"
+    done = []
+
+    def stop_after_three(index):
+        done.append(index)
+        if len(done) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        blocks.predict_volume(unet_path, source, target, block=100, on_block=stop_after_three, **SETTINGS)
+    stats = blocks.predict_volume(unet_path, source, target, block=100, on_block=done.append, **SETTINGS)
+    assert stats == {**stats, "blocks": 12, "computed": 9, "skipped": 3}
+    assert sorted(done) == blocks.block_layout((2, 150, 230), 100)  # each block once
+    np.testing.assert_allclose(read(target), expected, atol=1e-5)
+
+    again = blocks.predict_volume(unet_path, source, target, block=100, **SETTINGS)
+    assert (again["computed"], again["skipped"]) == (0, 12)
+
+
+def test_a_block_without_its_marker_is_predicted_again(unet_path, source, expected, tmp_path):
+    target = tmp_path / "out.zarr"
+    blocks.predict_volume(unet_path, source, target, block=100, **SETTINGS)
+    out = zarr.open_array(str(target), mode="r+")
+    out[1, 100:150, 200:230] = 0  # as if a write had been cut off
+    (target / blocks.DONE_FOLDER / "1_1_2").unlink()
+    stats = blocks.predict_volume(unet_path, source, target, block=100, **SETTINGS)
+    assert (stats["computed"], stats["skipped"]) == (1, 11)
+    np.testing.assert_allclose(read(target), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", [dict(tile=128), dict(block=50), dict(uint8=True), dict(tta=True)])
+def test_resuming_with_other_settings_is_refused(unet_path, source, tmp_path, change):
+    target = tmp_path / "out.zarr"
+    settings = {**SETTINGS, "block": 100}
+    with pytest.raises(KeyboardInterrupt):  # one block written
+        blocks.predict_volume(unet_path, source, target, on_block=_interrupt, **settings)
+    key = next(iter(change))
+    saved_as = "dtype" if key == "uint8" else key
+    with pytest.raises(ValueError, match=f"holds a prediction made with {saved_as}="):
+        blocks.predict_volume(unet_path, source, target, **{**settings, **change})
+
+
+def _interrupt(index):
+    raise KeyboardInterrupt
+
+
+def test_another_input_into_the_same_output_is_refused(unet_path, source, volume, tmp_path):
+    target = tmp_path / "out.zarr"
+    blocks.predict_volume(unet_path, source, target, block=100, **SETTINGS)
+    other = tmp_path / "other.zarr"
+    zarr.create_array(str(other), data=volume[:1])
+    with pytest.raises(ValueError, match="made with source="):
+        blocks.predict_volume(unet_path, other, target, block=100, **SETTINGS)
+
+
+def test_the_blocks_run_on_a_dask_cluster(unet_path, source, expected, tmp_path):
+    with blocks.dask_client(workers=2) as client:  # what `predict.py ... --workers 2` runs on
+        target = tmp_path / "out.zarr"
+        stats = blocks.predict_volume(unet_path, str(source), target, block=100, client=client, **SETTINGS)
+        assert (stats["computed"], stats["skipped"]) == (12, 0)
+        loads = client.run(lambda: blocks.cached_model.cache_info().misses)
+        assert sorted(loads.values()) in ([1, 1], [0, 1])  # at most once per worker
+        with pytest.raises(ValueError, match="path"):
+            blocks.predict_volume(unet_path, np.zeros((1, 8, 8)), tmp_path / "x.zarr", client=client, **SETTINGS)
+    np.testing.assert_allclose(read(target), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- inputs
+
+def test_open_volume_reads_zarr_arrays_groups_and_tiffs(tmp_path, volume):
+    group = zarr.open_group(str(tmp_path / "group.zarr"), mode="w")
+    group.create_array("raw", data=volume)
+    assert blocks.open_volume(tmp_path / "group.zarr").shape == volume.shape
+    group.create_array("labels", data=volume)
+    with pytest.raises(data.DataError, match="2 arrays \\(labels, raw\\); name one"):
+        blocks.open_volume(tmp_path / "group.zarr")
+    np.testing.assert_array_equal(blocks.open_volume(tmp_path / "group.zarr" / "raw")[1, 3:5], volume[1, 3:5])
+
+    tifffile.imwrite(tmp_path / "page.tif", volume[0], photometric="minisblack")
+    page = blocks.open_volume(tmp_path / "page.tif")
+    assert blocks.volume_shape(page) == (1, 150, 230)
+    np.testing.assert_array_equal(blocks.PageView(page, 0)[10:20, 5:9], volume[0, 10:20, 5:9])
+
+
+def test_open_volume_explains_bad_inputs(tmp_path):
+    with pytest.raises(data.DataError, match="missing.zarr: no such file"):
+        blocks.open_volume(tmp_path / "missing.zarr")
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(data.DataError, match="empty.zarr: not a readable zarr array"):
+        blocks.open_volume(tmp_path / "empty.zarr")
+    (tmp_path / "text.tif").write_text("not a TIFF")
+    with pytest.raises(data.DataError, match="text.tif: not a readable TIFF"):
+        blocks.open_volume(tmp_path / "text.tif")
+    tifffile.imwrite(tmp_path / "colour.tif", np.zeros((8, 8, 3), np.uint8), photometric="rgb")
+    with pytest.raises(data.DataError, match="colour.tif: expected grey pages"):
+        blocks.open_volume(tmp_path / "colour.tif")
+    (tmp_path / "page.png").write_bytes(b"")
+    with pytest.raises(data.DataError, match="expected a .zarr array or a TIFF"):
+        blocks.open_volume(tmp_path / "page.png")
+    zarr.create_array(str(tmp_path / "4d.zarr"), shape=(1, 2, 3, 4), dtype="uint8")
+    with pytest.raises(data.DataError, match="expected grey pages"):
+        blocks.open_volume(tmp_path / "4d.zarr")
+
+
+# ---------------------------------------------------------------- command line
+
+def test_command_line_predicts_a_tiff_into_zarr_and_resumes(tmp_path, unet_path, volume, expected, capsys):
+    tifffile.imwrite(tmp_path / "volume.tif", volume, photometric="minisblack")
+    args = [str(tmp_path / "volume.tif"), "--model", str(unet_path), "--tile", "64", "--overlap", "16",
+            "--out", str(tmp_path / "out.zarr"), "--block", "100"]
+    assert predict.main(args) == 0
+    assert "out.zarr: 12 blocks computed, 0 skipped" in capsys.readouterr().out
+    np.testing.assert_allclose(read(tmp_path / "out.zarr"), expected, atol=1e-5)
+    assert predict.main(args) == 0
+    assert "out.zarr: 0 blocks computed, 12 skipped" in capsys.readouterr().out
+    assert predict.main([*args, "--tile", "128"]) == 1
+    assert "made with tile=64, not 128" in capsys.readouterr().err
+
+
+def test_command_line_writes_a_zarr_input_beside_it(tmp_path, unet_path, source, capsys):
+    assert predict.main([str(source), "--model", str(unet_path), "--tile", "64", "--overlap", "16", "--uint8"]) == 0
+    assert read(tmp_path / "volume-prediction.zarr").dtype == np.uint8
+
+
+def test_command_line_explains_zarr_errors(tmp_path, unet_path, source, capsys):
+    model = ["--model", str(unet_path)]
+    (tmp_path / "page.png").write_bytes(b"")
+    assert predict.main([str(tmp_path / "page.png"), *model, "--out", str(tmp_path / "out.zarr")]) == 1
+    assert "zarr output needs .zarr or TIFF inputs" in capsys.readouterr().err
+    tifffile.imwrite(tmp_path / "page.tif", np.zeros((8, 8), np.uint8))
+    assert predict.main([str(tmp_path / "page.tif"), *model, "--workers", "2"]) == 1
+    assert "--workers is for zarr output" in capsys.readouterr().err
+    assert predict.main([str(source), *model, "--workers", "1", "--dask", "tcp://localhost:1"]) == 1
+    assert "not both" in capsys.readouterr().err
+    assert predict.main([str(source), *model, "--block", "0"]) == 1
+    assert "--block must be a positive" in capsys.readouterr().err
+    assert predict.main([str(source), str(tmp_path / "page.tif"), *model, "--out", str(tmp_path / "o.zarr")]) == 1
+    assert "one zarr array, but there are 2 inputs" in capsys.readouterr().err
