@@ -14,6 +14,18 @@ import tensorflow as tf
 import metrics
 
 
+def predict_batch(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    """Return the model's float32 outputs for one batch of `images`, under any tf.distribute strategy.
+
+    `predict_on_batch` is the fast path, but under a strategy with several
+    replicas it feeds each of them the whole batch (and gathers across
+    workers), so there the model is called directly on this process's devices.
+    """
+    if model.distribute_strategy.num_replicas_in_sync > 1:
+        return np.asarray(model(images, training=False), dtype=np.float32)
+    return np.asarray(model.predict_on_batch(images), dtype=np.float32)
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """Return `image` min-max scaled to uint8 0..255 (a constant image becomes all zeros)."""
     image = np.asarray(image, dtype=np.float32)
@@ -74,8 +86,7 @@ class ImageHistory(SummaryCallback):
         self.draw_interval = int(draw_interval)
 
     def _write(self, tag: str, step: int) -> None:
-        predictions = self.model.predict_on_batch(self.images)
-        grid = to_uint8(prediction_grid(np.asarray(predictions, dtype=np.float32), self.labels))
+        grid = to_uint8(prediction_grid(predict_batch(self.model, self.images), self.labels))
         with self.writer.as_default():
             tf.summary.image(tag, grid[np.newaxis], step=step)
         self.writer.flush()
@@ -212,10 +223,10 @@ class ChallengeScores(SummaryCallback):
     def predict(self) -> np.ndarray:
         """Return the model's (N, H, W) probabilities of `images`."""
         batches = [
-            self.model.predict_on_batch(self.images[start : start + self.batch_size])
+            predict_batch(self.model, self.images[start : start + self.batch_size])
             for start in range(0, len(self.images), self.batch_size)
         ]
-        predictions = np.concatenate([np.asarray(batch, dtype=np.float32) for batch in batches])[..., 0]
+        predictions = np.concatenate(batches)[..., 0]
         if predictions.shape != self.labels.shape:
             raise ValueError(f"predictions are {predictions.shape} but labels {self.labels.shape} ('same' padding needed)")
         return predictions

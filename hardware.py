@@ -4,6 +4,7 @@ Measured (TensorFlow 2.21, U-Net at 16-32 base filters, 256x256 crops): mixed
 bfloat16 trains about 5x faster than float32 on Intel CPUs with AMX, about
 1.9x faster on AMD EPYC (Zen 4) with AVX512-BF16, and about 9x *slower* on
 CPUs without bfloat16 instructions (AVX2 only). See ../shared/MACHINES.md.
+On GPUs mixed float16 (tensor cores) is the fastest path.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def choose_precision(requested: str = "auto", gpus: list[str] | None = None, fla
         return requested
     gpus = gpu_names() if gpus is None else gpus
     if gpus:
-        return "float32"  # the original's precision; GPUs are fast enough for it
+        return "mixed_float16"  # tensor cores; train.py scales the loss so that small gradients survive
     return "mixed_bfloat16" if has_bf16_cpu(flags) else "float32"
 
 

@@ -23,6 +23,7 @@ import keras
 import numpy as np
 
 import data
+import distribute
 import hardware
 import losses
 from callbacks import ChallengeScores, ImageHistory, TimeLimit, TrainingState
@@ -51,8 +52,11 @@ class TrainSettings:
     steps_per_epoch: int = 1000
     epochs: int = 3
     learning_rate: float = 1e-4
+    lr_schedule: str = "constant"  # or "cosine": from learning_rate down to 1 % of it over epochs x steps_per_epoch
     loss: str = "binary_crossentropy"  # or weighted_bce (U-Net paper's border weights), dice, bce_dice
     precision: str = "auto"  # see hardware.choose_precision
+    strategy: str = "default"  # or mirrored / multiworker, see distribute.py; batch_size is the global batch
+    cpu_devices: int = 1  # split the CPU into this many logical devices (the mirrored strategy without GPUs)
     monitor: str = "val_loss"  # what best.keras is chosen by (the original used training loss)
     challenge_every: int = 1  # epochs between validation V_rand / V_info (0: never)
     draw_interval: int = 100  # optimizer steps between ImageHistory pictures
@@ -195,6 +199,25 @@ def state_settings(settings: TrainSettings) -> dict:
     return {**settings.to_dict(), "precision_policy": hardware.choose_precision(settings.precision)}
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(settings: TrainSettings):
+    """Return Adam's learning rate: the number `settings.learning_rate`, or a schedule of it per optimizer step."""
+    if settings.lr_schedule == "constant":
+        return settings.learning_rate
+    if settings.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            settings.learning_rate, decay_steps=settings.epochs * settings.steps_per_epoch, alpha=0.01)
+    raise ValueError(f"unknown lr_schedule {settings.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
+
+
+def make_optimizer(rate, policy: str) -> keras.optimizers.Optimizer:
+    """Return Adam at `rate`, wrapped in dynamic loss scaling under mixed float16 (whose gradients underflow)."""
+    optimizer = keras.optimizers.Adam(rate)
+    return keras.optimizers.LossScaleOptimizer(optimizer) if policy == "mixed_float16" else optimizer
+
+
 def weight_maps(settings: TrainSettings, labels: np.ndarray) -> np.ndarray | None:
     """Return the border weight maps (N, H, W) of (N, H, W, 1) labels if the loss needs them, else None."""
     if not losses.needs_weight_map(settings.loss):
@@ -215,27 +238,42 @@ def training_batches(settings: TrainSettings, split: dict, epoch: int = 0) -> da
 
 
 def train(settings: TrainSettings) -> dict:
-    """Train (or resume) a run; return {'history': per-epoch logs, 'best', 'last', 'logs', 'seconds'}."""
-    paths = run_paths(settings.run_dir)
-    if settings.clear_all:
+    """Train (or resume) a run; return {'history': per-epoch logs, 'best', 'last', 'logs', 'seconds'}.
+
+    Under a multi-worker strategy every worker calls this with the same
+    settings; only the chief writes to the run folder.
+    """
+    # First: devices and multi-worker communication are set up before any other TensorFlow work.
+    strategy = distribute.make_strategy(settings.strategy, settings.cpu_devices)
+    if settings.batch_size % distribute.replicas(strategy):
+        raise ValueError(f"batch_size {settings.batch_size} (the global batch) does not divide evenly across "
+                         f"{distribute.replicas(strategy)} replicas of strategy {settings.strategy!r}")
+    chief = distribute.is_chief(strategy)
+    write_dir = distribute.WriteDir(settings.run_dir, chief)
+    paths = run_paths(write_dir.path)
+    if settings.clear_all and chief:
         clear_run(paths["run_dir"])
     paths["run_dir"].mkdir(parents=True, exist_ok=True)
     policy = hardware.choose_precision(settings.precision)
-    loss = losses.get_loss(settings.loss)  # an unknown name fails here, before the data load
+    loss = losses.get_loss(settings.loss)  # unknown names fail here, before the data load
+    rate = learning_rate(settings)
     keras.utils.set_random_seed(settings.seed)
 
     split = data.load_split(settings.data_dir)
     val_x, val_y = split["validation"]
     val_w = weight_maps(settings, val_y)
 
-    model, initial_epoch, best = _resume_point(settings, paths)
-    if model is None:
-        model = build_unet((None, None, 1), filters=settings.filters, dtype_policy=policy)
-        model.compile(
-            optimizer=keras.optimizers.Adam(settings.learning_rate),
-            loss=loss,
-            metrics=["accuracy", pixel_difference],
-        )
+    with strategy.scope():
+        # Every worker resumes from the run folder (shared between machines), which only the chief writes.
+        resume = settings.resume and not settings.clear_all
+        model, initial_epoch, best = _resume_point(settings, run_paths(settings.run_dir)) if resume else (None, 0, None)
+        if model is None:
+            model = build_unet((None, None, 1), filters=settings.filters, dtype_policy=policy)
+            model.compile(
+                optimizer=make_optimizer(rate, policy),
+                loss=loss,
+                metrics=["accuracy", pixel_difference],
+            )
     saved = state_settings(settings)
     paths["settings"].write_text(json.dumps(saved, indent=2))
 
@@ -266,7 +304,11 @@ def train(settings: TrainSettings) -> dict:
         f"starting training: preset {settings.preset}, {settings.filters} filters "
         f"({model.count_params():,} parameters), {settings.crop}x{settings.crop} crops, batch {settings.batch_size}, "
         f"{settings.epochs} epochs x {settings.steps_per_epoch} steps from epoch {initial_epoch}, "
-        f"lr {settings.learning_rate}, precision {policy}"
+        f"lr {settings.learning_rate}" + (f" ({settings.lr_schedule})" if settings.lr_schedule != "constant" else "")
+        + f", precision {policy}"
+        + (f", strategy {settings.strategy} ({distribute.replicas(strategy)} replicas"
+           f"{'' if chief else ', not the chief: writing to ' + str(paths['run_dir'])})"
+           if settings.strategy != "default" else "")
         + (f", time limit {settings.time_limit / 60:.0f} min" if settings.time_limit else "")
         + f"\n  on {hardware.describe()}\n  run folder {paths['run_dir']}"
     )
@@ -275,12 +317,15 @@ def train(settings: TrainSettings) -> dict:
         batches,
         epochs=settings.epochs,
         initial_epoch=initial_epoch,
-        validation_data=(val_x, val_y) if val_w is None else (val_x, val_y, val_w),
-        validation_batch_size=1,
+        validation_data=distribute.replicate_pages(*((val_x, val_y) if val_w is None else (val_x, val_y, val_w)),
+                                                   count=distribute.replicas(strategy)),
+        validation_batch_size=distribute.replicas(strategy),
         callbacks=callbacks,
         verbose=settings.verbose,
     )
     seconds = time.monotonic() - start
+    write_dir.cleanup()
+    paths = run_paths(settings.run_dir)
     print(f"training took {seconds / 60:.1f} min; best model: {paths['best']}")
     summary = {
         "command": " ".join(sys.argv) if Path(sys.argv[0]).name == "train.py" else "train.train(settings)",
@@ -293,7 +338,8 @@ def train(settings: TrainSettings) -> dict:
         "steps_per_epoch": settings.steps_per_epoch,
         "final_logs": {k: float(v[-1]) for k, v in history.history.items() if v},
     }
-    paths["summary"].write_text(json.dumps(summary, indent=2))
+    if chief:
+        paths["summary"].write_text(json.dumps(summary, indent=2))
     return {
         "history": history.history,
         "best": paths["best"],
@@ -332,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     try:
         train(settings)
-    except data.DataError as err:
+    except ValueError as err:  # data.DataError included: bad data, settings or strategy
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -98,3 +99,22 @@ def test_weighted_loss_trains_with_border_weight_maps_as_sample_weights(isbi_dir
 def test_unknown_loss_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="unknown loss"):
         train.train(train.preset("tiny", run_dir=str(tmp_path / "run"), loss="hinge"))
+
+
+def test_cosine_schedule_decays_to_one_percent_and_an_interrupted_run_resumes_on_it(isbi_dir, tmp_path):
+    settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=2,
+                            lr_schedule="cosine", learning_rate=1e-3)
+    schedule = train.learning_rate(settings)
+    total = 2 * settings.steps_per_epoch
+    assert float(schedule(0)) == pytest.approx(1e-3)
+    assert float(schedule(total // 2)) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5), rel=1e-4)
+    assert float(schedule(total)) == pytest.approx(1e-5)
+    first = train.train(dataclasses.replace(settings, time_limit=1e-3))  # stops after its first epoch
+    assert len(first["history"]["loss"]) == 1
+    result = train.train(settings)
+    assert len(result["history"]["loss"]) == 1
+    model = train.load_model(result["last"])
+    assert int(model.optimizer.iterations.numpy()) == total
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-5, rel=1e-3)
+    with pytest.raises(ValueError, match="unknown lr_schedule"):
+        train.learning_rate(dataclasses.replace(settings, lr_schedule="step"))

@@ -1,0 +1,42 @@
+import math
+
+import pytest
+
+import hardware
+import train
+
+AMX = frozenset({"avx512f", "amx_bf16", "amx_tile"})
+ZEN4 = frozenset({"avx512f", "avx512_bf16"})
+AVX2 = frozenset({"avx2", "fma"})
+
+
+@pytest.mark.parametrize("gpus, flags, expected", [
+    (["/physical_device:GPU:0"], AVX2, "mixed_float16"),
+    ([], AMX, "mixed_bfloat16"),
+    ([], ZEN4, "mixed_bfloat16"),
+    ([], AVX2, "float32"),
+])
+def test_auto_picks_the_fastest_precision_of_the_hardware(gpus, flags, expected):
+    assert hardware.choose_precision("auto", gpus=gpus, flags=flags) == expected
+
+
+def test_a_requested_precision_wins_and_an_unknown_one_is_refused():
+    assert hardware.choose_precision("float32", gpus=["GPU:0"], flags=AMX) == "float32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        hardware.choose_precision("float8")
+
+
+def test_mixed_float16_training_scales_its_loss_and_resumes(isbi_dir, tmp_path):
+    import keras
+
+    settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=1,
+                            precision="mixed_float16")
+    result = train.train(settings)
+    assert all(math.isfinite(loss) for loss in result["history"]["loss"])
+    model = train.load_model(result["last"])
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.get_layer("CNT_1_conv_1").compute_dtype == "float16"
+    assert model.get_layer("OUT").compute_dtype == "float32"
+    resumed = train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=settings.run_dir, epochs=2,
+                                       precision="mixed_float16"))
+    assert len(resumed["history"]["loss"]) == 1
