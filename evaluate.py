@@ -58,6 +58,17 @@ def probabilities_for(source: str | Path, images: np.ndarray, pages: list[int], 
     return predict.predict_stack(load_model(source, precision="auto"), images[pages], tta=tta, desc="predicting")
 
 
+def model_for_results(run_dir: str | Path) -> Path:
+    """Return the model whose results to show: the run's best.keras, or the shipped model if the run has none."""
+    best = Path(run_dir) / "best.keras"
+    if best.is_file():
+        return best
+    if not predict.DEFAULT_MODEL.is_file():
+        raise FileNotFoundError(f"{best}: no trained model, and the shipped {predict.DEFAULT_MODEL} is missing too")
+    print(f"{run_dir} holds no trained model: showing the shipped {predict.DEFAULT_MODEL.relative_to(predict.PROJECT_DIR)}")
+    return predict.DEFAULT_MODEL
+
+
 def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.TEST_PAGES, tta: bool = False) -> dict:
     """Return {'pages', 'per_page', 'mean', 'images', 'labels', 'predictions'} of a model (.keras) or
     probability TIFF against the labelled stack's `pages` (default: the test pages 0, 10, 20)."""

@@ -61,3 +61,12 @@ def test_probability_tiff_of_the_wrong_size_is_refused(isbi_dir, tmp_path):
 def test_missing_model_file_is_a_clear_error(tmp_path, capsys):
     assert evaluate.main([str(tmp_path / "none.keras")]) == 1
     assert "no such model or TIFF file" in capsys.readouterr().err
+
+
+def test_results_come_from_the_runs_best_model_or_else_the_shipped_one(tmp_path, capsys):
+    import predict
+
+    assert evaluate.model_for_results(tmp_path) == predict.DEFAULT_MODEL
+    assert "showing the shipped" in capsys.readouterr().out
+    (tmp_path / "best.keras").write_bytes(b"")
+    assert evaluate.model_for_results(tmp_path) == tmp_path / "best.keras"

@@ -27,3 +27,23 @@ def test_notebook_runs_with_tiny_preset_and_displays_the_results_grid(tmp_path, 
     (results,) = [cell for cell in code_cells if "results" in cell.metadata.get("tags", [])]
     assert any("image/png" in output.get("data", {}) for output in results.outputs)
     assert (tmp_path / "nb" / "best.keras").is_file()
+
+
+def test_notebook_without_training_shows_the_shipped_models_results(tmp_path, isbi_dir):
+    out = tmp_path / "unet-isbi.out.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOK),
+        str(out),
+        parameters=dict(preset="tiny", run_dir=str(tmp_path / "empty"), data_dir=str(isbi_dir), train_model=False),
+        kernel_name="python3",
+        cwd=str(ROOT),
+        progress_bar=False,
+    )
+    notebook = nbformat.read(out, as_version=4)
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    text = "".join(output.get("text", "") for cell in code_cells for output in cell.outputs)
+    assert "showing the shipped models/unet-isbi-cpu.keras" in text
+    assert "mean" in text  # the score table of the test pages
+    (results,) = [cell for cell in code_cells if "results" in cell.metadata.get("tags", [])]
+    assert any("image/png" in output.get("data", {}) for output in results.outputs)
+    assert not (tmp_path / "empty" / "best.keras").exists()
