@@ -118,3 +118,13 @@ def test_cosine_schedule_decays_to_one_percent_and_an_interrupted_run_resumes_on
     assert float(model.optimizer.learning_rate) == pytest.approx(1e-5, rel=1e-3)
     with pytest.raises(ValueError, match="unknown lr_schedule"):
         train.learning_rate(dataclasses.replace(settings, lr_schedule="step"))
+
+
+def test_augmenting_in_worker_processes_trains_on_the_same_batches(isbi_dir, tmp_path):
+    histories = []
+    for workers in (0, 2):
+        settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / f"w{workers}"), epochs=2,
+                                precision="float32", data_workers=workers)
+        histories.append(train.train(settings)["history"])
+    for key in ("loss", "val_loss"):
+        np.testing.assert_allclose(histories[1][key], histories[0][key], rtol=1e-5)
