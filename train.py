@@ -321,18 +321,20 @@ def train(settings: TrainSettings) -> dict:
         + f"\n  on {hardware.describe()}\n  run folder {paths['run_dir']}"
     )
     start = time.monotonic()
-    history = model.fit(
-        batches,
-        epochs=settings.epochs,
-        initial_epoch=initial_epoch,
-        validation_data=distribute.replicate_pages(*((val_x, val_y) if val_w is None else (val_x, val_y, val_w)),
-                                                   count=distribute.replicas(strategy)),
-        validation_batch_size=distribute.replicas(strategy),
-        callbacks=callbacks,
-        verbose=settings.verbose,
-    )
+    try:
+        history = model.fit(
+            batches,
+            epochs=settings.epochs,
+            initial_epoch=initial_epoch,
+            validation_data=distribute.replicate_pages(*((val_x, val_y) if val_w is None else (val_x, val_y, val_w)),
+                                                       count=distribute.replicas(strategy)),
+            validation_batch_size=distribute.replicas(strategy),
+            callbacks=callbacks,
+            verbose=settings.verbose,
+        )
+    finally:
+        write_dir.cleanup()  # a worker's temporary folder goes, even when training fails
     seconds = time.monotonic() - start
-    write_dir.cleanup()
     paths = run_paths(settings.run_dir)
     print(f"training took {seconds / 60:.1f} min; best model: {paths['best']}")
     summary = {
