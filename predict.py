@@ -432,6 +432,13 @@ def resolve_model(path: PathLike | None = None) -> Path:
 
 # ---------------------------------------------------------------- the job
 
+def _refuse_shared_outputs(targets: list[Path], what: str) -> None:
+    """Raise ValueError if two inputs would be written to the same output `what` (file, array)."""
+    repeated = {str(t) for t in targets if targets.count(t) > 1}
+    if repeated:
+        raise ValueError(f"two inputs would write the same {what} ({', '.join(sorted(repeated))}); predict them apart")
+
+
 def predict_files(
     inputs: Sequence[PathLike],
     model_path: PathLike | None = None,
@@ -457,9 +464,7 @@ def predict_files(
         targets = [Path(out)]
     else:
         targets = [output_path(name, out) for name, _ in images]
-    repeated = {str(t) for t in targets if targets.count(t) > 1}
-    if repeated:
-        raise ValueError(f"two inputs would write the same file ({', '.join(sorted(repeated))}); predict them apart")
+    _refuse_shared_outputs(targets, "file")
 
     from train import load_model  # TensorFlow loads here, after the cheap checks
 
@@ -515,9 +520,7 @@ def predict_volumes(
         folders = [Path(out) if out is not None else Path(path).parent for path in inputs]
         names = [Path(path).stem + PREDICTION_SUFFIX + ZARR_SUFFIX for path in inputs]
         targets = [folder / name for folder, name in zip(folders, names)]
-    repeated = {str(t) for t in targets if targets.count(t) > 1}
-    if repeated:
-        raise ValueError(f"two inputs would write the same array ({', '.join(sorted(repeated))}); predict them apart")
+    _refuse_shared_outputs(targets, "array")
     print(f"predicting {len(inputs)} volume(s) with {model_path}: blocks {block}, tiles {tile}, overlap {overlap}, "
           f"batch {batch_size}" + (", 8-fold test-time augmentation" if tta else ""))
     with blocks.dask_client(workers, dask) as client:
