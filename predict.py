@@ -404,10 +404,10 @@ def write_masks(target: PathLike, probabilities: np.ndarray, threshold: float = 
     return paths
 
 
-def output_path(input_path: PathLike, out: PathLike | None = None) -> Path:
-    """Return where the prediction of `input_path` goes: `<stem>-prediction.tif` beside it, or in folder `out`."""
+def output_path(input_path: PathLike, out: PathLike | None = None, suffix: str = ".tif") -> Path:
+    """Return where the prediction of `input_path` goes: `<stem>-prediction<suffix>` beside it, or in folder `out`."""
     input_path = Path(input_path)
-    name = input_path.stem + PREDICTION_SUFFIX + ".tif"
+    name = input_path.stem + PREDICTION_SUFFIX + suffix
     return (Path(out) if out is not None else input_path.parent) / name
 
 
@@ -517,9 +517,7 @@ def predict_volumes(
             raise ValueError(f"--out {out} is one zarr array, but there are {len(inputs)} inputs; give a folder")
         targets = [Path(out)]
     else:
-        folders = [Path(out) if out is not None else Path(path).parent for path in inputs]
-        names = [Path(path).stem + PREDICTION_SUFFIX + ZARR_SUFFIX for path in inputs]
-        targets = [folder / name for folder, name in zip(folders, names)]
+        targets = [output_path(path, out, ZARR_SUFFIX) for path in inputs]
     _refuse_shared_outputs(targets, "array")
     print(f"predicting {len(inputs)} volume(s) with {model_path}: blocks {block}, tiles {tile}, overlap {overlap}, "
           f"batch {batch_size}" + (", 8-fold test-time augmentation" if tta else ""))
