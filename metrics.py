@@ -10,7 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 from keras import ops
 from scipy import ndimage
-from skimage.morphology import thin
+# The deletion tables of skimage.morphology.thin (Guo and Hall 1989, two subiterations); `thin` below
+# applies them only where something changed and is tested equal to skimage's own function.
+from skimage.morphology._skeletonize import G123_LUT, G123P_LUT
 
 
 def pixel_difference(y_true, y_pred):
@@ -53,6 +55,45 @@ def accuracy_np(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5) 
 CHALLENGE_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
+# (row offset, column offset, bit) of the 8 neighbours, in the code skimage's tables are indexed by.
+_NEIGHBOUR_BITS = ((-1, -1, 8), (-1, 0, 4), (-1, 1, 2), (0, -1, 16), (0, 1, 1), (1, -1, 32), (1, 0, 64), (1, 1, 128))
+
+
+def thin(mask: np.ndarray) -> np.ndarray:
+    """Return the topology-preserving thinning of a 2-D boolean mask, equal to `skimage.morphology.thin`.
+
+    The same subiterations, but each looks only at the pixels whose 3x3
+    neighbourhood changed since that subiteration last ran (a pixel's fate
+    depends on nothing else), so a noisy mask that needs a hundred passes
+    costs little more than the first one. On the border masks of an
+    untrained network this was 10 to 20 times faster than skimage's full passes.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    padded = np.pad(mask, 1).astype(np.uint8)  # a frame of background, as skimage's mode='constant'
+    flat = padded.ravel()
+    width = padded.shape[1]
+    offsets = np.array([dr * width + dc for dr, dc, _ in _NEIGHBOUR_BITS])
+    bits = np.array([bit for _, _, bit in _NEIGHBOUR_BITS], dtype=np.uint8)
+    tables = (G123_LUT, G123P_LUT)
+    stale = [flat.astype(bool), flat.astype(bool)]  # per subiteration: pixels whose neighbourhood changed
+    quiet = 0  # subiterations in a row that deleted nothing
+    step = 0
+    while quiet < 2:
+        k = step % 2
+        pixels = np.flatnonzero(stale[k] & (flat == 1))
+        stale[k].fill(False)
+        codes = (flat[pixels[:, None] + offsets] * bits).sum(axis=1, dtype=np.uint8)
+        deleted = pixels[tables[k][codes]]
+        flat[deleted] = 0  # all at once: every decision above saw the same image
+        neighbours = (deleted[:, None] + offsets).ravel()
+        stale[0][neighbours] = stale[1][neighbours] = True
+        quiet = quiet + 1 if len(deleted) == 0 else 0
+        step += 1
+    return padded[1:-1, 1:-1].astype(bool)
+
+
 def segment_cells(cell_mask: np.ndarray, thin_borders: bool = False) -> np.ndarray:
     """Return the cells of a cell/border mask as a label image (0 = border, cells 1..n).
 
@@ -66,7 +107,7 @@ def segment_cells(cell_mask: np.ndarray, thin_borders: bool = False) -> np.ndarr
     Args:
         cell_mask: (H, W); nonzero = cell interior, 0 = border (membrane).
         thin_borders: thin the border to one pixel wide first
-            (`skimage.morphology.thin`, which keeps the border's topology, so
+            (`thin`, equal to `skimage.morphology.thin`, which keeps the border's topology, so
             no cell is merged or lost; a 2x2 block of border may stay). The
             image is framed with border while it is thinned: without the
             frame, a border that ends at the image edge is shortened there and

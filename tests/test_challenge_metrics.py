@@ -12,6 +12,7 @@ from metrics import (
     rand_error,
     rand_scores,
     segment_cells,
+    thin,
 )
 
 
@@ -146,6 +147,21 @@ def test_thinning_keeps_borders_that_reach_the_image_edge():
     assert np.median(border_per_row) == 1
     assert border_per_row.max() <= 2  # a corner may stay where the border meets the edge
 
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_thin_equals_skimage_thin_on_noisy_and_smooth_masks(seed):
+    from scipy import ndimage
+    from skimage.morphology import thin as skimage_thin
+
+    rng = np.random.default_rng(seed)
+    for _ in range(8):
+        shape = tuple(int(s) for s in rng.integers(1, 90, size=2))
+        noise = rng.random(shape)
+        # white noise thins in a few passes; smoothed noise (an untrained network's output) needs many
+        field = noise if rng.random() < 0.5 else ndimage.gaussian_filter(noise, rng.uniform(0.5, 3))
+        mask = field < np.quantile(field, rng.uniform(0.05, 0.95))
+        np.testing.assert_array_equal(thin(mask), skimage_thin(mask))
 
 # ------------------------------------------------------------- challenge sweep
 
