@@ -164,18 +164,16 @@ def _remove(path: Path) -> None:
 
 
 def write_savedmodel(model, dest: Path) -> Path:
-    """Write `model` as a TensorFlow SavedModel folder: endpoint/signature `serve` (= serving_default),
+    """Write `model` as a TensorFlow SavedModel folder: function `serve` (= signature serving_default),
     input `raw` (batch, y, x, 1) float32 in [0, 1], output dict {"prediction": (batch, y, x, 1)}."""
-    import keras
     import tensorflow as tf
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        name="serve", fn=lambda x: {OUTPUT_NAME: model(x, training=False)},
-        input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32, name=INPUT_NAME)],
-    )
-    archive.write_out(str(dest), verbose=False)
+    spec = [tf.TensorSpec((None, None, None, 1), tf.float32, name=INPUT_NAME)]
+    # A plain tf.Module stores each weight once (keras.export.ExportArchive stores them twice).
+    module = tf.Module()
+    module.weights = [variable.value for variable in model.variables]
+    module.serve = tf.function(lambda x: {OUTPUT_NAME: model(x, training=False)}, input_signature=spec)
+    tf.saved_model.save(module, str(dest), signatures={"serving_default": module.serve})
     return dest
 
 
@@ -278,6 +276,7 @@ def model_description(model, model_path: Path, files: dict[str, Path], card: dic
               v0_5.SpaceInputAxis(id=v0_5.AxisId("x"), size=x_size),
               v0_5.ChannelAxis(channel_names=[v0_5.Identifier("raw")])],
         test_tensor=v0_5.FileDescr(source=files["test_input"]),
+        sample_tensor=v0_5.FileDescr(source=files["sample_input"]),
         data=v0_5.IntervalOrRatioDataDescr(type="uint8"),
         preprocessing=[to_float, v0_5.ScaleLinearDescr(kwargs=v0_5.ScaleLinearKwargs(gain=1 / 255, offset=0.0)),
                        to_float],
@@ -290,6 +289,7 @@ def model_description(model, model_path: Path, files: dict[str, Path], card: dic
                 for axis in ("y", "x")),
               v0_5.ChannelAxis(channel_names=[v0_5.Identifier("cell")])],
         test_tensor=v0_5.FileDescr(source=files["test_output"]),
+        sample_tensor=v0_5.FileDescr(source=files["sample_output"]),
         data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
     )
     tf_version = v0_5.Version(tf.__version__)
@@ -352,7 +352,9 @@ def check_package(path: Path) -> dict:
 
 def write_package(model, model_path: Path, page: np.ndarray, reference: np.ndarray, dest: Path) -> Path:
     """Write the bioimage.io package (zip) of `model` to `dest`, with `page` and `reference` as its test tensors."""
+    import tifffile
     from bioimageio.spec import save_bioimageio_package
+    from PIL import Image
 
     card_path = model_path.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.is_file() else None
@@ -365,6 +367,9 @@ def write_package(model, model_path: Path, page: np.ndarray, reference: np.ndarr
         files["savedmodel"] = Path(shutil.make_archive(str(folder / "weights-savedmodel"), "zip", saved))
         np.save(files["test_input"], page[np.newaxis, ..., np.newaxis])
         np.save(files["test_output"], reference)
+        files["sample_input"], files["sample_output"] = folder / "sample_input.png", folder / "sample_output.tif"
+        Image.fromarray(page).save(files["sample_input"])  # images for people and viewers; the tests use the .npy
+        tifffile.imwrite(files["sample_output"], reference[0, ..., 0])
         files["cover"] = _cover(page, reference[0, ..., 0], folder / "cover.png")
         files["documentation"] = _documentation(model_path, card, folder / "README.md")
         save_bioimageio_package(model_description(model, model_path, files, card), output_path=dest)

@@ -86,8 +86,9 @@ def _check_package_input(descr, path: Path) -> None:
         )
 
 
-def load_package(path: str | os.PathLike, precision: str | None = None):
-    """Return the model in a bioimage.io package (.zip), from its first weights of PACKAGE_WEIGHTS."""
+def load_package(path: str | os.PathLike, precision: str | None = None, weight_format: str | None = None):
+    """Return the model in a bioimage.io package (.zip), from its `weight_format` weights (default: the first
+    of PACKAGE_WEIGHTS it has)."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     from bioimageio.spec import load_model_description
 
@@ -100,9 +101,11 @@ def load_package(path: str | os.PathLike, precision: str | None = None):
         raise ValueError(f"{path}: expected one input and one output tensor, got {len(descr.inputs)} and "
                          f"{len(descr.outputs)}")
     _check_package_input(descr, path)
-    fmt = next((f for f in PACKAGE_WEIGHTS if getattr(descr.weights, f, None) is not None), None)
+    wanted = PACKAGE_WEIGHTS if weight_format is None else (weight_format,)
+    fmt = next((f for f in wanted if f in PACKAGE_WEIGHTS and getattr(descr.weights, f, None) is not None), None)
     if fmt is None:
-        raise ValueError(f"{path}: the package has none of the weights this project runs ({', '.join(PACKAGE_WEIGHTS)})")
+        raise ValueError(f"{path}: the package has none of the weights {', '.join(wanted)} (this project runs "
+                         f"{', '.join(PACKAGE_WEIGHTS)})")
     entry = getattr(descr.weights, fmt)
     # The runtimes read files; once loaded, the model holds its weights in memory.
     with tempfile.TemporaryDirectory(prefix="unet-isbi-package-") as folder:
