@@ -110,9 +110,13 @@ def default_out(model_path: str | Path, fmt: str) -> Path:
     return DIST_DIR / {"bioimageio": f"{stem}.zip", "onnx": f"{stem}.onnx", "savedmodel": f"{stem}-savedmodel"}[fmt]
 
 
-def check_writable(out: Path) -> None:
-    """Raise OSError naming `out` if it cannot be written (its nearest existing folder is not a writable folder)."""
-    if out.is_dir() and out.suffix in (".zip", ".onnx"):
+def check_writable(out: Path, fmt: str) -> None:
+    """Raise OSError naming `out` if the `fmt` export cannot be written there: its nearest existing folder is
+    not writable, or something that the export would not replace is in the way."""
+    if fmt == "savedmodel":
+        if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "saved_model.pb").is_file()):
+            raise OSError(f"{out}: exists and is not a SavedModel folder; give a new folder name")
+    elif out.is_dir():
         raise OSError(f"{out}: is a folder; give a file name")
     parent = out.parent
     while not parent.exists():
@@ -400,7 +404,7 @@ def export_model(
     suffix = {"bioimageio": ".zip", "onnx": ".onnx"}.get(fmt)
     if suffix and out.suffix.lower() != suffix:
         raise ValueError(f"{out}: a {fmt} export is one {suffix} file; give a name ending in {suffix}")
-    check_writable(out)
+    check_writable(out, fmt)
     page, name = read_test_page(test_image, data_dir)
 
     from train import load_model  # TensorFlow loads here, after the cheap checks

@@ -110,6 +110,14 @@ def test_unwritable_output_path_is_one_clear_error(tiny_model, test_page, tmp_pa
     assert err.startswith(f"error: {out}: cannot write here") and len(err.splitlines()) == 1
 
 
+def test_savedmodel_export_never_replaces_a_folder_of_other_files(tiny_model, test_page, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert export.main(["--format", "savedmodel", "--model", str(tiny_model), "--out", str(tmp_path),
+                        "--test-image", str(test_page)]) == 1
+    assert "is not a SavedModel folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
 def test_predict_with_exported_onnx_or_package_matches_keras(package, tiny_model, test_page, tmp_path):
     onnx = tmp_path / "tiny.onnx"
     export.export_model(tiny_model, "onnx", onnx, test_image=test_page)
