@@ -233,10 +233,11 @@ def _documentation(model_path: Path, card: dict | None, dest: Path) -> Path:
     ]
     if card and card.get("training", {}).get("settings"):
         settings = card["training"]["settings"]
-        keys = ("filters", "crop", "batch_size", "steps_per_epoch", "epochs", "learning_rate", "loss", "seed")
-        lines += ["Trained on pages of the 30 ISBI 2012 training pages (validation pages "
-                  f"{list(data.VALIDATION_PAGES)} and test pages {list(data.TEST_PAGES)} held out), with elastic "
-                  "and affine augmentation. Settings:", ""]
+        keys = ("preset", "filters", "crop", "batch_size", "steps_per_epoch", "epochs", "learning_rate", "loss",
+                "precision_policy", "augmentation", "seed")
+        held_out = len(data.VALIDATION_PAGES) + len(data.TEST_PAGES)
+        lines += [f"Trained with `train.py` on {30 - held_out} of the 30 ISBI 2012 training pages (validation pages "
+                  f"{list(data.VALIDATION_PAGES)} and test pages {list(data.TEST_PAGES)} held out). Settings:", ""]
         lines += [f"- {key}: {settings[key]}" for key in keys if key in settings]
     else:
         lines += ["No training card (`<model>.json`) was found beside the model, so its settings are not recorded."]
@@ -244,7 +245,7 @@ def _documentation(model_path: Path, card: dict | None, dest: Path) -> Path:
     if card and card.get("test_scores"):
         mean = card["test_scores"]["mean"]
         lines += [f"Scores on held-out training pages {card.get('test_pages')} (`evaluate.py`; lower pixel "
-                  "difference and higher V_rand / V_info are better):", "", "| metric | mean |", "| --- | --- |"]
+                  "difference (%) and higher V_rand / V_info are better):", "", "| metric | mean |", "| --- | --- |"]
         lines += [f"| {key} | {value:.4g} |" for key, value in mean.items() if isinstance(value, (int, float))]
     else:
         lines += ["No test scores were recorded for this model."]
@@ -403,7 +404,7 @@ def export_model(
     out = Path(out) if out is not None else default_out(model_path, fmt)
     suffix = {"bioimageio": ".zip", "onnx": ".onnx"}.get(fmt)
     if suffix and out.suffix.lower() != suffix:
-        raise ValueError(f"{out}: a {fmt} export is one {suffix} file; give a name ending in {suffix}")
+        raise ValueError(f"{out}: the {fmt} export is one {suffix} file; give a name ending in {suffix}")
     check_writable(out, fmt)
     page, name = read_test_page(test_image, data_dir)
 
