@@ -264,7 +264,7 @@ def _documentation(model_path: Path, card: dict | None, dest: Path) -> Path:
     return dest
 
 
-def model_description(model, model_path: Path, files: dict[str, Path], card: dict | None):
+def model_description(model, files: dict[str, Path]):
     """Return the bioimage.io (spec 0.5) ModelDescr of `model` from the `files` written for it."""
     import keras
     import tensorflow as tf
@@ -338,14 +338,18 @@ def check_package(path: Path) -> dict:
     from bioimageio.core import test_model
     from bioimageio.spec import load_model_description
 
-    keras.config.disable_interactive_logging()  # no progress bar per test prediction
-
     path = Path(path).resolve()
     descr = load_model_description(path, format_version="latest")
     validation = descr.validation_summary
+    progress_bars = keras.config.is_interactive_logging_enabled()
+    keras.config.disable_interactive_logging()  # no progress bar per test prediction
     # bioimageio.core unzips SavedModel weights into the working folder: keep that out of the project.
-    with tempfile.TemporaryDirectory(prefix="bioimageio-test-") as tmp, contextlib.chdir(tmp):
-        tested = test_model(path)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bioimageio-test-") as tmp, contextlib.chdir(tmp):
+            tested = test_model(path)
+    finally:
+        if progress_bars:
+            keras.config.enable_interactive_logging()
     for summary in (validation, tested):
         if summary.status not in ("passed", "valid-format"):  # valid-format: validated, no test run
             failed = [f"{d.name}: {e.msg}" for d in summary.details for e in d.errors]
@@ -377,7 +381,7 @@ def write_package(model, model_path: Path, page: np.ndarray, reference: np.ndarr
         tifffile.imwrite(files["sample_output"], reference[0, ..., 0])
         files["cover"] = _cover(page, reference[0, ..., 0], folder / "cover.png")
         files["documentation"] = _documentation(model_path, card, folder / "README.md")
-        save_bioimageio_package(model_description(model, model_path, files, card), output_path=dest)
+        save_bioimageio_package(model_description(model, files), output_path=dest)
     return dest
 
 def export_model(
