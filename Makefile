@@ -8,7 +8,7 @@ RUN    ?= runs/$(PRESET)
 # Quiet TensorFlow's C++ INFO lines; warnings and errors still show.
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
-.PHONY: setup run train evaluate figures submission benchmark test notebook clean
+.PHONY: setup run train evaluate figures submission benchmark export test notebook clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,13 @@ submission: setup
 
 benchmark: setup
 	$(PY) benchmark.py --precision float32 --precision mixed_bfloat16 --out bench/seed-512-b5.json
+
+# The shipped model (or EXPORT_MODEL=runs/<run>/best.keras) for bioimage.io tools, onnxruntime and TF Serving, in dist/.
+EXPORT_MODEL ?= models/unet-isbi-cpu.keras
+export: setup
+	$(PY) export.py --format bioimageio --model $(EXPORT_MODEL)
+	$(PY) export.py --format onnx --model $(EXPORT_MODEL)
+	$(PY) export.py --format savedmodel --model $(EXPORT_MODEL)
 
 train: setup
 	$(PY) train.py --preset $(PRESET) --run-dir $(RUN)

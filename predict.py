@@ -417,9 +417,10 @@ def is_zarr(path: PathLike) -> bool:
 
 
 def resolve_model(path: PathLike | None = None) -> Path:
-    """Return the model file to use: `path`, else DEFAULT_MODEL; FileNotFoundError saying what to do if missing."""
+    """Return the model to use: `path` (.keras, .onnx, bioimage.io .zip or SavedModel folder), else DEFAULT_MODEL;
+    FileNotFoundError saying what to do if missing."""
     if path is not None:
-        if not Path(path).is_file():
+        if not Path(path).is_file() and not (Path(path) / "saved_model.pb").is_file():
             raise FileNotFoundError(f"{path}: no such model file (train one with `python train.py`)")
         return Path(path)
     if not DEFAULT_MODEL.is_file():
@@ -466,7 +467,7 @@ def predict_files(
         targets = [output_path(name, out) for name, _ in images]
     _refuse_shared_outputs(targets, "file")
 
-    from train import load_model  # TensorFlow loads here, after the cheap checks
+    from runtimes import load_model  # TensorFlow (or onnxruntime) loads here, after the cheap checks
 
     model = load_model(model_path, precision="auto")
     print(f"predicting {len(images)} image(s) with {model_path}: tiles {tile}, overlap {overlap}, "
@@ -538,7 +539,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--challenge", action="store_true",
         help=f"predict the challenge's {data.TEST_FILE} (found as the training data are) for submission")
     add("--data-dir", help="with --challenge: the folder holding the ISBI stacks")
-    add("--model", help=f"a .keras file saved by train.py (default: {DEFAULT_MODEL.relative_to(PROJECT_DIR)})")
+    add("--model", help=f"a .keras file saved by train.py, or an export of one (.onnx, bioimage.io .zip, SavedModel "
+                       f"folder; see export.py) (default: {DEFAULT_MODEL.relative_to(PROJECT_DIR)})")
     add("--out", help="folder for the predictions (default: beside each input), or a .tif file name")
     add("--tile", type=int, default=DEFAULT_TILE, help="tile side in pixels, a multiple of 16 (default %(default)s)")
     add("--overlap", type=int, default=DEFAULT_OVERLAP, help="pixels shared by neighbouring tiles (default %(default)s)")

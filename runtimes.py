@@ -1,0 +1,138 @@
+"""Load a model from any format this project exports, as an object predict.py's tiling can call.
+
+    model = runtimes.load_model("dist/unet-isbi-cpu.onnx")   # or .keras, a SavedModel folder, a bioimage.io .zip
+    probabilities = model.predict_on_batch(tiles)            # (N, H, W, 1) float32 in [0, 1] -> (N, H, W, 1)
+
+Every loaded model has `input_shape` ((None, height or None, width or None, 1))
+and `predict_on_batch`, as a Keras model has; the input is scaled to [0, 1]
+as in training (`data.normalize_images`), so a bioimage.io package's own
+preprocessing (divide by 255) is checked, not applied.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+KERAS_SUFFIX, ONNX_SUFFIX, PACKAGE_SUFFIX = ".keras", ".onnx", ".zip"
+SAVEDMODEL_FILE = "saved_model.pb"
+PACKAGE_WEIGHTS = ("onnx", "keras_v3", "tensorflow_saved_model_bundle")  # the first one a package has is used
+PACKAGE_GAIN = 1 / 255  # the scaling to [0, 1] that predict.py applies before the model
+
+
+def is_model(path: str | os.PathLike) -> bool:
+    """Return True if `path` is a model file or folder of a format `load_model` reads."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / SAVEDMODEL_FILE).is_file()
+    return path.is_file() and path.suffix.lower() in (KERAS_SUFFIX, ONNX_SUFFIX, PACKAGE_SUFFIX)
+
+
+class OnnxModel:
+    """An ONNX model run by onnxruntime on the CPU."""
+
+    def __init__(self, path: str | os.PathLike):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise ValueError(f"{path}: expected one input of (batch, y, x, channel), got "
+                             f"{[(i.name, i.shape) for i in inputs]}")
+        self.input_name = inputs[0].name
+        self.input_shape = tuple(side if isinstance(side, int) else None for side in inputs[0].shape)
+
+    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Return the (N, H, W, C) float32 output for a float32 (N, H, W, 1) batch."""
+        return self.session.run(None, {self.input_name: np.asarray(batch, np.float32)})[0]
+
+
+class SavedModel:
+    """A TensorFlow SavedModel folder, called through its serving_default signature."""
+
+    def __init__(self, path: str | os.PathLike):
+        import tensorflow as tf
+
+        self.loaded = tf.saved_model.load(str(path))
+        if "serving_default" not in self.loaded.signatures:
+            raise ValueError(f"{path}: the SavedModel has no serving_default signature")
+        self.signature = self.loaded.signatures["serving_default"]
+        (self.input_name, spec), = self.signature.structured_input_signature[1].items()
+        self.input_shape = tuple(spec.shape.as_list())
+
+    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Return the (N, H, W, C) float32 output (the signature's first output) for a (N, H, W, 1) batch."""
+        import tensorflow as tf
+
+        outputs = self.signature(**{self.input_name: tf.constant(batch, tf.float32)})
+        return next(iter(outputs.values())).numpy()
+
+
+def _check_package_input(descr, path: Path) -> None:
+    """Raise ValueError if the package's input is not one channel scaled by 1/255, as predict.py feeds it."""
+    (tensor,) = descr.inputs
+    axes = [str(axis.id) for axis in tensor.axes]
+    gains = [step.kwargs.gain for step in tensor.preprocessing if step.id == "scale_linear"]
+    others = [step.id for step in tensor.preprocessing if step.id not in ("ensure_dtype", "scale_linear")]
+    if axes != ["batch", "y", "x", "channel"] or others or not (len(gains) == 1 and np.isclose(gains[0], PACKAGE_GAIN)):
+        raise ValueError(
+            f"{path}: the package takes axes {axes} with preprocessing "
+            f"{[step.id for step in tensor.preprocessing]}; predict.py feeds (batch, y, x, channel) pages "
+            "scaled to [0, 1] (divided by 255): predict with bioimageio.core instead"
+        )
+
+
+def load_package(path: str | os.PathLike, precision: str | None = None, weight_format: str | None = None):
+    """Return the model in a bioimage.io package (.zip), from its `weight_format` weights (default: the first
+    of PACKAGE_WEIGHTS it has)."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    from bioimageio.spec import load_model_description
+
+    path = Path(path)
+    try:
+        descr = load_model_description(path, perform_io_checks=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: not a valid bioimage.io model package ({str(err).splitlines()[0]})") from err
+    if len(descr.inputs) != 1 or len(descr.outputs) != 1:
+        raise ValueError(f"{path}: expected one input and one output tensor, got {len(descr.inputs)} and "
+                         f"{len(descr.outputs)}")
+    _check_package_input(descr, path)
+    wanted = PACKAGE_WEIGHTS if weight_format is None else (weight_format,)
+    fmt = next((f for f in wanted if f in PACKAGE_WEIGHTS and getattr(descr.weights, f, None) is not None), None)
+    if fmt is None:
+        raise ValueError(f"{path}: the package has none of the weights {', '.join(wanted)} (this project runs "
+                         f"{', '.join(PACKAGE_WEIGHTS)})")
+    entry = getattr(descr.weights, fmt)
+    # The runtimes read files; once loaded, the model holds its weights in memory.
+    with tempfile.TemporaryDirectory(prefix="unet-isbi-package-") as folder:
+        reader = entry.get_reader()
+        weights = Path(folder) / reader.original_file_name
+        weights.write_bytes(reader.read())
+        if fmt == "tensorflow_saved_model_bundle":
+            with zipfile.ZipFile(weights) as archive:
+                archive.extractall(Path(folder) / "savedmodel")
+            weights = Path(folder) / "savedmodel"
+        return load_model(weights, precision)
+
+def load_model(path: str | os.PathLike, precision: str | None = None):
+    """Return the model at `path`: a .keras file (in `precision`, see train.load_model), an .onnx file,
+    a SavedModel folder or a bioimage.io package (.zip)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / SAVEDMODEL_FILE).is_file():
+            raise ValueError(f"{path}: a folder, but not a SavedModel (no {SAVEDMODEL_FILE} in it)")
+        return SavedModel(path)
+    suffix = path.suffix.lower()
+    if suffix == ONNX_SUFFIX:
+        return OnnxModel(path)
+    if suffix == PACKAGE_SUFFIX:
+        return load_package(path, precision)
+    if suffix != KERAS_SUFFIX:
+        raise ValueError(f"{path}: not a model this project reads (.keras, .onnx, bioimage.io .zip, SavedModel folder)")
+    from train import load_model as load_keras
+
+    return load_keras(path, precision=precision)

@@ -1,0 +1,128 @@
+import contextlib
+
+import keras
+import numpy as np
+import pytest
+import tifffile
+
+import data
+import export
+import predict
+import runtimes
+import train
+from model import build_unet
+
+PAGE = 128  # pixels: a crop of an ISBI test page, a valid size (multiple of 16, at least export.MIN_SIZE)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """Return the path of an untrained float32 U-Net of 4 filters (any input size), saved as .keras."""
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.keras"
+    build_unet((None, None, 1), filters=4).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def test_page(tmp_path_factory, isbi_dir):
+    """Return the path of a one-page TIFF: the top left PAGE x PAGE pixels of ISBI test page 0."""
+    path = tmp_path_factory.mktemp("page") / "page.tif"
+    tifffile.imwrite(path, data.read_stack(isbi_dir / data.TEST_FILE)[0, :PAGE, :PAGE])
+    return path
+
+
+@pytest.fixture(scope="module")
+def package(tiny_model, test_page, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "tiny.zip"
+    result = export.export_model(tiny_model, "bioimageio", out, test_image=test_page)
+    return out, result
+
+
+def keras_prediction(model_path, page_path):
+    """Return the float32 Keras model's tiled prediction of the page, as predict.py makes it."""
+    model = train.load_model(model_path, precision="float32")
+    return predict.predict_stack(model, data.read_stack(page_path))[0]
+
+
+def test_bioimageio_package_passes_spec_validation_and_the_core_model_test(package, test_page, tmp_path):
+    from bioimageio.core import test_model
+    from bioimageio.spec import load_model_description
+
+    out, result = package
+    assert result["model_test"] == "passed" and result["largest_difference"] <= export.TOLERANCE
+    assert result["weight_formats_tested"] == ["keras_v3", "onnx", "tensorflow_saved_model_bundle"]
+    assert not list(out.parent.glob("*.tmp*"))
+
+    descr = load_model_description(out, format_version="latest")
+    assert descr.validation_summary.status in ("passed", "valid-format")
+    (tensor,) = descr.inputs
+    assert [str(axis.id) for axis in tensor.axes] == ["batch", "y", "x", "channel"]
+    y_size = tensor.axes[1].size
+    assert (y_size.min, y_size.step) == (export.MIN_SIZE, 16)
+    gains = [step.kwargs.gain for step in tensor.preprocessing if step.id == "scale_linear"]
+    assert gains == [pytest.approx(1 / 255)]
+    assert {str(entry.doi) for entry in descr.cite} == {"10.1007/978-3-319-24574-4_28", "10.3389/fnana.2015.00142"}
+    test_input = np.load(tensor.test_tensor.get_reader())
+    np.testing.assert_array_equal(test_input[0, ..., 0], data.read_stack(test_page)[0])
+
+    with contextlib.chdir(tmp_path):  # bioimageio.core unzips SavedModel weights into the working folder
+        summary = test_model(out)
+    assert summary.status == "passed", summary.format()
+
+
+@pytest.mark.parametrize("fmt, name", [("onnx", "tiny.onnx"), ("savedmodel", "tiny-savedmodel")])
+def test_onnx_and_savedmodel_exports_predict_like_keras(fmt, name, tiny_model, test_page, tmp_path):
+    out = tmp_path / name
+    result = export.export_model(tiny_model, fmt, out, test_image=test_page)
+    assert result["largest_difference"] <= export.TOLERANCE
+    x = np.random.default_rng(0).random((2, 96, 160, 1), dtype=np.float32)  # another size than the test page
+    expected = train.load_model(tiny_model).predict_on_batch(x)
+    exported = runtimes.load_model(out).predict_on_batch(x)
+    assert exported.shape == expected.shape
+    np.testing.assert_allclose(exported, expected, atol=export.TOLERANCE)
+    assert expected.std() > 1e-3  # the comparison is between varied outputs, not two constants
+
+
+@pytest.mark.parametrize("input_shape, side", [((None, None, 1), 100), ((128, 128, 1), 96)])
+def test_package_whose_test_input_does_not_fit_the_model_is_refused_before_writing(
+    input_shape, side, isbi_dir, tmp_path, capsys
+):
+    model_path = tmp_path / "model.keras"
+    build_unet(input_shape, filters=2).save(model_path)
+    page = tmp_path / "page.tif"
+    tifffile.imwrite(page, data.read_stack(isbi_dir / data.TEST_FILE)[0, :side, :side])
+    out = tmp_path / "dist" / "package.zip"
+    assert export.main(["--format", "bioimageio", "--model", str(model_path), "--out", str(out),
+                        "--test-image", str(page)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and f"{side}x{side}" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "dist").exists()
+
+
+def test_unwritable_output_path_is_one_clear_error(tiny_model, test_page, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "tiny.onnx"
+    assert export.main(["--format", "onnx", "--model", str(tiny_model), "--out", str(out),
+                        "--test-image", str(test_page)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out}: cannot write here") and len(err.splitlines()) == 1
+
+
+def test_savedmodel_export_never_replaces_a_folder_of_other_files(tiny_model, test_page, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert export.main(["--format", "savedmodel", "--model", str(tiny_model), "--out", str(tmp_path),
+                        "--test-image", str(test_page)]) == 1
+    assert "is not a SavedModel folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_predict_with_exported_onnx_or_package_matches_keras(package, tiny_model, test_page, tmp_path):
+    onnx = tmp_path / "tiny.onnx"
+    export.export_model(tiny_model, "onnx", onnx, test_image=test_page)
+    expected = keras_prediction(tiny_model, test_page)
+    for model in (onnx, package[0]):
+        target = tmp_path / f"{model.suffix[1:]}.tif"
+        assert predict.main([str(test_page), "--model", str(model), "--out", str(target)]) == 0
+        np.testing.assert_allclose(tifffile.imread(target), expected, atol=export.TOLERANCE)
