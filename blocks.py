@@ -160,7 +160,7 @@ def predict_block(model, volume, out: zarr.Array, target: predict.PathLike, inde
 @functools.lru_cache(maxsize=2)
 def cached_model(model_path: str, precision: str = PRECISION):
     """Return the model at `model_path`, loaded once per process (so once per Dask worker)."""
-    from train import load_model  # TensorFlow loads here
+    from runtimes import load_model  # TensorFlow (or onnxruntime) loads here
 
     return load_model(model_path, precision=precision)
 
@@ -237,7 +237,7 @@ def _run(pending: list[Block], volume, out, target: Path, model_path: Path, sour
     if not pending:
         return
     if client is None:
-        from train import load_model  # TensorFlow loads here, after the cheap checks
+        from runtimes import load_model  # TensorFlow (or onnxruntime) loads here, after the cheap checks
 
         model = load_model(model_path, precision=PRECISION)
         for index in pending:

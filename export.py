@@ -33,7 +33,7 @@ from model import with_dtype_policy
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_DEST = PROJECT_DIR / "models" / "unet-isbi-cpu.keras"
 MAX_MB = 10
-LICENSE = "MIT"  # SPDX id of the exported packages' licence
+LICENSE = "MIT"  # SPDX id of the exported packages' licence, the project's own (LICENSE)
 
 
 def sha256(path: str | Path) -> str:

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tifffile
+import zarr
 
 import data
 import export
@@ -118,7 +119,7 @@ def test_savedmodel_export_never_replaces_a_folder_of_other_files(tiny_model, te
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
-def test_predict_with_exported_onnx_or_package_matches_keras(package, tiny_model, test_page, tmp_path):
+def test_predict_with_exported_onnx_or_package_matches_keras_to_tiff_and_zarr(package, tiny_model, test_page, tmp_path):
     onnx = tmp_path / "tiny.onnx"
     export.export_model(tiny_model, "onnx", onnx, test_image=test_page)
     expected = keras_prediction(tiny_model, test_page)
@@ -126,3 +127,7 @@ def test_predict_with_exported_onnx_or_package_matches_keras(package, tiny_model
         target = tmp_path / f"{model.suffix[1:]}.tif"
         assert predict.main([str(test_page), "--model", str(model), "--out", str(target)]) == 0
         np.testing.assert_allclose(tifffile.imread(target), expected, atol=export.TOLERANCE)
+        # block by block into zarr too (blocks.py loads the model the same way)
+        volume = tmp_path / f"{model.suffix[1:]}.zarr"
+        assert predict.main([str(test_page), "--model", str(model), "--out", str(volume), "--block", "64"]) == 0
+        np.testing.assert_allclose(zarr.open_array(volume)[0], expected, atol=export.TOLERANCE)
