@@ -4,7 +4,10 @@ Knows nothing of models. Everything the training loop eats comes from here as
 float32 NHWC arrays in [0, 1]; labels are exactly 0 (membrane) or 1 (cell).
 
 Command line: ``python data.py download [--dest DIR]`` fetches the stacks,
-``python data.py check [DIR]`` validates what is there.
+``python data.py check [DIR]`` validates what is there and prints the data
+report, ``python data.py check --images A --labels B`` does the same for your
+own data (see `load_pages`), ``python data.py example DEST`` writes the
+README's example folder pair.
 """
 
 from __future__ import annotations
@@ -710,16 +713,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "example":
             dest = make_example(args.dest, args.data_dir)
             print(f"wrote {dest / 'images'} and {dest / 'masks'}")
-        elif args.images or args.labels:
+        else:
+            if args.images is None:
+                load_isbi(args.data_dir)  # the ISBI stacks' own checks first
             _, report = load_pages(args.images, args.labels, args.val_images, args.val_labels, args.split,
                                    args.membrane_value, args.allow_unpaired, args.data_dir, args.seed)
             print(format_report(report))
-        else:
-            images, labels = load_isbi(args.data_dir)
-            print(f"{find_data_dir(args.data_dir)}: {images.shape[0]} pages of "
-                  f"{images.shape[1]}x{images.shape[2]} {images.dtype}; labels {np.unique(labels).tolist()}")
-            for part, idx in split_indices(len(images)).items():
-                print(f"  {part}: {idx}")
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
