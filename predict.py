@@ -507,13 +507,14 @@ def predict_files(
           f"batch {batch_size}" + (", 8-fold test-time augmentation" if tta else ""))
     for (name, pages), target in zip(images, targets):
         probabilities = predict_stack(model, pages, tile, overlap, batch_size, tta, desc=Path(name).name)
-        write_prediction(target, probabilities if len(probabilities) > 1 else probabilities[0], uint8)
+        pages_out = probabilities if len(probabilities) > 1 else probabilities[0]  # one page: a 2-D TIFF
+        write_prediction(target, pages_out, uint8)
         warn_if_uniform(name, probabilities)
         if png:
             for path in write_masks(target, probabilities):
                 print(f"wrote {path}")
         if mask_tiff:
-            print(f"wrote {write_mask_tiff(target, probabilities)}")
+            print(f"wrote {write_mask_tiff(target, pages_out)}")
         print(f"wrote {target} ({len(pages)} page(s) of {pages.shape[1]}x{pages.shape[2]}, "
               f"{'uint8 0-255' if uint8 else 'float32 probabilities'})")
     return targets
