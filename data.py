@@ -407,9 +407,14 @@ def pair_folders(
     def pictures(folder: Path) -> dict[str, Path]:
         if not folder.is_dir():
             raise DataError(f"{folder}: no such folder")
-        found = {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in PICTURE_SUFFIXES}
-        if not found:
+        files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in PICTURE_SUFFIXES]
+        if not files:
             raise DataError(f"{folder}: no image files ({', '.join(PICTURE_SUFFIXES)}) in this folder")
+        found = {p.stem: p for p in files}
+        if len(found) < len(files):
+            shared = sorted(p.name for p in files if found[p.stem] != p)
+            raise DataError(f"{folder}: several files share a name apart from the suffix ({', '.join(shared)} ...); "
+                            "pairing is by name, keep one of each")
         return found
 
     images, labels = pictures(Path(images_dir)), pictures(Path(labels_dir))

@@ -332,6 +332,22 @@ def save_results_grid(images, labels, predictions, path: str | os.PathLike, titl
     return save_figure(results_grid(images, labels, predictions, titles), path)
 
 
+def masks_grid(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, titles=None) -> Figure:
+    """Return a 3 x N figure: images, their masks (white = cell), and the predicted masks (probability > 0.5)
+    titled with the Dice of their membranes."""
+    if not len(images) == len(labels) == len(probabilities):
+        raise ValueError(f"got {len(images)} images, {len(labels)} labels and {len(probabilities)} predictions")
+    masks = (np.asarray(probabilities) > 0.5).astype(np.float32)
+    scores = [f"membrane Dice {metrics.membrane_dice_np(label, p):.3f}" for label, p in zip(labels, probabilities)]
+    titles = titles or [f"image {i}" for i in range(len(images))]
+    return image_grid([images, labels, masks], ["image", "mask", "predicted mask"], [titles, None, scores])
+
+
+def save_masks_grid(images, labels, probabilities, path: str | os.PathLike, titles=None) -> Path:
+    """Write masks_grid(...) as a PNG at `path` (the README's images/own_data_example.png); return the path."""
+    return save_figure(masks_grid(images, labels, probabilities, titles), path)
+
+
 # ---------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:
