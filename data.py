@@ -509,8 +509,9 @@ def parse_split(split: str | None, n_pages: int, seed: int = 0) -> dict[str, lis
 
 def _fit_page(page: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Return an (H, W) page reflect-padded where smaller than `shape` and centre-cropped where larger."""
-    pad = [((max(t - s, 0)) // 2, max(t - s, 0) - max(t - s, 0) // 2) for s, t in zip(page.shape, shape)]
-    page = np.pad(page, pad, mode="reflect") if any(sum(p) for p in pad) else page
+    missing = [max(target - size, 0) for size, target in zip(page.shape, shape)]
+    if any(missing):
+        page = np.pad(page, [(m // 2, m - m // 2) for m in missing], mode="reflect")
     top, left = (page.shape[0] - shape[0]) // 2, (page.shape[1] - shape[1]) // 2
     return page[top : top + shape[0], left : left + shape[1]]
 

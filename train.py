@@ -6,7 +6,11 @@
 
 A run lives in one folder (`run_dir`): TensorBoard logs in logs/, the best
 model by the monitored validation score in best.keras, the last epoch's model
-with its optimizer in last.keras (what a rerun resumes from) and the settings.
+with its optimizer in last.keras (what a rerun resumes from), the settings and
+the data report (data_report.json / .txt). best.keras holds Keras layers only,
+so it loads anywhere with plain keras.models.load_model.
+
+    python train.py --images my_data/images --labels my_data/masks --split 0.2   # your own data (README)
 """
 
 from __future__ import annotations

@@ -51,6 +51,9 @@ def test_folder_pairing_names_every_unpaired_file_and_stops_unless_allowed(tmp_p
     assert [(image.name, mask.name) for image, mask in pairs] == [("a.png", "a.png"), ("b.png", "b.png")]
     out = capsys.readouterr().out
     assert "lonely_image.png" in out and "lonely_mask.png" in out
+    tifffile.imwrite(tmp_path / "masks" / "a.tif", cell_mask((8, 8)))
+    with pytest.raises(data.DataError, match="share a name"):
+        data.pair_folders(tmp_path / "images", tmp_path / "masks")
 
 
 def test_sixteen_bit_pages_are_normalised_and_reported(tmp_path):
