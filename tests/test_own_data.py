@@ -256,3 +256,12 @@ def test_uniform_prediction_warning_stays_silent_on_a_trained_model(validation_p
     probabilities = predict.predict_stack(shipped, validation_pages[0][:1, ..., 0], tile=512, progress=False)
     assert predict.warn_if_uniform("page 5", probabilities) is None
     assert "too little training" in predict.warn_if_uniform("constant", np.full_like(probabilities, 0.93))
+
+
+def test_masks_grid_shows_each_page_with_its_predicted_mask_and_membrane_dice():
+    import figures
+
+    label = cell_mask(low=0, high=1).astype(np.float32)
+    figure = figures.masks_grid(label[None], label[None], (1.0 - label)[None], titles=["inverted"])
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["image", "mask", "predicted mask, membrane Dice 0.000"]
