@@ -448,12 +448,13 @@ def read_pairs(images: str | os.PathLike, labels: str | os.PathLike, allow_unpai
                 raise DataError(f"{image_file} page {i} is {page.shape} but its mask {label_file} is {mask.shape}")
         result["images"] += pages
         result["labels"] += masks
-        result["names"] += [image_file.name if len(pages) == 1 else f"{image_file.name}[{i}]" for i in range(len(pages))]
+        result["names"] += [image_file.name if len(pages) == 1 else f"{image_file.name}[{i}]"
+                            for i in range(len(pages))]
     return result
 
 
 def label_convention(labels: list[np.ndarray], name: str, membrane_value: int | None = None) -> dict:
-    """Return {'values', 'membrane_value', 'cell_fraction'} of two-valued masks, or raise DataError saying what is wrong.
+    """Return {'values', 'membrane_value', 'cell_fraction'} of two-valued masks; DataError says what is wrong.
 
     The two values may be in any encoding (0/1, 0/255, 0/65535, ...); the
     membrane value is `membrane_value`, by default the lower one (ISBI: 0).
@@ -568,7 +569,8 @@ def load_pages(
         indices = parse_split(split, len(sources["train"]["images"]), seed)
         split_text = split or f"fraction {DEFAULT_VALIDATION_FRACTION} (seed {seed})"
     all_labels = [page for source in sources.values() for page in source["labels"]]
-    convention = label_convention(all_labels, f"{labels}" + (f" and {val_labels}" if val_labels else ""), membrane_value)
+    where = f"{labels}" + (f" and {val_labels}" if val_labels else "")
+    convention = label_convention(all_labels, where, membrane_value)
     parts = {}
     for part, idx in indices.items():
         source = sources.get(part, sources["train"])
@@ -581,7 +583,7 @@ def load_pages(
 
 
 def data_report(sources: dict, indices: dict, convention: dict, origin: dict) -> dict:
-    """Return the data report: where from, pages, sizes, dtypes, intensity ranges, label values, cell fraction, split."""
+    """Return the data report: origin, pages, sizes, dtypes, intensity ranges, label values, cell fraction, split."""
     def describe(source: dict, idx: list[int]) -> dict:
         pages = [source["images"][i] for i in idx]
         sizes, dtypes = {}, {}

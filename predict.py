@@ -613,8 +613,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{flag} is for zarr output: give a .zarr input or --out NAME.zarr")
         if args.out and Path(args.out).suffix.lower() in TIFF_SUFFIXES:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        predict_files(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta, args.uint8, args.png,
-                      args.mask_tiff)
+        predict_files(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta, args.uint8,
+                      args.png, args.mask_tiff)
     except (ValueError, OSError) as err:  # data.DataError is a ValueError; OSError: files, Dask connections
         print(f"error: {err}", file=sys.stderr)
         return 1
