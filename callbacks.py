@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -248,3 +249,76 @@ class ChallengeScores(SummaryCallback):
             tf.summary.scalar("epoch_v_info", scores["val_v_info"], step=epoch)
         self.writer.flush()
 
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """Return `model`'s layers (shared, same weights) as a model with no optimizer and no compile config.
+
+    Saved, it holds Keras layers only, so it loads with plain
+    `keras.models.load_model(path)` in a process that never imported this
+    project (Keras 3 does not import the module of a custom loss or metric
+    named in a compile config; it fails instead).
+    """
+    return keras.Model(model.inputs, model.outputs, name=model.name)
+
+
+class BestModel(keras.callbacks.Callback):
+    """Save the model for inference (`inference_model`) to `path`, atomically, each time `monitor` improves.
+
+    Like Keras' ModelCheckpoint(save_best_only=True), but the file loads
+    anywhere. `mode` is 'min' or 'max'; `initial_value_threshold` is the
+    value to beat (a resumed run's best).
+    """
+
+    def __init__(self, path: str | os.PathLike, monitor: str = "val_loss", mode: str = "min",
+                 initial_value_threshold: float | None = None):
+        super().__init__()
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.path = Path(path)
+        self.monitor = monitor
+        self.mode = mode
+        self.best = initial_value_threshold
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            print(f"warning: epoch {epoch + 1}: {self.monitor} is not in the logs ({', '.join(logs or {})}); "
+                  f"{self.path} not updated", file=sys.stderr)
+            return
+        value = float(value)
+        if self.best is not None and not (value < self.best if self.mode == "min" else value > self.best):
+            return
+        previous = "nothing" if self.best is None else f"{self.best:.5f}"
+        print(f"epoch {epoch + 1}: {self.monitor} improved from {previous} to {value:.5f}, saving {self.path}")
+        self.best = value
+        tmp = self.path.with_name(self.path.stem + ".tmp.keras")
+        inference_model(self.model).save(tmp)
+        os.replace(tmp, self.path)
+
+
+class UniformPredictionWarning(keras.callbacks.Callback):
+    """Warn when the prediction of the validation `images` is (nearly) uniform after an epoch.
+
+    All cell, all membrane or one grey value (`metrics.uniform_prediction`):
+    what a model that learned nothing returns while its accuracy can look
+    fine. The warning names the likely causes. Adds 'val_uniform' (1 when
+    uniform, else 0) to the epoch's logs, so place it before TensorBoard.
+    """
+
+    def __init__(self, images: np.ndarray, batch_size: int = 1):
+        super().__init__()
+        self.images = np.asarray(images, dtype=np.float32)
+        if self.images.ndim != 4 or len(self.images) == 0:
+            raise ValueError(f"images must be a non-empty (N, H, W, 1) array, got shape {self.images.shape}")
+        self.batch_size = int(batch_size)
+
+    def on_epoch_end(self, epoch, logs=None):
+        probabilities = np.concatenate([predict_batch(self.model, self.images[i : i + self.batch_size])
+                                        for i in range(0, len(self.images), self.batch_size)])
+        problem = metrics.uniform_prediction(probabilities)
+        if problem:
+            print(f"warning: epoch {epoch + 1}: the validation prediction is (nearly) uniform: {problem}; "
+                  f"{metrics.UNIFORM_CAUSES}", file=sys.stderr, flush=True)
+        if logs is not None:
+            logs["val_uniform"] = float(problem is not None)

@@ -4,7 +4,10 @@ Knows nothing of models. Everything the training loop eats comes from here as
 float32 NHWC arrays in [0, 1]; labels are exactly 0 (membrane) or 1 (cell).
 
 Command line: ``python data.py download [--dest DIR]`` fetches the stacks,
-``python data.py check [DIR]`` validates what is there.
+``python data.py check [DIR]`` validates what is there and prints the data
+report, ``python data.py check --images A --labels B`` does the same for your
+own data (see `load_pages`), ``python data.py example DEST`` writes the
+README's example folder pair.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import sys
 import tempfile
@@ -365,6 +369,302 @@ class AugmentedBatches(keras.utils.PyDataset):
         self.epoch += 1
 
 
+# ---------------------------------------------------------------- a lab's own data
+
+PICTURE_SUFFIXES = (".tif", ".tiff", ".png")
+DEFAULT_VALIDATION_FRACTION = 0.2
+
+
+def read_pages(path: str | os.PathLike) -> list[np.ndarray]:
+    """Return the grey pages of one image file (multipage TIFF, or a PNG) as a list of (H, W) arrays in its dtype."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return list(read_stack(path))
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with Image.open(path) as picture:
+            if picture.mode not in ("1", "L", "I;16", "I;16L", "I;16B", "I", "F"):
+                raise DataError(f"{path}: {picture.mode} image; grey pages are needed, convert it to greyscale first")
+            page = np.array(picture)
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{path}: not a readable image file ({err})") from err
+    if page.dtype == np.int32 and page.min() >= 0 and page.max() <= 65535:
+        page = page.astype(np.uint16)  # PIL opens some 16-bit PNGs as 32-bit integers
+    return [page]
+
+
+def pair_folders(
+    images_dir: str | os.PathLike, labels_dir: str | os.PathLike, allow_unpaired: bool = False
+) -> list[tuple[Path, Path]]:
+    """Return the (image, mask) files of two folders paired by file stem, sorted by stem.
+
+    Every image without a mask and every mask without an image is named in
+    one DataError, unless `allow_unpaired`: then they are printed and skipped.
+    """
+    def pictures(folder: Path) -> dict[str, Path]:
+        if not folder.is_dir():
+            raise DataError(f"{folder}: no such folder")
+        files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in PICTURE_SUFFIXES]
+        if not files:
+            raise DataError(f"{folder}: no image files ({', '.join(PICTURE_SUFFIXES)}) in this folder")
+        found = {p.stem: p for p in files}
+        if len(found) < len(files):
+            shared = sorted(p.name for p in files if found[p.stem] != p)
+            raise DataError(f"{folder}: several files share a name apart from the suffix ({', '.join(shared)} ...); "
+                            "pairing is by name, keep one of each")
+        return found
+
+    images, labels = pictures(Path(images_dir)), pictures(Path(labels_dir))
+    lonely = [f"image {images[s].name} has no mask in {labels_dir}" for s in sorted(images.keys() - labels.keys())]
+    lonely += [f"mask {labels[s].name} has no image in {images_dir}" for s in sorted(labels.keys() - images.keys())]
+    pairs = [(images[s], labels[s]) for s in sorted(images.keys() & labels.keys())]
+    if lonely and not (allow_unpaired and pairs):
+        hint = "; pass allow_unpaired=True (--allow-unpaired) to skip them" if pairs else ""
+        raise DataError(f"{len(lonely)} unpaired file(s): " + "; ".join(lonely) + hint)
+    for line in lonely:
+        print(f"skipping unpaired file: {line}")
+    return pairs
+
+
+def read_pairs(images: str | os.PathLike, labels: str | os.PathLike, allow_unpaired: bool = False) -> dict:
+    """Return {'images', 'labels': lists of raw (H, W) pages, 'names': one per page} of a TIFF pair or a folder pair."""
+    images, labels = Path(images), Path(labels)
+    if images.is_dir() != labels.is_dir():
+        raise DataError(f"{images} and {labels}: give two files (multipage TIFFs) or two folders, not one of each")
+    if images.is_dir():
+        files = pair_folders(images, labels, allow_unpaired)
+    else:
+        files = [(images, labels)]
+    result = {"images": [], "labels": [], "names": []}
+    for image_file, label_file in files:
+        pages, masks = read_pages(image_file), read_pages(label_file)
+        if len(pages) != len(masks):
+            raise DataError(f"{image_file} has {len(pages)} pages but {label_file} has {len(masks)}")
+        for i, (page, mask) in enumerate(zip(pages, masks)):
+            if page.shape != mask.shape:
+                raise DataError(f"{image_file} page {i} is {page.shape} but its mask {label_file} is {mask.shape}")
+        result["images"] += pages
+        result["labels"] += masks
+        result["names"] += [image_file.name if len(pages) == 1 else f"{image_file.name}[{i}]"
+                            for i in range(len(pages))]
+    return result
+
+
+def label_convention(labels: list[np.ndarray], name: str, membrane_value: int | None = None) -> dict:
+    """Return {'values', 'membrane_value', 'cell_fraction'} of two-valued masks; DataError says what is wrong.
+
+    The two values may be in any encoding (0/1, 0/255, 0/65535, ...); the
+    membrane value is `membrane_value`, by default the lower one (ISBI: 0).
+    More than two values are refused with the values listed; with the default,
+    membranes as the majority class are refused as inverted polarity, naming
+    the setting that reads them the other way.
+    """
+    values = np.unique(np.concatenate([np.unique(page) for page in labels]))
+    if len(values) != 2:
+        shown = ", ".join(str(v) for v in values[:8]) + (" ..." if len(values) > 8 else "")
+        raise DataError(f"{name}: masks must hold two values (membrane / cell), found {len(values)}: {shown}; "
+                        "masks saved with smoothing or as JPEG gain extra values, save them as PNG or TIFF")
+    low, high = (v.item() for v in values)
+    membrane = low if membrane_value is None else membrane_value
+    if membrane not in (low, high):
+        raise DataError(f"{name}: membrane_value {membrane_value} is not one of the mask values {low}, {high}")
+    membrane_pixels = sum(int(np.count_nonzero(page == membrane)) for page in labels)
+    cell_fraction = 1.0 - membrane_pixels / sum(page.size for page in labels)
+    other = high if membrane == low else low
+    if cell_fraction < 0.5:
+        message = (f"{name}: membranes (value {membrane}) are {100 * (1 - cell_fraction):.0f} % of the pixels, "
+                   f"the majority; in EM they are the minority, so the masks look inverted (cells = {membrane})")
+        if membrane_value is None:
+            raise DataError(f"{message}. If {other} marks membranes, set membrane_value={other} "
+                            f"(--membrane-value {other}); to keep this reading, set membrane_value={membrane}")
+        print(f"warning: {message}; kept, as membrane_value={membrane} was given")
+    return {"values": [low, high], "membrane_value": membrane, "cell_fraction": cell_fraction}
+
+
+def parse_split(split: str | None, n_pages: int, seed: int = 0) -> dict[str, list[int]]:
+    """Return {'train', 'validation'} page indices: `split` is page indices ('3,7'), a fraction ('0.2', seeded)
+    or 'isbi' (the original split, with its 'test' part); None means a fraction of DEFAULT_VALIDATION_FRACTION."""
+    if split == "isbi":
+        return split_indices(n_pages)
+    text = str(DEFAULT_VALIDATION_FRACTION) if split is None else split.strip()
+    try:
+        if "," in text or text.isdigit():
+            validation = sorted({int(part) for part in text.split(",") if part.strip()})
+        else:
+            fraction = float(text)
+            if not 0 < fraction < 1:
+                raise ValueError
+            count = min(max(1, round(fraction * n_pages)), n_pages - 1)
+            validation = sorted(np.random.default_rng(seed).choice(n_pages, count, replace=False).tolist())
+    except ValueError:
+        raise DataError(f"split {split!r}: give validation page indices (e.g. '3,7'), a fraction between 0 and 1 "
+                        "(e.g. '0.2'), 'isbi', or separate validation files") from None
+    if not validation or any(not 0 <= i < n_pages for i in validation) or len(validation) == n_pages:
+        raise DataError(f"split {split!r} does not leave both training and validation pages among {n_pages} "
+                        "page(s); with a single page give separate validation files")
+    return {"train": [i for i in range(n_pages) if i not in validation], "validation": validation}
+
+
+def _fit_page(page: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Return an (H, W) page reflect-padded where smaller than `shape` and centre-cropped where larger."""
+    missing = [max(target - size, 0) for size, target in zip(page.shape, shape)]
+    if any(missing):
+        page = np.pad(page, [(m // 2, m - m // 2) for m in missing], mode="reflect")
+    top, left = (page.shape[0] - shape[0]) // 2, (page.shape[1] - shape[1]) // 2
+    return page[top : top + shape[0], left : left + shape[1]]
+
+
+def stack_pages(pages: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """Return (H, W) pages as one (N, *shape, 1) float32 array, each reflect-padded or centre-cropped to `shape`."""
+    return add_channel(np.stack([_fit_page(np.asarray(page, dtype=np.float32), shape) for page in pages]))
+
+
+def part_shapes(train_sizes: list[tuple[int, int]], validation_sizes: list[tuple[int, int]],
+                crop: int, multiple: int = 16) -> dict[str, tuple[int, int]]:
+    """Return the common page shape of each part, pixels: training pages reach at least `crop` (reflect
+    padding) and the largest page; validation pages, seen whole, shrink to the smallest page cut to a
+    `multiple` (at least one `multiple`)."""
+    train = tuple(max(crop, *(size[axis] for size in train_sizes)) for axis in range(2))
+    validation = tuple(max(multiple, min(size[axis] for size in validation_sizes) // multiple * multiple)
+                       for axis in range(2))
+    return {"train": train, "validation": validation}
+
+
+def load_pages(
+    images: str | os.PathLike | None = None,
+    labels: str | os.PathLike | None = None,
+    val_images: str | os.PathLike | None = None,
+    val_labels: str | os.PathLike | None = None,
+    split: str | None = None,
+    membrane_value: int | None = None,
+    allow_unpaired: bool = False,
+    data_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, tuple[list[np.ndarray], list[np.ndarray]]], dict]:
+    """Return ({part: (images, labels)}, report): pages as lists of float32 (H, W) arrays, images in [0, 1],
+    labels 1 = cell, 0 = membrane, and the data report (`data_report`).
+
+    Without `images` the ISBI stacks (`find_data_dir(data_dir)`) with the
+    original split; otherwise `images` and `labels` are two multipage TIFFs or
+    two folders of PNG/TIFF pages paired by stem, split by `split`
+    (`parse_split`) or by separate `val_images` / `val_labels`.
+    """
+    if (images is None) != (labels is None) or (val_images is None) != (val_labels is None):
+        raise DataError("give images and labels together (and val_images with val_labels)")
+    if images is None:
+        if val_images is not None:
+            raise DataError("val_images need images and labels to train on")
+        folder = find_data_dir(data_dir)
+        images, labels, split = folder / IMAGES_FILE, folder / LABELS_FILE, split or "isbi"
+    sources = {"train": read_pairs(images, labels, allow_unpaired)}
+    if val_images is not None:
+        sources["validation"] = read_pairs(val_images, val_labels, allow_unpaired)
+        indices = {"train": list(range(len(sources["train"]["images"]))),
+                   "validation": list(range(len(sources["validation"]["images"])))}
+        split_text = f"validation files {val_images}, {val_labels}"
+    else:
+        indices = parse_split(split, len(sources["train"]["images"]), seed)
+        split_text = split or f"fraction {DEFAULT_VALIDATION_FRACTION} (seed {seed})"
+    all_labels = [page for source in sources.values() for page in source["labels"]]
+    where = f"{labels}" + (f" and {val_labels}" if val_labels else "")
+    convention = label_convention(all_labels, where, membrane_value)
+    parts = {}
+    for part, idx in indices.items():
+        source = sources.get(part, sources["train"])
+        parts[part] = ([normalize_images(source["images"][i]) for i in idx],
+                       [(source["labels"][i] != convention["membrane_value"]).astype(np.float32) for i in idx])
+    report = data_report(sources, indices, convention, {"images": str(images), "labels": str(labels),
+                         "val_images": val_images and str(val_images), "val_labels": val_labels and str(val_labels),
+                         "split": split_text})
+    return parts, report
+
+
+def data_report(sources: dict, indices: dict, convention: dict, origin: dict) -> dict:
+    """Return the data report: origin, pages, sizes, dtypes, intensity ranges, label values, cell fraction, split."""
+    def describe(source: dict, idx: list[int]) -> dict:
+        pages = [source["images"][i] for i in idx]
+        sizes, dtypes = {}, {}
+        for page in pages:
+            sizes[f"{page.shape[0]}x{page.shape[1]}"] = sizes.get(f"{page.shape[0]}x{page.shape[1]}", 0) + 1
+            dtypes[str(page.dtype)] = dtypes.get(str(page.dtype), 0) + 1
+        cells = [np.count_nonzero(source["labels"][i] != convention["membrane_value"]) for i in idx]
+        return {
+            "pages": len(pages),
+            "sizes": sizes,
+            "dtypes": dtypes,
+            "intensity_range": [min(p.min().item() for p in pages), max(p.max().item() for p in pages)],
+            "normalised_range": [float(min(normalize_images(p).min() for p in pages)),
+                                 float(max(normalize_images(p).max() for p in pages))],
+            "cell_fraction": float(sum(cells) / sum(p.size for p in pages)),
+            "names": [source["names"][i] for i in idx],
+        }
+
+    return {
+        **origin,
+        "label_values": convention["values"],
+        "membrane_value": convention["membrane_value"],
+        "cell_fraction": convention["cell_fraction"],
+        "parts": {part: describe(sources.get(part, sources["train"]), idx) for part, idx in indices.items()},
+        "split_pages": indices,
+    }
+
+
+def format_report(report: dict) -> str:
+    """Return the data report as a few lines of text."""
+    lines = [f"data: images {report['images']}, labels {report['labels']}",
+             f"  labels: values {report['label_values']}, membrane = {report['membrane_value']}, "
+             f"cell fraction {report['cell_fraction']:.3f}",
+             f"  split: {report['split']}"]
+    for part, info in report["parts"].items():
+        names = info["names"]
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+        lines.append(
+            f"  {part}: {info['pages']} page(s), sizes {info['sizes']}, dtypes {info['dtypes']}, intensities "
+            f"{info['intensity_range'][0]}..{info['intensity_range'][1]} (scaled to {info['normalised_range'][0]:.3f}"
+            f"..{info['normalised_range'][1]:.3f}), cell fraction {info['cell_fraction']:.3f}: {shown}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, folder: str | os.PathLike) -> list[Path]:
+    """Write the report as data_report.json and data_report.txt in `folder`, atomically; return their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in (("data_report.json", json.dumps(report, indent=2) + "\n"),
+                       ("data_report.txt", format_report(report) + "\n")):
+        path = folder / name
+        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def make_example(dest: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                 size: tuple[int, int] = (700, 900), pages: tuple[int, ...] = tuple(range(6))) -> Path:
+    """Write ISBI training `pages` resized to `size` (height, width) as a folder pair of PNGs,
+    dest/images/page-NN.png and dest/masks/page-NN.png (0 = membrane, 255 = cell); return `dest`."""
+    from PIL import Image
+
+    stack, masks = load_isbi(data_dir)
+    dest = Path(dest)
+    for folder in ("images", "masks"):
+        (dest / folder).mkdir(parents=True, exist_ok=True)
+    zoom = (size[0] / stack.shape[1], size[1] / stack.shape[2])
+    for i in pages:
+        picture = np.clip(ndimage.zoom(stack[i].astype(np.float32), zoom, order=1), 0, 255).round().astype(np.uint8)
+        mask = ndimage.zoom(masks[i], zoom, order=0)  # nearest neighbour: masks stay two-valued
+        for folder, array in (("images", picture), ("masks", mask)):
+            path = dest / folder / f"page-{i:02d}.png"
+            tmp = path.with_name(f".{path.name}.tmp.png")
+            Image.fromarray(array).save(tmp)
+            os.replace(tmp, path)
+    return dest
+
+
 # ---------------------------------------------------------------- downloading
 
 def download(dest: str | os.PathLike = DEFAULT_DATA_DIR, base_url: str = DOWNLOAD_URL, files=FILES) -> Path:
@@ -404,18 +704,29 @@ def main(argv: list[str] | None = None) -> int:
     get = sub.add_parser("download", help="fetch the ISBI 2012 stacks")
     get.add_argument("--dest", default=str(DEFAULT_DATA_DIR))
     get.add_argument("--url", default=DOWNLOAD_URL)
-    check = sub.add_parser("check", help="validate the stacks and print the split")
+    check = sub.add_parser("check", help="validate the stacks (or your own data) and print the data report")
     check.add_argument("data_dir", nargs="?")
+    for flag in ("--images", "--labels", "--val-images", "--val-labels", "--split"):
+        check.add_argument(flag)
+    check.add_argument("--membrane-value", type=int)
+    check.add_argument("--allow-unpaired", action="store_true")
+    check.add_argument("--seed", type=int, default=0)
+    example = sub.add_parser("example", help="write ISBI pages at 700x900 as a folder pair of PNGs (README)")
+    example.add_argument("dest")
+    example.add_argument("--data-dir")
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
             print(f"data ready in {download(args.dest, args.url)}")
+        elif args.command == "example":
+            dest = make_example(args.dest, args.data_dir)
+            print(f"wrote {dest / 'images'} and {dest / 'masks'}")
         else:
-            images, labels = load_isbi(args.data_dir)
-            print(f"{find_data_dir(args.data_dir)}: {images.shape[0]} pages of "
-                  f"{images.shape[1]}x{images.shape[2]} {images.dtype}; labels {np.unique(labels).tolist()}")
-            for part, idx in split_indices(len(images)).items():
-                print(f"  {part}: {idx}")
+            if args.images is None:
+                load_isbi(args.data_dir)  # the ISBI stacks' own checks first
+            _, report = load_pages(args.images, args.labels, args.val_images, args.val_labels, args.split,
+                                   args.membrane_value, args.allow_unpaired, args.data_dir, args.seed)
+            print(format_report(report))
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

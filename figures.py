@@ -332,6 +332,24 @@ def save_results_grid(images, labels, predictions, path: str | os.PathLike, titl
     return save_figure(results_grid(images, labels, predictions, titles), path)
 
 
+def masks_grid(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, titles=None) -> Figure:
+    """Return an N x 3 figure, one row per page: the image, its mask (white = cell), and the predicted mask
+    (probability > 0.5) titled with the Dice of its membranes; `titles` name the rows."""
+    if not len(images) == len(labels) == len(probabilities):
+        raise ValueError(f"got {len(images)} images, {len(labels)} labels and {len(probabilities)} predictions")
+    images, labels, probabilities = _pages(images), _pages(labels), _pages(probabilities)
+    rows = [np.stack([image, label, (p > 0.5).astype(np.float32)])
+            for image, label, p in zip(images, labels, probabilities)]
+    cells = [["image", "mask", f"predicted mask, membrane Dice {metrics.membrane_dice_np(label, p):.3f}"]
+             for label, p in zip(labels, probabilities)]
+    return image_grid(rows, titles or [f"page {i}" for i in range(len(images))], cells, size=4.0)
+
+
+def save_masks_grid(images, labels, probabilities, path: str | os.PathLike, titles=None) -> Path:
+    """Write masks_grid(...) as a PNG at `path` (the README's images/own_data_example.png); return the path."""
+    return save_figure(masks_grid(images, labels, probabilities, titles), path)
+
+
 # ---------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:

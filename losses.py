@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import keras
 import numpy as np
 from keras import ops
 from scipy import ndimage
@@ -140,6 +141,7 @@ def _pixel_bce(y_true, y_pred):
     return -(y_true * ops.log(y_pred) + (1.0 - y_true) * ops.log(1.0 - y_pred))
 
 
+@keras.saving.register_keras_serializable(package="unet_isbi")
 def dice_loss(y_true, y_pred, smooth: float = 1.0):
     """Return 1 - soft Dice of the membrane class per sample, shape (batch,).
 
@@ -158,6 +160,7 @@ def dice_loss(y_true, y_pred, smooth: float = 1.0):
     return 1.0 - (2.0 * overlap + smooth) / (total + smooth)
 
 
+@keras.saving.register_keras_serializable(package="unet_isbi")
 def bce_dice_loss(y_true, y_pred):
     """Return binary cross-entropy (unweighted, channel 0) + `dice_loss` per sample, shape (batch,)."""
     bce = _per_sample_mean(_pixel_bce(_label_channel(y_true), y_pred))

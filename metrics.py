@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import keras
 import numpy as np
 from keras import ops
 from scipy import ndimage
@@ -15,6 +16,11 @@ from scipy import ndimage
 from skimage.morphology._skeletonize import G123_LUT, G123P_LUT
 
 
+# Registered (package "unet_isbi"), so that a model compiled with them loads with plain
+# keras.models.load_model in any process that has imported this module. Keras 3 never imports a
+# non-Keras module named in a saved config, so a process that has not imported it cannot rebuild
+# them: that is why best.keras is saved without its compile config (train.inference_model).
+@keras.saving.register_keras_serializable(package="unet_isbi")
 def pixel_difference(y_true, y_pred):
     """Return 100 * mean |y_true - y_pred| per sample (percent, 0..100), shape (batch,).
 
@@ -34,6 +40,83 @@ def pixel_difference_np(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     if y_true.shape != y_pred.shape:
         raise ValueError(f"shapes differ: y_true {y_true.shape}, y_pred {y_pred.shape}")
     return float(100.0 * np.mean(np.abs(y_true - y_pred)))
+
+
+def membrane_iou() -> keras.metrics.Metric:
+    """Return the Keras metric of the membrane class's IoU (0..1): TP / (TP + FP + FN), over a whole epoch.
+
+    Keras' own BinaryIoU for class 0 (membrane: label 0, prediction below
+    0.5), so that it loads anywhere without this module.
+    """
+    return keras.metrics.BinaryIoU(target_class_ids=[0], threshold=0.5, name="membrane_iou")
+
+
+@keras.saving.register_keras_serializable(package="unet_isbi")
+class MembraneDice(keras.metrics.BinaryIoU):
+    """Keras metric: the Dice (F1) score of the membrane class (0..1), 2 TP / (2 TP + FP + FN), over a whole epoch.
+
+    Dice = 2 IoU / (1 + IoU) of the same confusion matrix, so it shares
+    BinaryIoU's counting: membrane = label 0 and prediction below `threshold`.
+    """
+
+    def __init__(self, threshold: float = 0.5, name: str = "membrane_dice", dtype=None, target_class_ids=(0,)):
+        if list(target_class_ids) != [0]:
+            raise ValueError(f"MembraneDice scores class 0 (membrane) only, got target_class_ids={target_class_ids}")
+        super().__init__(target_class_ids=[0], threshold=threshold, name=name, dtype=dtype)
+
+    def result(self):
+        iou = super().result()
+        return 2.0 * iou / (1.0 + iou)
+
+
+def _membrane_counts(y_true: np.ndarray, y_pred: np.ndarray, threshold: float) -> tuple[int, int, int]:
+    """Return (TP, FP, FN) of the membrane class: label < 0.5, prediction < threshold."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"shapes differ: y_true {y_true.shape}, y_pred {y_pred.shape}")
+    truth, predicted = y_true < 0.5, y_pred < threshold
+    return (int(np.count_nonzero(truth & predicted)), int(np.count_nonzero(~truth & predicted)),
+            int(np.count_nonzero(truth & ~predicted)))
+
+
+def membrane_iou_np(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5) -> float:
+    """Return the IoU of the membrane class (0..1; 0 when neither has membrane), as `membrane_iou` counts it."""
+    tp, fp, fn = _membrane_counts(y_true, y_pred, threshold)
+    return tp / (tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def membrane_dice_np(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5) -> float:
+    """Return the Dice score of the membrane class (0..1; 0 when neither has membrane), as `MembraneDice` counts it."""
+    tp, fp, fn = _membrane_counts(y_true, y_pred, threshold)
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+UNIFORM_FRACTION = 0.01  # a prediction with less than 1 % of its pixels on one side of the threshold is uniform
+UNIFORM_RANGE = 0.05  # or one whose probabilities all lie within this of each other
+UNIFORM_CAUSES = (
+    "likely causes: images not scaled as in training (integers divided by their dtype's maximum, see "
+    "data.normalize_images), label polarity inverted (membrane_value / --membrane-value), or too little training"
+)
+
+
+def uniform_prediction(probabilities: np.ndarray, threshold: float = 0.5) -> str | None:
+    """Return what is uniform about a probability map of "cell" (all cell, all membrane, one grey value), or None.
+
+    Uniform: less than UNIFORM_FRACTION of the pixels fall on one side of
+    `threshold`, or all probabilities lie within UNIFORM_RANGE of each other.
+    EM membranes take a fifth or so of a page, so neither happens to a
+    model that has learned them.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    low, high = float(probabilities.min()), float(probabilities.max())
+    cell = float(np.mean(probabilities >= threshold))
+    if high - low < UNIFORM_RANGE:
+        return f"every pixel has probability {low:.3f}..{high:.3f}"
+    if cell > 1 - UNIFORM_FRACTION:
+        return f"{100 * cell:.2f} % of the pixels are cell (almost no membrane)"
+    if cell < UNIFORM_FRACTION:
+        return f"{100 * (1 - cell):.2f} % of the pixels are membrane (almost no cell)"
+    return None
 
 
 def accuracy_np(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5) -> float:

@@ -5,6 +5,7 @@
     python predict.py big.tif --tile 256 --overlap 64 --tta --uint8
     python predict.py --challenge --out submission/test-volume-prediction.tif   # the challenge's submission
     python predict.py page.png --png                         # also page-prediction.png, a 0/255 mask
+    python predict.py stack.tif --mask-tiff                  # also stack-prediction-mask.tif, 0/255 masks
     python predict.py big.zarr --block 1024 --workers 4      # block by block into big-prediction.zarr (blocks.py)
 
 Images are cut into overlapping tiles as in the U-Net paper (Ronneberger et
@@ -345,7 +346,8 @@ def image_files(paths: Sequence[PathLike]) -> list[Path]:
         if path.is_dir():
             found = sorted(
                 p for p in path.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(PREDICTION_SUFFIX)
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                and not p.stem.endswith((PREDICTION_SUFFIX, PREDICTION_SUFFIX + "-mask"))
             )
             if not found:
                 raise data.DataError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
@@ -404,6 +406,33 @@ def write_masks(target: PathLike, probabilities: np.ndarray, threshold: float = 
     return paths
 
 
+def write_mask_tiff(target: PathLike, probabilities: np.ndarray, threshold: float = 0.5) -> Path:
+    """Write the pages' masks (255 = cell where probability > threshold, 0 = membrane) as one uint8 TIFF
+    `<target stem>-mask.tif` beside `target`, atomically; return its path."""
+    target = Path(target)
+    path = target.with_name(f"{target.stem}-mask.tif")
+    pages = np.where(np.asarray(probabilities) > threshold, 255, 0).astype(np.uint8)
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        tifffile.imwrite(part, pages, photometric="minisblack")
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+    return path
+
+
+def warn_if_uniform(name: str, probabilities: np.ndarray) -> str | None:
+    """Print a warning naming the likely causes if a prediction is empty or uniform; return the warning or None."""
+    import metrics
+
+    problem = metrics.uniform_prediction(probabilities)
+    if problem is None:
+        return None
+    warning = f"warning: {name}: the prediction is (nearly) uniform: {problem}; {metrics.UNIFORM_CAUSES}"
+    print(warning, file=sys.stderr)
+    return warning
+
+
 def output_path(input_path: PathLike, out: PathLike | None = None, suffix: str = ".tif") -> Path:
     """Return where the prediction of `input_path` goes: `<stem>-prediction<suffix>` beside it, or in folder `out`."""
     input_path = Path(input_path)
@@ -450,8 +479,13 @@ def predict_files(
     tta: bool = False,
     uint8: bool = False,
     png: bool = False,
+    mask_tiff: bool = False,
 ) -> list[Path]:
     """Predict every image named by `inputs` (files or folders) and write one TIFF each; return their paths.
+
+    With `png` / `mask_tiff` also the 0/255 masks (threshold 0.5) as PNGs /
+    one `-mask.tif` beside each prediction. A prediction that is (nearly)
+    uniform gets a warning naming the likely causes.
 
     `out` is a folder for the predictions (default: beside each input), or a
     .tif/.tiff file name when there is exactly one input image.
@@ -474,10 +508,14 @@ def predict_files(
           f"batch {batch_size}" + (", 8-fold test-time augmentation" if tta else ""))
     for (name, pages), target in zip(images, targets):
         probabilities = predict_stack(model, pages, tile, overlap, batch_size, tta, desc=Path(name).name)
-        write_prediction(target, probabilities if len(probabilities) > 1 else probabilities[0], uint8)
+        pages_out = probabilities if len(probabilities) > 1 else probabilities[0]  # one page: a 2-D TIFF
+        write_prediction(target, pages_out, uint8)
+        warn_if_uniform(name, probabilities)
         if png:
             for path in write_masks(target, probabilities):
                 print(f"wrote {path}")
+        if mask_tiff:
+            print(f"wrote {write_mask_tiff(target, pages_out)}")
         print(f"wrote {target} ({len(pages)} page(s) of {pages.shape[1]}x{pages.shape[2]}, "
               f"{'uint8 0-255' if uint8 else 'float32 probabilities'})")
     return targets
@@ -548,6 +586,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--tta", action="store_true", help="average over the 8 flips and quarter turns of each tile (8x slower)")
     add("--uint8", action="store_true", help="write 0-255 uint8 instead of float32 probabilities")
     add("--png", action="store_true", help="also write a 0/255 PNG mask per page (threshold 0.5)")
+    add("--mask-tiff", action="store_true", help="also write the 0/255 masks (threshold 0.5) as <name>-mask.tif")
     volumes = parser.add_argument_group("zarr output, block by block (a .zarr input or --out NAME.zarr)")
     volumes.add_argument("--block", type=int, help="block side in pixels, also the output's chunks (default 1024)")
     volumes.add_argument("--workers", type=int, metavar="N",
@@ -566,8 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.inputs:
             raise ValueError("no input: name image files or folders, or use --challenge")
         if any(is_zarr(path) for path in [*args.inputs, args.out or ""]):
-            if args.png:
-                raise ValueError("--png is for TIFF output; a zarr output can be thresholded later")
+            if args.png or args.mask_tiff:
+                raise ValueError("--png and --mask-tiff are for TIFF output; a zarr output can be thresholded later")
             predict_volumes(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta,
                             args.uint8, args.block, args.workers, args.dask)
             return 0
@@ -576,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{flag} is for zarr output: give a .zarr input or --out NAME.zarr")
         if args.out and Path(args.out).suffix.lower() in TIFF_SUFFIXES:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        predict_files(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta, args.uint8, args.png)
+        predict_files(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta, args.uint8,
+                      args.png, args.mask_tiff)
     except (ValueError, OSError) as err:  # data.DataError is a ValueError; OSError: files, Dask connections
         print(f"error: {err}", file=sys.stderr)
         return 1

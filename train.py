@@ -6,7 +6,11 @@
 
 A run lives in one folder (`run_dir`): TensorBoard logs in logs/, the best
 model by the monitored validation score in best.keras, the last epoch's model
-with its optimizer in last.keras (what a rerun resumes from) and the settings.
+with its optimizer in last.keras (what a rerun resumes from), the settings and
+the data report (data_report.json / .txt). best.keras holds Keras layers only,
+so it loads anywhere with plain keras.models.load_model.
+
+    python train.py --images my_data/images --labels my_data/masks --split 0.2   # your own data (README)
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ import data
 import distribute
 import hardware
 import losses
-from callbacks import ChallengeScores, ImageHistory, TimeLimit, TrainingState
-from metrics import pixel_difference
+from callbacks import BestModel, ChallengeScores, ImageHistory, TimeLimit, TrainingState, UniformPredictionWarning
+from metrics import MembraneDice, membrane_iou, pixel_difference
 from model import build_unet, with_dtype_policy
 
 PROJECT_DIR = Path(__file__).resolve().parent
-CUSTOM_OBJECTS = {"pixel_difference": pixel_difference, **losses.CUSTOM_OBJECTS}
-HIGHER_IS_BETTER = ("accuracy", "v_rand", "v_info")
+CUSTOM_OBJECTS = {"pixel_difference": pixel_difference, "MembraneDice": MembraneDice, **losses.CUSTOM_OBJECTS}
+HIGHER_IS_BETTER = ("accuracy", "v_rand", "v_info", "dice", "iou")
 
 
 def monitor_mode(monitor: str) -> str:
@@ -45,6 +49,15 @@ class TrainSettings:
     """Everything a training run depends on; defaults are the original notebook's."""
 
     data_dir: str | None = None
+    # Your own data (see data.load_pages): images and labels are two multipage TIFFs or two folders of
+    # PNG/TIFF pages paired by name; None trains on the ISBI stacks in data_dir.
+    images: str | None = None
+    labels: str | None = None
+    val_images: str | None = None  # separate validation pages (then `split` is not used)
+    val_labels: str | None = None
+    split: str | None = None  # validation page indices '3,7', a fraction '0.2' (seeded), or 'isbi' (ISBI's default)
+    membrane_value: int | None = None  # the mask value of membranes (default: the lower of the two)
+    allow_unpaired: bool = False  # skip (and list) images without masks and masks without images
     run_dir: str = "runs/original"
     filters: int = 64
     crop: int = 512  # side of the square training patches, pixels (512 = whole pages)
@@ -229,10 +242,29 @@ def weight_maps(settings: TrainSettings, labels: np.ndarray) -> np.ndarray | Non
     return np.stack([losses.border_weight_map(label[..., 0]) for label in labels])
 
 
+def load_data(settings: TrainSettings) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """Return ({part: (images, labels)} float32 NHWC, the data report) of the data `settings` name.
+
+    Pages of each part are brought to one shape (`data.part_shapes`):
+    training pages reflect-padded up to the crop (larger ones are sampled by
+    random crops), validation pages, predicted whole, cut to a multiple of 16.
+    """
+    pages, report = data.load_pages(settings.images, settings.labels, settings.val_images, settings.val_labels,
+                                    settings.split, settings.membrane_value, settings.allow_unpaired,
+                                    settings.data_dir, settings.seed)
+    sizes = {part: [page.shape for page in images] for part, (images, _) in pages.items()}
+    shapes = data.part_shapes(sizes["train"], sizes["validation"], settings.crop)
+    shapes.update({part: shapes["validation"] for part in pages if part not in shapes})
+    report["network_input"] = {part: list(shape) for part, shape in shapes.items()}
+    split = {part: (data.stack_pages(x, shapes[part]), data.stack_pages(y, shapes[part]))
+             for part, (x, y) in pages.items()}
+    return split, report
+
+
 def training_batches(settings: TrainSettings, split: dict, epoch: int = 0) -> data.AugmentedBatches:
     """Return the augmented training batches of `split['train']` as `settings` describe them, from `epoch`."""
     images, labels = split["train"]
-    crop = settings.crop if settings.crop < images.shape[1] else None
+    crop = None if images.shape[1:3] == (settings.crop, settings.crop) else settings.crop
     batches = data.AugmentedBatches(
         images, labels, settings.batch_size, settings.steps_per_epoch, settings.augmentation, crop, settings.seed,
         weights=weight_maps(settings, labels),
@@ -267,7 +299,10 @@ def train(settings: TrainSettings) -> dict:
     rate = learning_rate(settings)
     keras.utils.set_random_seed(settings.seed)
 
-    split = data.load_split(settings.data_dir)
+    split, report = load_data(settings)
+    print(data.format_report(report))
+    if chief:
+        data.write_report(report, paths["run_dir"])
     val_x, val_y = split["validation"]
     val_w = weight_maps(settings, val_y)
 
@@ -280,7 +315,7 @@ def train(settings: TrainSettings) -> dict:
             model.compile(
                 optimizer=make_optimizer(rate, policy),
                 loss=loss,
-                metrics=["accuracy", pixel_difference],
+                metrics=["accuracy", pixel_difference, MembraneDice(), membrane_iou()],
             )
     saved = state_settings(settings)
     paths["settings"].write_text(json.dumps(saved, indent=2))
@@ -292,6 +327,7 @@ def train(settings: TrainSettings) -> dict:
         ChallengeScores(val_x, val_y, paths["logs"] / "validation", every=settings.challenge_every)
     ] if settings.challenge_every else []
     callbacks += [
+        UniformPredictionWarning(val_x),  # before TensorBoard, which logs its val_uniform
         keras.callbacks.TensorBoard(
             str(paths["logs"]),
             histogram_freq=settings.histogram_freq,
@@ -299,10 +335,7 @@ def train(settings: TrainSettings) -> dict:
             write_images=True,
             update_freq=settings.update_freq,
         ),
-        keras.callbacks.ModelCheckpoint(
-            str(paths["best"]), monitor=settings.monitor, mode=mode, save_best_only=True, verbose=1,
-            initial_value_threshold=best,
-        ),
+        BestModel(paths["best"], settings.monitor, mode, initial_value_threshold=best),
         TrainingState(paths["last"], paths["state"], settings.monitor, best, {"settings": saved}, mode),
         ImageHistory(paths["logs"] / "images", val_x, val_y, draw_interval=settings.draw_interval),
     ]
@@ -364,7 +397,7 @@ def parse_args(argv: list[str] | None = None) -> TrainSettings:
     """Return the settings named on the command line: a preset, then any field overridden."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="auto", help="auto (default), " + ", ".join(PRESETS))
-    types = {"int": int, "float": float, "float | None": float}
+    types = {"int": int, "float": float, "float | None": float, "int | None": int}
     for field in dataclasses.fields(TrainSettings):
         if field.name in ("augmentation", "preset"):
             continue
