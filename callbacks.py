@@ -248,3 +248,140 @@ class ChallengeScores(SummaryCallback):
             tf.summary.scalar("epoch_v_info", scores["val_v_info"], step=epoch)
         self.writer.flush()
 
+
+
+# ---------------------------------------------------------------- surviving interruptions and faults
+
+def save_model_atomic(model: keras.Model, path: str | os.PathLike) -> Path:
+    """Save `model` (weights and optimizer) to `path` through a temporary name in its folder; return the path.
+
+    Keras writes .keras files in place, so a kill during its write would leave
+    half a zip file; here the previous file stays until the new one is whole.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; raised by `StopOnNaN`."""
+
+
+def training_position(iterations: int, steps_per_epoch: int) -> tuple[int, int]:
+    """Return (epoch, batch), both counted from 1, of optimizer step `iterations` (>= 1)."""
+    return (iterations - 1) // steps_per_epoch + 1, (iterations - 1) % steps_per_epoch + 1
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stop training by raising `TrainingDiverged` at the first batch whose loss is NaN or infinite.
+
+    Unlike Keras' TerminateOnNaN it raises, so that the epoch-end callbacks do
+    not run and no checkpoint is overwritten with the broken weights. Place it
+    first in the callback list, before anything that saves at batch end.
+    """
+
+    def __init__(self, steps_per_epoch: int, checkpoints: str = "the earlier checkpoints"):
+        super().__init__()
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.checkpoints = checkpoints
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or np.isfinite(float(loss)):
+            return
+        step = int(self.model.optimizer.iterations.numpy())
+        epoch, index = training_position(step, self.steps_per_epoch)
+        raise TrainingDiverged(
+            f"the loss became {float(loss)} at epoch {epoch}, batch {index} (optimizer step {step}); training "
+            f"stopped and {self.checkpoints} were kept as they were. Lower the learning rate, or check the data "
+            "for NaN values"
+        )
+
+
+class StepBackup(keras.callbacks.Callback):
+    """Save the whole model (weights, optimizer, its step count) to `path` every `every` optimizer steps.
+
+    The optimizer's step count says where in which epoch the backup was taken,
+    so `train()` can resume in the middle of an epoch. 0 saves nothing (but
+    `train()` still calls `save_model_atomic` when interrupted).
+    """
+
+    def __init__(self, path: str | os.PathLike, every: int):
+        super().__init__()
+        if every < 0:
+            raise ValueError(f"every must be 0 (never) or a positive number of steps, got {every}")
+        self.path = Path(path)
+        self.every = int(every)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every and int(self.model.optimizer.iterations.numpy()) % self.every == 0:
+            save_model_atomic(self.model, self.path)
+
+
+class ResumableTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback whose batch-level curves count on from the optimizer's step.
+
+    Keras' own starts its batch counter at 0 in every `fit`, so a resumed run
+    would draw its batch curves over the first run's.
+    """
+
+    def on_train_begin(self, logs=None):
+        self._writers = {}  # those of an earlier fit with this callback were closed at its end
+        super().on_train_begin(logs)
+        self._global_train_batch = int(self.model.optimizer.iterations.numpy())
+        self._pop_writer()
+        self._push_writer(self._train_writer, self._global_train_batch)
+
+
+def mark_session_start(log_dirs, step: int) -> None:
+    """Write a TensorBoard session-start event at `step` into each folder of `log_dirs`.
+
+    TensorBoard drops the events at `step` and later that a run logged before a
+    restart marked this way, so the steps a killed run logged after its last
+    backup are not drawn twice when they are trained again. Call it once at
+    every start of training (step 0 for a fresh run).
+    """
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    for log_dir in log_dirs:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        writer = EventFileWriter(str(log_dir), filename_suffix=".restart")
+        writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                         session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+        writer.close()
+
+
+class BestModel(keras.callbacks.Callback):
+    """Save the model to `path` (atomically) at each epoch end where `monitor` beats the best so far.
+
+    `mode` 'min' or 'max' says which is better; `best` is the value to beat
+    (None: the first epoch is saved). Epochs whose logs lack `monitor` are skipped.
+    """
+
+    def __init__(self, path: str | os.PathLike, monitor: str = "val_loss", mode: str = "min",
+                 best: float | None = None):
+        super().__init__()
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.path = Path(path)
+        self.monitor = monitor
+        self.mode = mode
+        self.best = best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not np.isfinite(float(value)):
+            return
+        value = float(value)
+        if self.best is not None and not (value < self.best if self.mode == "min" else value > self.best):
+            return
+        shown = "none" if self.best is None else f"{self.best:.5f}"
+        print(f"\nEpoch {epoch + 1}: {self.monitor} improved from {shown} to {value:.5f}, saving {self.path}")
+        self.best = value
+        save_model_atomic(self.model, self.path)
