@@ -343,8 +343,9 @@ def mark_session_start(log_dirs, step: int) -> None:
 
     TensorBoard drops the events at `step` and later that a run logged before a
     restart marked this way, so the steps a killed run logged after its last
-    backup are not drawn twice when they are trained again. Call it once at
-    every start of training (step 0 for a fresh run).
+    backup are not drawn twice when they are trained again. Call it at every
+    start of training with the first step it will log (TensorBoard takes the
+    first mark of a folder as the start of the run, not as a restart).
     """
     from tensorboard.compat.proto import event_pb2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter

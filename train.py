@@ -342,7 +342,8 @@ def train(settings: TrainSettings) -> dict:
     data.write_atomic(paths["settings"], json.dumps(saved, indent=2))
     initial_epoch, first_index = divmod(steps_done, settings.steps_per_epoch)
     if chief:
-        mark_session_start([paths["logs"] / part for part in ("train", "validation", "images")], steps_done)
+        # TensorBoard forgets what a killed run logged after the step this run resumes from.
+        mark_session_start([paths["logs"] / part for part in ("train", "validation", "images")], steps_done + 1)
 
     batches = training_batches(settings, split, initial_epoch)
     mode = monitor_mode(settings.monitor)
@@ -387,6 +388,7 @@ def train(settings: TrainSettings) -> dict:
         validation_batch_size=distribute.replicas(strategy),
         callbacks=callbacks,
         verbose=settings.verbose,
+        shuffle=False,  # each batch is random already; Keras' shuffled order would differ on a resumed run
     )
     try:
         with interrupts_raise():
