@@ -135,9 +135,7 @@ class TrainingState(keras.callbacks.Callback):
         better = (lambda a, b: a < b) if self.mode == "min" else (lambda a, b: a > b)
         if value is not None and (self.best is None or better(value, self.best)):
             self.best = value
-        tmp = self.model_path.with_name(self.model_path.stem + ".tmp.keras")
-        self.model.save(tmp)
-        os.replace(tmp, self.model_path)
+        save_model_atomic(self.model, self.model_path)
         state = {"epochs_done": epoch + 1, "logs": logs, "monitor": self.monitor, "best": self.best, **self.extra}
         tmp_state = self.state_path.with_suffix(".tmp")
         tmp_state.write_text(json.dumps(state, indent=2))
@@ -327,7 +325,8 @@ class ResumableTensorBoard(keras.callbacks.TensorBoard):
     """Keras' TensorBoard callback whose batch-level curves count on from the optimizer's step.
 
     Keras' own starts its batch counter at 0 in every `fit`, so a resumed run
-    would draw its batch curves over the first run's.
+    would draw its batch curves over the first run's; and it flushes only now
+    and then, so a killed run would leave a gap before its last backup.
     """
 
     def on_train_begin(self, logs=None):
@@ -336,6 +335,12 @@ class ResumableTensorBoard(keras.callbacks.TensorBoard):
         self._global_train_batch = int(self.model.optimizer.iterations.numpy())
         self._pop_writer()
         self._push_writer(self._train_writer, self._global_train_batch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        # Flushed as written, so that a killed run loses none of the steps its backup holds.
+        if isinstance(self.update_freq, int) and self._global_train_batch % self.update_freq == 0:
+            self._train_writer.flush()
 
 
 def mark_session_start(log_dirs, step: int) -> None:
@@ -348,14 +353,21 @@ def mark_session_start(log_dirs, step: int) -> None:
     first mark of a folder as the start of the run, not as a restart).
     """
     from tensorboard.compat.proto import event_pb2
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    from tensorboard.summary.writer.record_writer import RecordWriter
 
+    now = time.time()
+    events = [event_pb2.Event(wall_time=now, file_version="brain.Event:2"),
+              event_pb2.Event(wall_time=now, step=int(step),
+                              session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))]
     for log_dir in log_dirs:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        writer = EventFileWriter(str(log_dir), filename_suffix=".restart")
-        writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                         session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
-        writer.close()
+        # TensorBoard reads a folder's event files in name order: "!" sorts this one before the files that
+        # TensorFlow opens in the same second (events.out.tfevents.<seconds>.<host>...), after older ones.
+        path = Path(log_dir) / f"events.out.tfevents.{int(now):010d}.!restart"
+        with open(path, "ab") as out:
+            writer = RecordWriter(out)
+            for event in events:
+                writer.write(event.SerializeToString())
 
 
 class BestModel(keras.callbacks.Callback):

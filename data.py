@@ -61,10 +61,9 @@ def write_atomic(path: str | os.PathLike, content) -> Path:
     write leaves the previous file (or none) at `path`, never half a file.
     Raises OSError naming `path` when the folder cannot be written.
     """
-    path = Path(path)
+    path = prepare_output(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.part{path.suffix}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, str):
             tmp.write_text(content)
         elif isinstance(content, bytes):
@@ -76,6 +75,18 @@ def write_atomic(path: str | os.PathLike, content) -> Path:
         raise OSError(err.errno, f"{path}: cannot write it ({err.strerror or err})") from err
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def prepare_output(path: str | os.PathLike) -> Path:
+    """Return `path` after creating its folder; OSError naming `path` if that folder cannot be made."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, f"{path}: cannot write it ({err.strerror or err})") from err
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: cannot write it (it is a folder)")
     return path
 
 
@@ -119,7 +130,7 @@ def read_stack(path: str | os.PathLike) -> np.ndarray:
     if "S" in axes or "C" in axes or photometric == tifffile.PHOTOMETRIC.PALETTE or stack.ndim not in (2, 3):
         raise DataError(
             f"{path}: expected 2-D grey pages, got an array of shape {stack.shape} (axes {axes}, "
-            f"{photometric.name}); colour or multi-channel pages are not supported, convert to greyscale first"
+            f"{getattr(photometric, 'name', f'photometric {photometric}')}); colour or multi-channel pages are not supported, convert to greyscale first"
         )
     stack = stack[np.newaxis] if stack.ndim == 2 else stack
     check_pages(stack, str(path))

@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     try:
+        for output in filter(None, (args.out, args.grid)):
+            data.prepare_output(output)  # before the slow part
         result = evaluate(args.source, args.data_dir, args.pages, args.tta)
         print(report(result))
         if args.out:

@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} is for zarr output: give a .zarr input or --out NAME.zarr")
         if args.out and Path(args.out).suffix.lower() in TIFF_SUFFIXES:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            data.prepare_output(args.out)
         predict_files(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta, args.uint8, args.png)
     except (ValueError, OSError) as err:  # data.DataError is a ValueError; OSError: files, Dask connections
         print(f"error: {err}", file=sys.stderr)
