@@ -223,7 +223,7 @@ def _resume_point(settings: TrainSettings, paths: dict) -> tuple[keras.Model | N
         same_epochs = (saved or {}).get("steps_per_epoch", settings.steps_per_epoch) == settings.steps_per_epoch
         if steps > done and same_epochs:
             epoch, batch = divmod(steps, settings.steps_per_epoch)
-            print(f"resuming from {paths['backup']} at epoch {epoch + 1}, batch {batch} (optimizer step {steps})")
+            print(f"resuming from {paths['backup']} in epoch {epoch + 1} after batch {batch} (optimizer step {steps})")
             return model, steps, state.get("best")
     if not has_last:
         return None, 0, None
@@ -434,7 +434,7 @@ def _save_interrupted(model: keras.Model, backup: Path | None, steps_per_epoch: 
     epoch, batch = divmod(steps, steps_per_epoch)
     if backup is not None:
         save_model_atomic(model, backup)
-    print(f"\ninterrupted ({signal_name or 'KeyboardInterrupt'}) at epoch {epoch + 1}, batch {batch} "
+    print(f"\ninterrupted ({signal_name or 'KeyboardInterrupt'}) in epoch {epoch + 1} after batch {batch} "
           f"(optimizer step {steps})" + (f"; saved {backup}" if backup is not None else "")
           + ". Run the same command again to resume from there.", file=sys.stderr, flush=True)
 

@@ -93,7 +93,7 @@ def test_sigkilled_run_resumes_mid_epoch_and_ends_with_the_uninterrupted_weights
     tmp, first, second = interrupted_runs["tmp"], interrupted_runs["first"], interrupted_runs["second"]
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     assert interrupted_runs["killed_backup_steps"] == 6  # killed after step 7: the step-6 backup is the newest
-    assert "resuming from killed/backup.keras at epoch 2, batch 2 (optimizer step 6)" in second.stdout
+    assert "resuming from killed/backup.keras in epoch 2 after batch 2 (optimizer step 6)" in second.stdout
     resumed = train.load_model(tmp / "killed" / "last.keras")
     assert int(resumed.optimizer.iterations.numpy()) == 8
     for got, want in zip(resumed.get_weights(), weights(tmp / "ref" / "last.keras")):
@@ -118,9 +118,9 @@ def test_ctrl_c_saves_a_backup_says_how_to_resume_and_the_rerun_resumes(interrup
     tmp, second = interrupted_runs["tmp"], interrupted_runs["second"]
     assert second.returncode == 0, second.stderr[-2000:]
     assert "exit code 130" in second.stdout
-    assert ("interrupted (SIGINT) at epoch 2, batch 1 (optimizer step 5); saved ctrl-c/backup.keras. "
+    assert ("interrupted (SIGINT) in epoch 2 after batch 1 (optimizer step 5); saved ctrl-c/backup.keras. "
             "Run the same command again to resume from there.") in second.stderr
-    assert "resuming from ctrl-c/backup.keras at epoch 2, batch 1 (optimizer step 5)" in second.stdout
+    assert "resuming from ctrl-c/backup.keras in epoch 2 after batch 1 (optimizer step 5)" in second.stdout
     for got, want in zip(weights(tmp / "ctrl-c" / "last.keras"), weights(tmp / "ref" / "last.keras")):
         np.testing.assert_array_equal(got, want)
     assert "Traceback" not in second.stderr
