@@ -345,7 +345,8 @@ def train(settings: TrainSettings) -> dict:
         # TensorBoard forgets what a killed run logged after the step this run resumes from.
         mark_session_start([paths["logs"] / part for part in ("train", "validation", "images")], steps_done + 1)
 
-    batches = training_batches(settings, split, initial_epoch)
+    whole_from = initial_epoch + bool(first_index)  # the first epoch trained from its first batch
+    batches = training_batches(settings, split, whole_from)
     mode = monitor_mode(settings.monitor)
     callbacks = [
         # Before the checkpoints: it adds val_v_rand / val_v_info to the logs they read.
@@ -395,7 +396,7 @@ def train(settings: TrainSettings) -> dict:
             # A run stopped mid-epoch first trains the rest of that epoch, on the batches it had not seen.
             rest = model.fit(training_batches(settings, split, initial_epoch, first_index), epochs=initial_epoch + 1,
                              initial_epoch=initial_epoch, **fit).history if first_index else {}
-            history = model.fit(batches, epochs=settings.epochs, initial_epoch=initial_epoch + bool(first_index), **fit)
+            history = model.fit(batches, epochs=settings.epochs, initial_epoch=whole_from, **fit)
             history.history = {k: rest.get(k, []) + v for k, v in history.history.items()} if rest else history.history
     except KeyboardInterrupt as stop:
         _save_interrupted(model, paths["backup"] if chief else None, settings.steps_per_epoch, str(stop))
