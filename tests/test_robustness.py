@@ -40,6 +40,19 @@ DRIVER = textwrap.dedent("""
     for step, name, argv in json.loads(sys.argv[1]):
         target.update(step=step, signal=name)
         print("exit code", train.main(argv), flush=True)
+
+    if len(sys.argv) > 2:  # then SIGKILL this process in the middle of writing a model over that file
+        from keras.src.saving import saving_lib
+
+        def half_then_kill(model, fileobj, weights_format):
+            fileobj.write(b"PK\\x03\\x04 half a zip file")
+            fileobj.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        model = train.load_model(sys.argv[2])
+        model.set_weights([w * 0 for w in model.get_weights()])
+        saving_lib._save_model_to_fileobj = half_then_kill
+        callbacks.save_model_atomic(model, sys.argv[2])
 """)
 
 # 2 epochs x 4 steps, a backup every 3 steps (after steps 3 and 6).
@@ -47,23 +60,25 @@ RUN = ["--preset", "tiny", "--deterministic", "--precision", "float32", "--steps
        "--backup-every", "3"]
 
 
-def run_driver(tmp, runs, data_dir):
+def run_driver(tmp, runs, data_dir, kill_while_writing=None):
     script = tmp / "driver.py"
     script.write_text(DRIVER.format(root=ROOT))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "ISBI_DATA_DIR": str(data_dir)}
-    return subprocess.run([sys.executable, str(script), json.dumps(runs)], cwd=tmp, env=env, capture_output=True,
-                          text=True, timeout=300)
+    extra = [str(kill_while_writing)] if kill_while_writing else []
+    return subprocess.run([sys.executable, str(script), json.dumps(runs), *extra], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def interrupted_runs(tmp_path_factory, isbi_dir):
-    """An uninterrupted run; and the same run Ctrl-C'd after step 2, rerun, SIGKILLed after step 7, rerun."""
+    """An uninterrupted run; and the same run Ctrl-C'd after step 2, rerun, SIGKILLed after step 7, rerun
+    (then SIGKILLed while it writes other weights over its last.keras)."""
     tmp = tmp_path_factory.mktemp("runs")
     first = run_driver(tmp, [[0, "SIGKILL", RUN + ["--run-dir", "ref"]],
                              [2, "SIGINT", RUN + ["--run-dir", "run"]],
                              [7, "SIGKILL", RUN + ["--run-dir", "run"]]], isbi_dir)
     killed_backup_steps = int(train.load_model(tmp / "run" / "backup.keras").optimizer.iterations.numpy())
-    second = run_driver(tmp, [[0, "SIGKILL", RUN + ["--run-dir", "run"]]], isbi_dir)
+    second = run_driver(tmp, [[0, "SIGKILL", RUN + ["--run-dir", "run"]]], isbi_dir, "run/last.keras")
     return {"tmp": tmp, "first": first, "second": second, "killed_backup_steps": killed_backup_steps}
 
 
@@ -96,13 +111,21 @@ def test_sigkilled_run_resumes_mid_epoch_and_ends_with_the_uninterrupted_weights
     tmp, first, second = interrupted_runs["tmp"], interrupted_runs["first"], interrupted_runs["second"]
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     assert interrupted_runs["killed_backup_steps"] == 6  # killed after step 7: the step-6 backup is the newest
-    assert second.returncode == 0 and "exit code 0" in second.stdout, second.stderr[-3000:]
+    assert "exit code 0" in second.stdout, second.stderr[-3000:]
     assert "resuming from run/backup.keras in epoch 2 after batch 2 (optimizer step 6)" in second.stdout
     resumed = train.load_model(tmp / "run" / "last.keras")
     assert int(resumed.optimizer.iterations.numpy()) == 8
     for got, want in zip(resumed.get_weights(), weights(tmp / "ref" / "last.keras")):
         np.testing.assert_array_equal(got, want)
     assert json.loads((tmp / "run" / "state.json").read_text())["epochs_done"] == 2
+
+
+def test_a_process_killed_while_writing_a_model_leaves_the_previous_file(interrupted_runs):
+    tmp, second = interrupted_runs["tmp"], interrupted_runs["second"]
+    assert second.returncode == -signal.SIGKILL
+    for got, want in zip(weights(tmp / "run" / "last.keras"), weights(tmp / "ref" / "last.keras")):
+        np.testing.assert_array_equal(got, want)  # not the zeros, not half a file
+    assert [p.name for p in (tmp / "run").glob(".last.*.tmp.keras")]  # the half-written one kept its own name
 
 
 def test_resumed_curves_have_every_step_once_and_deterministic_runs_give_identical_losses(interrupted_runs):
