@@ -130,7 +130,8 @@ def read_stack(path: str | os.PathLike) -> np.ndarray:
     if "S" in axes or "C" in axes or photometric == tifffile.PHOTOMETRIC.PALETTE or stack.ndim not in (2, 3):
         raise DataError(
             f"{path}: expected 2-D grey pages, got an array of shape {stack.shape} (axes {axes}, "
-            f"{getattr(photometric, 'name', f'photometric {photometric}')}); colour or multi-channel pages are not supported, convert to greyscale first"
+            f"{getattr(photometric, 'name', f'photometric {photometric}')}); colour or multi-channel pages "
+            "are not supported, convert to greyscale first"
         )
     stack = stack[np.newaxis] if stack.ndim == 2 else stack
     check_pages(stack, str(path))

@@ -280,7 +280,9 @@ def weight_maps(settings: TrainSettings, labels: np.ndarray) -> np.ndarray | Non
     return np.stack([losses.border_weight_map(label[..., 0]) for label in labels])
 
 
-def training_batches(settings: TrainSettings, split: dict, epoch: int = 0, first_index: int = 0) -> data.AugmentedBatches:
+def training_batches(
+    settings: TrainSettings, split: dict, epoch: int = 0, first_index: int = 0
+) -> data.AugmentedBatches:
     """Return the augmented training batches of `split['train']` as `settings` describe them, from `epoch`
     (each epoch's batches from `first_index` on)."""
     images, labels = split["train"]
@@ -394,8 +396,10 @@ def train(settings: TrainSettings) -> dict:
     try:
         with interrupts_raise():
             # A run stopped mid-epoch first trains the rest of that epoch, on the batches it had not seen.
-            rest = model.fit(training_batches(settings, split, initial_epoch, first_index), epochs=initial_epoch + 1,
-                             initial_epoch=initial_epoch, **fit).history if first_index else {}
+            rest = {}
+            if first_index and whole_from <= settings.epochs:
+                rest = model.fit(training_batches(settings, split, initial_epoch, first_index), epochs=whole_from,
+                                 initial_epoch=initial_epoch, **fit).history
             history = model.fit(batches, epochs=settings.epochs, initial_epoch=whole_from, **fit)
             history.history = {k: rest.get(k, []) + v for k, v in history.history.items()} if rest else history.history
     except KeyboardInterrupt as stop:

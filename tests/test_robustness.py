@@ -232,7 +232,8 @@ BAD_TIFFS = {
     "no pixels": (lambda p, real: tiff(p, np.zeros((0, 16, 16), np.uint8)), "no pixels"),
     "nan floats": (lambda p, real: tiff(p, np.full((2, 16, 16), np.nan, np.float32)), "NaN or infinite"),
     "negative integers": (lambda p, real: tiff(p, np.full((2, 16, 16), -3, np.int16)), "negative pixel values"),
-    "unknown photometric": (lambda p, real: p.write_bytes(unknown_photometric(tiff(p, np.zeros((2, 4, 3, 8), np.uint8)))),
+    "unknown photometric": (lambda p, real: p.write_bytes(unknown_photometric(tiff(p, np.zeros((2, 4, 3, 8),
+                                                                                               np.uint8)))),
                             "expected 2-D grey pages"),
     "complex": (lambda p, real: tiff(p, np.zeros((2, 16, 16), np.complex64)), "not supported"),
 }
