@@ -136,9 +136,7 @@ class TrainingState(keras.callbacks.Callback):
         better = (lambda a, b: a < b) if self.mode == "min" else (lambda a, b: a > b)
         if value is not None and (self.best is None or better(value, self.best)):
             self.best = value
-        tmp = self.model_path.with_name(self.model_path.stem + ".tmp.keras")
-        self.model.save(tmp)
-        os.replace(tmp, self.model_path)
+        save_model_atomic(self.model, self.model_path)
         state = {"epochs_done": epoch + 1, "logs": logs, "monitor": self.monitor, "best": self.best, **self.extra}
         tmp_state = self.state_path.with_suffix(".tmp")
         tmp_state.write_text(json.dumps(state, indent=2))
@@ -251,6 +249,128 @@ class ChallengeScores(SummaryCallback):
 
 
 
+# ---------------------------------------------------------------- surviving interruptions and faults
+
+def save_model_atomic(model: keras.Model, path: str | os.PathLike) -> Path:
+    """Save `model` (weights and optimizer) to `path` through a temporary name in its folder; return the path.
+
+    Keras writes .keras files in place, so a kill during its write would leave
+    half a zip file; here the previous file stays until the new one is whole.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; raised by `StopOnNaN`."""
+
+
+def training_position(iterations: int, steps_per_epoch: int) -> tuple[int, int]:
+    """Return (epoch, batch), both counted from 1, of optimizer step `iterations` (>= 1)."""
+    return (iterations - 1) // steps_per_epoch + 1, (iterations - 1) % steps_per_epoch + 1
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stop training by raising `TrainingDiverged` at the first batch whose loss is NaN or infinite.
+
+    Unlike Keras' TerminateOnNaN it raises, so that the epoch-end callbacks do
+    not run and no checkpoint is overwritten with the broken weights. Place it
+    first in the callback list, before anything that saves at batch end.
+    """
+
+    def __init__(self, steps_per_epoch: int, checkpoints: str = "the earlier checkpoints"):
+        super().__init__()
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.checkpoints = checkpoints
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or np.isfinite(float(loss)):
+            return
+        step = int(self.model.optimizer.iterations.numpy())
+        epoch, index = training_position(step, self.steps_per_epoch)
+        raise TrainingDiverged(
+            f"the loss became {float(loss)} at epoch {epoch}, batch {index} (optimizer step {step}); training "
+            f"stopped and {self.checkpoints} were kept as they were. Lower the learning rate, or check the data "
+            "for NaN values"
+        )
+
+
+class StepBackup(keras.callbacks.Callback):
+    """Save the whole model (weights, optimizer, its step count) to `path` every `every` optimizer steps.
+
+    The optimizer's step count says where in which epoch the backup was taken,
+    so `train()` can resume in the middle of an epoch. 0 saves nothing (but
+    `train()` still calls `save_model_atomic` when interrupted).
+    """
+
+    def __init__(self, path: str | os.PathLike, every: int):
+        super().__init__()
+        if every < 0:
+            raise ValueError(f"every must be 0 (never) or a positive number of steps, got {every}")
+        self.path = Path(path)
+        self.every = int(every)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every and int(self.model.optimizer.iterations.numpy()) % self.every == 0:
+            save_model_atomic(self.model, self.path)
+
+
+class ResumableTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback whose batch-level curves count on from the optimizer's step.
+
+    Keras' own starts its batch counter at 0 in every `fit`, so a resumed run
+    would draw its batch curves over the first run's; and it flushes only now
+    and then, so a killed run would leave a gap before its last backup.
+    """
+
+    def on_train_begin(self, logs=None):
+        self._writers = {}  # those of an earlier fit with this callback were closed at its end
+        super().on_train_begin(logs)
+        self._global_train_batch = int(self.model.optimizer.iterations.numpy())
+        self._pop_writer()
+        self._push_writer(self._train_writer, self._global_train_batch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        # Flushed as written, so that a killed run loses none of the steps its backup holds.
+        if isinstance(self.update_freq, int) and self._global_train_batch % self.update_freq == 0:
+            self._train_writer.flush()
+
+
+def mark_session_start(log_dirs, step: int) -> None:
+    """Write a TensorBoard session-start event at `step` into each folder of `log_dirs`.
+
+    TensorBoard drops the events at `step` and later that a run logged before a
+    restart marked this way, so the steps a killed run logged after its last
+    backup are not drawn twice when they are trained again. Call it at every
+    start of training with the first step it will log (TensorBoard takes the
+    first mark of a folder as the start of the run, not as a restart).
+    """
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    now = time.time()
+    events = [event_pb2.Event(wall_time=now, file_version="brain.Event:2"),
+              event_pb2.Event(wall_time=now, step=int(step),
+                              session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))]
+    for log_dir in log_dirs:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        # TensorBoard reads a folder's event files in name order: "!" sorts this one before the files that
+        # TensorFlow opens in the same second (events.out.tfevents.<seconds>.<host>...), after older ones.
+        path = Path(log_dir) / f"events.out.tfevents.{int(now):010d}.!restart"
+        with open(path, "ab") as out:
+            writer = RecordWriter(out)
+            for event in events:
+                writer.write(event.SerializeToString())
+
+
 def inference_model(model: keras.Model) -> keras.Model:
     """Return `model`'s layers (shared, same weights) as a model with no optimizer and no compile config.
 
@@ -263,38 +383,39 @@ def inference_model(model: keras.Model) -> keras.Model:
 
 
 class BestModel(keras.callbacks.Callback):
-    """Save the model for inference (`inference_model`) to `path`, atomically, each time `monitor` improves.
+    """Save the model for inference (`inference_model`) to `path`, atomically, at each epoch end where
+    `monitor` beats the best so far.
 
     Like Keras' ModelCheckpoint(save_best_only=True), but the file loads
-    anywhere. `mode` is 'min' or 'max'; `initial_value_threshold` is the
-    value to beat (a resumed run's best).
+    anywhere and a kill during the write leaves the previous one. `mode` 'min'
+    or 'max' says which is better; `best` is the value to beat (None: the
+    first epoch is saved; a resumed run's best). Epochs whose logs lack
+    `monitor`, or where it is not finite, are skipped with a warning.
     """
 
     def __init__(self, path: str | os.PathLike, monitor: str = "val_loss", mode: str = "min",
-                 initial_value_threshold: float | None = None):
+                 best: float | None = None):
         super().__init__()
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         self.path = Path(path)
         self.monitor = monitor
         self.mode = mode
-        self.best = initial_value_threshold
+        self.best = best
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
-        if value is None:
-            print(f"warning: epoch {epoch + 1}: {self.monitor} is not in the logs ({', '.join(logs or {})}); "
-                  f"{self.path} not updated", file=sys.stderr)
+        if value is None or not np.isfinite(float(value)):
+            found = "missing from the logs" if value is None else f"{value}"
+            print(f"warning: epoch {epoch + 1}: {self.monitor} is {found}; {self.path} not updated", file=sys.stderr)
             return
         value = float(value)
         if self.best is not None and not (value < self.best if self.mode == "min" else value > self.best):
             return
-        previous = "nothing" if self.best is None else f"{self.best:.5f}"
-        print(f"epoch {epoch + 1}: {self.monitor} improved from {previous} to {value:.5f}, saving {self.path}")
+        shown = "none" if self.best is None else f"{self.best:.5f}"
+        print(f"\nEpoch {epoch + 1}: {self.monitor} improved from {shown} to {value:.5f}, saving {self.path}")
         self.best = value
-        tmp = self.path.with_name(self.path.stem + ".tmp.keras")
-        inference_model(self.model).save(tmp)
-        os.replace(tmp, self.path)
+        save_model_atomic(inference_model(self.model), self.path)
 
 
 class UniformPredictionWarning(keras.callbacks.Callback):

@@ -47,8 +47,51 @@ HOW_TO_GET = (
 )
 
 
+# Pixels a TIFF may claim beyond 64 times its size (compressed data expand) before it counts as corrupt.
+MAX_EXPANSION_BYTES = 1 << 30
+
+
 class DataError(ValueError):
     """A data file is missing or not what the project expects."""
+
+
+# ---------------------------------------------------------------- writing
+
+def write_atomic(path: str | os.PathLike, content) -> Path:
+    """Write `content` to `path` through a temporary name in the same folder, renamed into place; return the path.
+
+    `content` is text, bytes, or a function that writes the file it is given
+    (a temporary path with the same suffix). A kill or an error during the
+    write leaves the previous file (or none) at `path`, never half a file.
+    Raises OSError naming `path` when the folder cannot be written.
+    """
+    path = prepare_output(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.part{path.suffix}")
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content)
+        elif isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            content(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, f"{path}: cannot write it ({err.strerror or err})") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def prepare_output(path: str | os.PathLike) -> Path:
+    """Return `path` after creating its folder; OSError naming `path` if that folder cannot be made."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, f"{path}: cannot write it ({err.strerror or err})") from err
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: cannot write it (it is a folder)")
+    return path
 
 
 # ---------------------------------------------------------------- finding
@@ -79,15 +122,46 @@ def read_stack(path: str | os.PathLike) -> np.ndarray:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             axes, photometric = series.axes, series.keyframe.photometric
+            if series.nbytes > max(64 * path.stat().st_size, MAX_EXPANSION_BYTES):
+                raise DataError(f"{path}: the file claims {series.nbytes:,} bytes of pixels in {path.stat().st_size:,} "
+                                "bytes; it is truncated or corrupt")
             stack = series.asarray()
+    except DataError:
+        raise
     except Exception as err:  # tifffile raises several types for non-TIFF input
-        raise DataError(f"{path}: not a readable TIFF file ({err})") from err
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise DataError(f"{path}: not a readable TIFF file ({reason})") from err
     if "S" in axes or "C" in axes or photometric == tifffile.PHOTOMETRIC.PALETTE or stack.ndim not in (2, 3):
         raise DataError(
             f"{path}: expected 2-D grey pages, got an array of shape {stack.shape} (axes {axes}, "
-            f"{photometric.name}); colour or multi-channel pages are not supported, convert to greyscale first"
+            f"{getattr(photometric, 'name', f'photometric {photometric}')}); colour or multi-channel pages "
+            "are not supported, convert to greyscale first"
         )
-    return stack[np.newaxis] if stack.ndim == 2 else stack
+    stack = stack[np.newaxis] if stack.ndim == 2 else stack
+    check_pages(stack, str(path))
+    return stack
+
+
+def check_pages(stack: np.ndarray, name: str) -> None:
+    """Raise DataError unless `stack` holds pages of at least one pixel with usable values:
+    booleans, unsigned integers, signed integers without negative values, or finite floats."""
+    if stack.size == 0:
+        raise DataError(f"{name}: no pixels (pages of shape {stack.shape[1:]}, {len(stack)} pages)")
+    kind = stack.dtype.kind
+    if kind not in "buif":
+        raise DataError(f"{name}: pixels of type {stack.dtype} are not supported; save grey integers or floats")
+    if kind == "i" and stack.min() < 0:
+        raise DataError(f"{name}: negative pixel values (type {stack.dtype}, minimum {stack.min()}); "
+                        "save unsigned integers or floats in [0, 1]")
+    if kind == "f" and not np.isfinite(stack).all():
+        raise DataError(f"{name}: {np.count_nonzero(~np.isfinite(stack)):,} pixels are NaN or infinite")
+
+
+def check_float_range(images: np.ndarray, name: str) -> None:
+    """Raise DataError if float `images` (taken as they are, not scaled) lie outside [0, 1]."""
+    if images.dtype.kind == "f" and (images.min() < 0 or images.max() > 1):
+        raise DataError(f"{name}: float pixels must lie in [0, 1], found {images.min():g} to {images.max():g}; "
+                        "scale them, or save them as 8- or 16-bit integers")
 
 
 def check_labels(labels: np.ndarray, name: str = "labels") -> None:
@@ -105,6 +179,7 @@ def load_isbi(data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np
     """Return the raw (images, labels) stacks, validated, as read from disk (uint8, N x H x W)."""
     folder = find_data_dir(data_dir)
     images = read_stack(folder / IMAGES_FILE)
+    check_float_range(images, str(folder / IMAGES_FILE))
     labels = read_stack(folder / LABELS_FILE)
     if images.shape != labels.shape:
         raise DataError(
@@ -321,7 +396,8 @@ class AugmentedBatches(keras.utils.PyDataset):
     loss weights of each page, N x H x W) it yields (images, labels, weights),
     the weights moved with their labels, which Keras applies as sample weights.
     The random stream is a function of (seed, epoch, index) only, so a resumed
-    run sees the batches it would have seen.
+    run sees the batches it would have seen; `first_index` > 0 leaves out the
+    first batches of every epoch (those trained before an interruption).
     """
 
     def __init__(
@@ -334,9 +410,12 @@ class AugmentedBatches(keras.utils.PyDataset):
         crop: int | None = None,
         seed: int = 0,
         weights: np.ndarray | None = None,
+        first_index: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if not 0 <= first_index < steps_per_epoch:
+            raise ValueError(f"first_index must lie in 0..{steps_per_epoch - 1}, got {first_index}")
         if images.shape != labels.shape:
             raise DataError(f"images {images.shape} and labels {labels.shape} differ in shape")
         if weights is not None and weights.shape != labels.shape[:3]:
@@ -349,13 +428,14 @@ class AugmentedBatches(keras.utils.PyDataset):
         self.augmentation = augmentation if augmentation is not None else Augmentation()
         self.crop = crop
         self.seed = seed
+        self.first_index = first_index
         self.epoch = 0
 
     def __len__(self) -> int:
-        return self.steps_per_epoch
+        return self.steps_per_epoch - self.first_index
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, self.epoch, index + self.first_index])
         pages = rng.integers(0, len(self.images), size=self.batch_size)
         samples = [
             augment_pair(self.images[p], self.labels[p], self.augmentation, rng, self.crop,

@@ -122,19 +122,21 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     try:
+        for output in filter(None, (args.out, args.grid)):
+            data.prepare_output(output)  # before the slow part
         result = evaluate(args.source, args.data_dir, args.pages, args.tta)
-    except data.DataError as err:
+        print(report(result))
+        if args.out:
+            keep = {k: result[k] for k in ("source", "pages", "per_page", "mean")}
+            data.write_atomic(args.out, json.dumps(keep, indent=2))
+        if args.grid:
+            import figures
+
+            titles = [f"page {page}" for page in result["pages"]]
+            figures.save_results_grid(result["images"], result["labels"], result["predictions"], args.grid, titles)
+    except (data.DataError, OSError) as err:  # bad inputs; an output that cannot be written
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(report(result))
-    if args.out:
-        keep = {k: result[k] for k in ("source", "pages", "per_page", "mean")}
-        Path(args.out).write_text(json.dumps(keep, indent=2))
-    if args.grid:
-        import figures
-
-        titles = [f"page {page}" for page in result["pages"]]
-        figures.save_results_grid(result["images"], result["labels"], result["predictions"], args.grid, titles)
     return 0
 
 

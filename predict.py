@@ -320,8 +320,13 @@ def _read_pil(path: Path) -> np.ndarray:
                         "first (e.g. PIL's Image.convert('L'))"
                     )
                 frames.append(np.array(frame))
-    except (UnidentifiedImageError, OSError) as err:
-        raise data.DataError(f"{path}: not a readable image file ({err})") from err
+    except data.DataError:
+        raise
+    except Exception as err:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError, bombs)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise data.DataError(f"{path}: not a readable image file ({reason})") from err
+    if len({frame.shape for frame in frames}) > 1:
+        raise data.DataError(f"{path}: its frames differ in size ({', '.join(str(f.shape) for f in frames[:4])})")
     return np.stack(frames)
 
 
@@ -330,9 +335,10 @@ def read_image(path: PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise data.DataError(f"{path}: file not found")
-    if path.suffix.lower() in TIFF_SUFFIXES:
-        return data.read_stack(path)
-    return _read_pil(path)
+    pages = data.read_stack(path) if path.suffix.lower() in TIFF_SUFFIXES else _read_pil(path)
+    data.check_pages(pages, str(path))
+    data.check_float_range(pages, str(path))
+    return pages
 
 
 def image_files(paths: Sequence[PathLike]) -> list[Path]:
@@ -380,15 +386,8 @@ def write_prediction(path: PathLike, probabilities: np.ndarray, uint8: bool = Fa
         raise ValueError(f"expected (height, width) or (pages, height, width) probabilities, got shape {pages.shape}")
     if uint8:
         pages = to_uint8(pages)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # A fresh name in the same folder, created by tifffile (so with the usual permissions), renamed into place.
-    part = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        tifffile.imwrite(part, pages, photometric="minisblack")
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
-    return path
+    return data.write_atomic(path, lambda part: tifffile.imwrite(part, pages, photometric="minisblack"))
 
 
 def write_masks(target: PathLike, probabilities: np.ndarray, threshold: float = 0.5) -> list[Path]:
@@ -401,8 +400,8 @@ def write_masks(target: PathLike, probabilities: np.ndarray, threshold: float = 
     for i, page in enumerate(probabilities):
         suffix = f"-{i}" if len(probabilities) > 1 else ""
         path = target.with_name(f"{target.stem}{suffix}.png")
-        Image.fromarray(np.where(page > threshold, 255, 0).astype(np.uint8)).save(path)
-        paths.append(path)
+        mask = Image.fromarray(np.where(page > threshold, 255, 0).astype(np.uint8))
+        paths.append(data.write_atomic(path, lambda part: mask.save(part, format="PNG")))
     return paths
 
 
@@ -614,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} is for zarr output: give a .zarr input or --out NAME.zarr")
         if args.out and Path(args.out).suffix.lower() in TIFF_SUFFIXES:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            data.prepare_output(args.out)
         predict_files(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta, args.uint8,
                       args.png, args.mask_tiff)
     except (ValueError, OSError) as err:  # data.DataError is a ValueError; OSError: files, Dask connections

@@ -16,10 +16,13 @@ so it loads anywhere with plain keras.models.load_model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,7 +33,8 @@ import data
 import distribute
 import hardware
 import losses
-from callbacks import BestModel, ChallengeScores, ImageHistory, TimeLimit, TrainingState, UniformPredictionWarning
+from callbacks import (BestModel, ChallengeScores, ImageHistory, ResumableTensorBoard, StepBackup, StopOnNaN,
+                       TimeLimit, TrainingState, UniformPredictionWarning, mark_session_start, save_model_atomic)
 from metrics import MembraneDice, membrane_iou, pixel_difference
 from model import build_unet, with_dtype_policy
 
@@ -78,6 +82,8 @@ class TrainSettings:
     update_freq: int = 100
     time_limit: float | None = None  # seconds; stops at the end of the epoch that passes it
     seed: int = 0
+    deterministic: bool = False  # identical losses step by step on a rerun (TensorFlow op determinism; slower)
+    backup_every: int = 100  # optimizer steps between mid-epoch backups (backup.keras) a killed run resumes from
     clear_all: bool = False  # delete the run's models and logs before starting
     resume: bool = True  # continue from run_dir/last.keras when it is there
     verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
@@ -108,6 +114,7 @@ PRESETS = {
         loss="bce_dice",
         draw_interval=200,
         time_limit=28 * 60,
+        backup_every=25,
         augmentation=data.Augmentation(vertical_flip=True, rot90=True),
         preset="cpu",
     ),
@@ -166,6 +173,7 @@ def run_paths(run_dir: str | Path) -> dict[str, Path]:
         "best": run_dir / "best.keras",
         "last": run_dir / "last.keras",
         "state": run_dir / "state.json",
+        "backup": run_dir / "backup.keras",
         "settings": run_dir / "settings.json",
         "summary": run_dir / "summary.json",
     }
@@ -175,7 +183,7 @@ def clear_run(run_dir: str | Path) -> None:
     """Delete a run's models, state and TensorBoard logs (the original's clear_all)."""
     paths = run_paths(run_dir)
     shutil.rmtree(paths["logs"], ignore_errors=True)
-    for key in ("best", "last", "state", "settings", "summary"):
+    for key in ("best", "last", "state", "settings", "summary", "backup"):
         paths[key].unlink(missing_ok=True)
 
 
@@ -186,7 +194,14 @@ def load_model(path: str | Path, precision: str | None = None) -> keras.Model:
     is returned for inference in that precision: recast if it was saved in
     another one, then without its optimizer.
     """
-    model = keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS)
+    path = Path(path)
+    if not path.is_file():
+        raise data.DataError(f"{path}: no such model file")
+    try:
+        model = keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS)
+    except Exception as err:  # Keras raises many types for files that are not its models
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise data.DataError(f"{path}: not a Keras model this project can load ({reason})") from err
     if precision is None:
         return model
     policy = hardware.choose_precision(precision)
@@ -196,19 +211,55 @@ def load_model(path: str | Path, precision: str | None = None) -> keras.Model:
 
 
 def _resume_point(settings: TrainSettings, paths: dict) -> tuple[keras.Model | None, int, float | None]:
-    """Return (model, epochs done, best monitored value) of an earlier run, or (None, 0, None)."""
-    if not (settings.resume and paths["last"].is_file() and paths["state"].is_file()):
+    """Return (model, optimizer steps done, best monitored value) of an earlier run, or (None, 0, None).
+
+    The model is the newer of last.keras (saved at an epoch end) and
+    backup.keras (saved every `backup_every` steps and when interrupted).
+    """
+    state = json.loads(paths["state"].read_text()) if paths["state"].is_file() else {}
+    has_last = paths["last"].is_file() and bool(state)
+    if not (settings.resume and (has_last or paths["backup"].is_file())):
         return None, 0, None
-    state = json.loads(paths["state"].read_text())
-    saved, current = state.get("settings", {}), state_settings(settings)
+    saved, current = state.get("settings"), state_settings(settings)
+    if saved is None and paths["settings"].is_file():  # killed before its first epoch ended
+        saved = json.loads(paths["settings"].read_text())
     for key in ("filters", "precision_policy", "loss"):
-        if key in saved and saved[key] != current[key]:
+        if key in (saved or {}) and saved[key] != current[key]:
             raise ValueError(
                 f"{paths['last']} was trained with {key}={saved[key]!r}, not {current[key]!r}; "
                 "use another run_dir, or clear_all=True (--clear-all) to start afresh"
             )
+    done = int(state.get("epochs_done", 0)) * settings.steps_per_epoch
+    if paths["backup"].is_file():
+        model = load_model(paths["backup"])
+        steps = int(model.optimizer.iterations.numpy())
+        same_epochs = (saved or {}).get("steps_per_epoch", settings.steps_per_epoch) == settings.steps_per_epoch
+        if steps > done and same_epochs:
+            epoch, batch = divmod(steps, settings.steps_per_epoch)
+            print(f"resuming from {paths['backup']} in epoch {epoch + 1} after batch {batch} (optimizer step {steps})")
+            return model, steps, state.get("best")
+    if not has_last:
+        return None, 0, None
     print(f"resuming from {paths['last']} after epoch {state['epochs_done']}")
-    return load_model(paths["last"]), int(state["epochs_done"]), state.get("best")
+    return load_model(paths["last"]), done, state.get("best")
+
+
+@contextlib.contextmanager
+def interrupts_raise():
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt (in the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def state_settings(settings: TrainSettings) -> dict:
@@ -261,8 +312,11 @@ def load_data(settings: TrainSettings) -> tuple[dict[str, tuple[np.ndarray, np.n
     return split, report
 
 
-def training_batches(settings: TrainSettings, split: dict, epoch: int = 0) -> data.AugmentedBatches:
-    """Return the augmented training batches of `split['train']` as `settings` describe them, from `epoch`."""
+def training_batches(
+    settings: TrainSettings, split: dict, epoch: int = 0, first_index: int = 0
+) -> data.AugmentedBatches:
+    """Return the augmented training batches of `split['train']` as `settings` describe them, from `epoch`
+    (each epoch's batches from `first_index` on)."""
     images, labels = split["train"]
     crop = None if images.shape[1:3] == (settings.crop, settings.crop) else settings.crop
     batches = data.AugmentedBatches(
@@ -271,7 +325,7 @@ def training_batches(settings: TrainSettings, split: dict, epoch: int = 0) -> da
         # Worker processes augment outside the training process's GIL; each epoch starts a fresh pool
         # that sees the dataset's current epoch. Without them tf.data prefetches from a thread.
         workers=max(settings.data_workers, 1), use_multiprocessing=settings.data_workers > 0,
-        max_queue_size=4 * settings.data_workers or 10,
+        max_queue_size=4 * settings.data_workers or 10, first_index=first_index,
     )
     batches.epoch = epoch
     return batches
@@ -298,6 +352,10 @@ def train(settings: TrainSettings) -> dict:
     loss = losses.get_loss(settings.loss)  # unknown names fail here, before the data load
     rate = learning_rate(settings)
     keras.utils.set_random_seed(settings.seed)
+    if settings.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
 
     split, report = load_data(settings)
     print(data.format_report(report))
@@ -309,7 +367,7 @@ def train(settings: TrainSettings) -> dict:
     with strategy.scope():
         # Every worker resumes from the run folder (shared between machines), which only the chief writes.
         resume = settings.resume and not settings.clear_all
-        model, initial_epoch, best = _resume_point(settings, run_paths(settings.run_dir)) if resume else (None, 0, None)
+        model, steps_done, best = _resume_point(settings, run_paths(settings.run_dir)) if resume else (None, 0, None)
         if model is None:
             model = build_unet((None, None, 1), filters=settings.filters, dtype_policy=policy)
             model.compile(
@@ -318,33 +376,42 @@ def train(settings: TrainSettings) -> dict:
                 metrics=["accuracy", pixel_difference, MembraneDice(), membrane_iou()],
             )
     saved = state_settings(settings)
-    paths["settings"].write_text(json.dumps(saved, indent=2))
+    data.write_atomic(paths["settings"], json.dumps(saved, indent=2))
+    initial_epoch, first_index = divmod(steps_done, settings.steps_per_epoch)
+    if chief:
+        # TensorBoard forgets what a killed run logged after the step this run resumes from.
+        mark_session_start([paths["logs"] / part for part in ("train", "validation", "images")], steps_done + 1)
 
-    batches = training_batches(settings, split, initial_epoch)
+    whole_from = initial_epoch + bool(first_index)  # the first epoch trained from its first batch
+    batches = training_batches(settings, split, whole_from)
     mode = monitor_mode(settings.monitor)
     callbacks = [
         # Before the checkpoints: it adds val_v_rand / val_v_info to the logs they read.
         ChallengeScores(val_x, val_y, paths["logs"] / "validation", every=settings.challenge_every)
     ] if settings.challenge_every else []
+    # First: a NaN loss stops training before anything saves the broken weights.
+    callbacks.insert(0, StopOnNaN(settings.steps_per_epoch, f"the checkpoints in {paths['run_dir']}"))
     callbacks += [
         UniformPredictionWarning(val_x),  # before TensorBoard, which logs its val_uniform
-        keras.callbacks.TensorBoard(
+        ResumableTensorBoard(
             str(paths["logs"]),
             histogram_freq=settings.histogram_freq,
             write_graph=True,
             write_images=True,
             update_freq=settings.update_freq,
         ),
-        BestModel(paths["best"], settings.monitor, mode, initial_value_threshold=best),
+        BestModel(paths["best"], settings.monitor, mode, best),
         TrainingState(paths["last"], paths["state"], settings.monitor, best, {"settings": saved}, mode),
         ImageHistory(paths["logs"] / "images", val_x, val_y, draw_interval=settings.draw_interval),
+        StepBackup(paths["backup"], settings.backup_every if chief else 0),
     ]
     callbacks.append(TimeLimit(settings.time_limit, initial_epoch, settings.epochs))
 
     print(
         f"starting training: preset {settings.preset}, {settings.filters} filters "
         f"({model.count_params():,} parameters), {settings.crop}x{settings.crop} crops, batch {settings.batch_size}, "
-        f"{settings.epochs} epochs x {settings.steps_per_epoch} steps from epoch {initial_epoch}, "
+        f"{settings.epochs} epochs x {settings.steps_per_epoch} steps from epoch {initial_epoch}"
+        + (f" batch {first_index}" if first_index else "") + ", "
         f"lr {settings.learning_rate}" + (f" ({settings.lr_schedule})" if settings.lr_schedule != "constant" else "")
         + f", precision {policy}"
         + (f", strategy {settings.strategy} ({distribute.replicas(strategy)} replicas"
@@ -354,17 +421,26 @@ def train(settings: TrainSettings) -> dict:
         + f"\n  on {hardware.describe()}\n  run folder {paths['run_dir']}"
     )
     start = time.monotonic()
+    fit = dict(
+        validation_data=distribute.replicate_pages(*((val_x, val_y) if val_w is None else (val_x, val_y, val_w)),
+                                                   count=distribute.replicas(strategy)),
+        validation_batch_size=distribute.replicas(strategy),
+        callbacks=callbacks,
+        verbose=settings.verbose,
+        shuffle=False,  # each batch is random already; Keras' shuffled order would differ on a resumed run
+    )
     try:
-        history = model.fit(
-            batches,
-            epochs=settings.epochs,
-            initial_epoch=initial_epoch,
-            validation_data=distribute.replicate_pages(*((val_x, val_y) if val_w is None else (val_x, val_y, val_w)),
-                                                       count=distribute.replicas(strategy)),
-            validation_batch_size=distribute.replicas(strategy),
-            callbacks=callbacks,
-            verbose=settings.verbose,
-        )
+        with interrupts_raise():
+            # A run stopped mid-epoch first trains the rest of that epoch, on the batches it had not seen.
+            rest = {}
+            if first_index and whole_from <= settings.epochs:
+                rest = model.fit(training_batches(settings, split, initial_epoch, first_index), epochs=whole_from,
+                                 initial_epoch=initial_epoch, **fit).history
+            history = model.fit(batches, epochs=settings.epochs, initial_epoch=whole_from, **fit)
+            history.history = {k: rest.get(k, []) + v for k, v in history.history.items()} if rest else history.history
+    except KeyboardInterrupt as stop:
+        _save_interrupted(model, paths["backup"] if chief else None, settings.steps_per_epoch, str(stop))
+        raise
     finally:
         write_dir.cleanup()  # a worker's temporary folder goes, even when training fails
     seconds = time.monotonic() - start
@@ -382,7 +458,7 @@ def train(settings: TrainSettings) -> dict:
         "final_logs": {k: float(v[-1]) for k, v in history.history.items() if v},
     }
     if chief:
-        paths["summary"].write_text(json.dumps(summary, indent=2))
+        data.write_atomic(paths["summary"], json.dumps(summary, indent=2))
     return {
         "history": history.history,
         "best": paths["best"],
@@ -391,6 +467,17 @@ def train(settings: TrainSettings) -> dict:
         "seconds": seconds,
         "precision": policy,
     }
+
+
+def _save_interrupted(model: keras.Model, backup: Path | None, steps_per_epoch: int, signal_name: str) -> None:
+    """Save `model` to `backup` (None: not this worker's job) and say how to resume."""
+    steps = int(model.optimizer.iterations.numpy())
+    epoch, batch = divmod(steps, steps_per_epoch)
+    if backup is not None:
+        save_model_atomic(model, backup)
+    print(f"\ninterrupted ({signal_name or 'KeyboardInterrupt'}) in epoch {epoch + 1} after batch {batch} "
+          f"(optimizer step {steps})" + (f"; saved {backup}" if backup is not None else "")
+          + ". Run the same command again to resume from there.", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainSettings:
@@ -421,9 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     try:
         train(settings)
-    except ValueError as err:  # data.DataError included: bad data, settings or strategy
+    except (ValueError, OSError) as err:  # data.DataError, a NaN loss, bad settings; a run folder not writable
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: train() saved a backup and said how to resume
+        return 130
     return 0
 
 
