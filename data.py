@@ -455,25 +455,42 @@ PICTURE_SUFFIXES = (".tif", ".tiff", ".png")
 DEFAULT_VALIDATION_FRACTION = 0.2
 
 
-def read_pages(path: str | os.PathLike) -> list[np.ndarray]:
-    """Return the grey pages of one image file (multipage TIFF, or a PNG) as a list of (H, W) arrays in its dtype."""
-    path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        return list(read_stack(path))
-    from PIL import Image, UnidentifiedImageError
+GREY_PIL_MODES = ("1", "L", "I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
+
+def read_picture(path: str | os.PathLike) -> np.ndarray:
+    """Return the frames of a grey image that PIL reads (PNG, JPEG, BMP, ...) as (frames, H, W) in its dtype."""
+    from PIL import Image, ImageSequence
+
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        with Image.open(path) as picture:
-            if picture.mode not in ("1", "L", "I;16", "I;16L", "I;16B", "I", "F"):
-                raise DataError(f"{path}: {picture.mode} image; grey pages are needed, convert it to greyscale first")
-            page = np.array(picture)
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path}: not a readable image file ({err})") from err
-    if page.dtype == np.int32 and page.min() >= 0 and page.max() <= 65535:
-        page = page.astype(np.uint16)  # PIL opens some 16-bit PNGs as 32-bit integers
-    return [page]
+        with Image.open(path) as image:
+            frames = []
+            for frame in ImageSequence.Iterator(image):
+                if frame.mode not in GREY_PIL_MODES:
+                    raise DataError(f"{path}: {frame.mode} image; grey pages are needed, convert it to greyscale "
+                                    "first (e.g. PIL's Image.convert('L'))")
+                frames.append(np.array(frame))
+    except DataError:
+        raise
+    except Exception as err:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError, bombs)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise DataError(f"{path}: not a readable image file ({reason})") from err
+    if len({frame.shape for frame in frames}) > 1:
+        raise DataError(f"{path}: its frames differ in size ({', '.join(str(f.shape) for f in frames[:4])})")
+    pages = np.stack(frames)
+    if pages.dtype == np.int32 and pages.size and pages.min() >= 0 and pages.max() <= 65535:
+        pages = pages.astype(np.uint16)  # PIL opens some 16-bit PNGs as 32-bit integers
+    check_pages(pages, str(path))
+    return pages
+
+
+def read_pages(path: str | os.PathLike) -> list[np.ndarray]:
+    """Return the grey pages of one image file (multipage TIFF, or a PNG) as a list of (H, W) arrays in its dtype."""
+    path = Path(path)
+    return list(read_stack(path) if path.suffix.lower() in (".tif", ".tiff") else read_picture(path))
 
 
 def pair_folders(

@@ -43,7 +43,6 @@ PREDICTION_SUFFIX = "-prediction"
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 ZARR_SUFFIX = ".zarr"
-GREY_PIL_MODES = ("1", "L", "I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 PathLike = str | os.PathLike
 
@@ -306,37 +305,12 @@ def predict_stack(
 
 # ---------------------------------------------------------------- reading and writing
 
-def _read_pil(path: Path) -> np.ndarray:
-    """Return the frames of a PIL-readable grey image as (frames, H, W) in its own dtype."""
-    from PIL import Image, ImageSequence, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            frames = []
-            for frame in ImageSequence.Iterator(image):
-                if frame.mode not in GREY_PIL_MODES:
-                    raise data.DataError(
-                        f"{path}: {frame.mode} image; predict.py needs grey images, convert it to greyscale "
-                        "first (e.g. PIL's Image.convert('L'))"
-                    )
-                frames.append(np.array(frame))
-    except data.DataError:
-        raise
-    except Exception as err:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError, bombs)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise data.DataError(f"{path}: not a readable image file ({reason})") from err
-    if len({frame.shape for frame in frames}) > 1:
-        raise data.DataError(f"{path}: its frames differ in size ({', '.join(str(f.shape) for f in frames[:4])})")
-    return np.stack(frames)
-
-
 def read_image(path: PathLike) -> np.ndarray:
     """Return the grey pages of one image file (multipage TIFF, PNG, ...) as (pages, H, W) in the file's dtype."""
     path = Path(path)
     if not path.is_file():
         raise data.DataError(f"{path}: file not found")
-    pages = data.read_stack(path) if path.suffix.lower() in TIFF_SUFFIXES else _read_pil(path)
-    data.check_pages(pages, str(path))
+    pages = data.read_stack(path) if path.suffix.lower() in TIFF_SUFFIXES else data.read_picture(path)
     data.check_float_range(pages, str(path))
     return pages
 
