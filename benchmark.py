@@ -476,8 +476,9 @@ def main(argv: list[str] | None = None) -> int:
 
         settings = preset(args.preset)
         args.filters, args.size, args.batch = settings.filters, settings.crop, settings.batch_size
-    report = {"machine": hardware.describe(), "results": []}
-    print(f"machine: {report['machine']}")
+    # other jobs on the machine slow every figure: the load average says how busy it was
+    report = {"machine": hardware.describe(), "load_average_1min": {"start": os.getloadavg()[0]}, "results": []}
+    print(f"machine: {report['machine']}; load average {os.getloadavg()[0]:.2f}")
     if args.peak:
         report["peak_tflops"] = {dtype: matmul_peak(dtype) for dtype in ("bfloat16", "float32")}
         print("matmul peak TFLOP/s: " + ", ".join(f"{k} {v:.3f}" for k, v in report["peak_tflops"].items()))
@@ -510,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.options:
         names = OPTIONS if "all" in args.options else args.options
         report["options"] = options(names, args.filters, args.size, args.batch, precision, args.rounds)
+    report["load_average_1min"]["end"] = os.getloadavg()[0]
     write_json(report, args.out)
     return 0
 
