@@ -5,6 +5,11 @@
     python benchmark.py --preset cpu --pipeline --peak    # the quick start's configuration, its input
                                                           # pipeline, and the matmul peak of this CPU
     python benchmark.py --volume test-volume.tif          # predict a stack with predict.py's path
+    python benchmark.py --preset cpu --precision mixed_bfloat16 --profile --out bench/profile-cpu.json
+                                                          # where a train step's time goes (TF profiler)
+    python benchmark.py --preset cpu --precision mixed_bfloat16 --options all --out bench/options-cpu.json
+                                                          # threads, batch, layout, oneDNN, XLA, upsampling,
+                                                          # alternated A/B/A/B
 
 Prints a table (median and min-max of timed steps after warm-up) and writes
 JSON. Train figures are seconds per optimizer step on random data; inference
@@ -15,8 +20,13 @@ multiply-adds); a training step is taken as 3 forward passes.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -26,16 +36,21 @@ import hardware
 from model import build_unet
 
 
+def layer_flops(layer: keras.layers.Layer) -> int:
+    """Return the FLOPs of one image through one (transposed) convolution layer; 0 for other layers."""
+    kh, kw = getattr(layer, "kernel_size", (0, 0))
+    if isinstance(layer, keras.layers.Conv2DTranspose):  # each input pixel spreads over a kh x kw patch
+        _, h, w, c_in = layer.input.shape
+        return int(2 * h * w * kh * kw * c_in * layer.filters)
+    if isinstance(layer, keras.layers.Conv2D):
+        _, h, w, c_out = layer.output.shape
+        return int(2 * h * w * kh * kw * layer.input.shape[-1] * c_out)
+    return 0
+
+
 def conv_flops(model: keras.Model) -> int:
     """Return the FLOPs of one forward pass of one image through the model's convolutions."""
-    total = 0
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2D):
-            _, h, w, c_out = layer.output.shape
-            kh, kw = layer.kernel_size
-            c_in = layer.input.shape[-1]
-            total += 2 * h * w * kh * kw * c_in * c_out
-    return int(total)
+    return sum(layer_flops(layer) for layer in model.layers)
 
 
 def time_calls(fn, warmup: int, repeats: int) -> list[float]:
@@ -90,21 +105,30 @@ def volume_prediction(model_path, volume_path, precision: str = "auto") -> dict:
     return {"volume": str(volume_path), "pages": len(stack), "seconds": seconds, "pages_per_s": len(stack) / seconds}
 
 
-def benchmark(filters: int = 64, size: int = 512, batch: int = 5, precision: str = "auto",
-              warmup: int = 2, repeats: int = 5) -> dict:
-    """Return train and inference timings (seconds) and throughput for one configuration."""
+def training_model(filters: int, size: int, batch: int, precision: str = "auto", upsampling: str = "upsample",
+                   jit: bool = False) -> tuple[keras.Model, np.ndarray, np.ndarray]:
+    """Return a compiled U-Net (Adam, cross-entropy) and one random batch (x, y) of `batch` size x size images."""
     policy = hardware.choose_precision(precision)
-    model = build_unet((size, size, 1), filters=filters, dtype_policy=policy)
-    model.compile(keras.optimizers.Adam(1e-4), "binary_crossentropy")
+    model = build_unet((size, size, 1), filters=filters, dtype_policy=policy, upsampling=upsampling)
+    model.compile(keras.optimizers.Adam(1e-4), "binary_crossentropy", jit_compile=jit)
     rng = np.random.default_rng(0)
     x = rng.random((batch, size, size, 1), dtype=np.float32)
     y = (rng.random((batch, size, size, 1)) > 0.5).astype(np.float32)
+    return model, x, y
+
+
+def benchmark(filters: int = 64, size: int = 512, batch: int = 5, precision: str = "auto",
+              warmup: int = 2, repeats: int = 5, upsampling: str = "upsample", jit: bool = False) -> dict:
+    """Return train and inference timings (seconds) and throughput for one configuration."""
+    policy = hardware.choose_precision(precision)
+    model, x, y = training_model(filters, size, batch, policy, upsampling, jit)
     train = time_calls(lambda: model.train_on_batch(x, y), warmup, repeats)
     infer = time_calls(lambda: model.predict_on_batch(x), warmup, repeats)
     flops = conv_flops(model)
     step = float(np.median(train))
     return {
         "filters": filters, "size": size, "batch": batch, "precision": policy,
+        "upsampling": upsampling, "jit": jit, "threads": threads_in_use(),
         "parameters": model.count_params(),
         "forward_gflop_per_image": flops / 1e9,
         "train_s_per_step": {"median": step, "min": min(train), "max": max(train)},
@@ -114,6 +138,290 @@ def benchmark(filters: int = 64, size: int = 512, batch: int = 5, precision: str
         "infer_images_per_s": batch / float(np.median(infer)),
         "infer_tflops": flops * batch / float(np.median(infer)) / 1e12,
     }
+
+
+def set_threads(intra: int, inter: int) -> None:
+    """Set TensorFlow's intra-op and inter-op thread counts (0 = TF's default); call before any TF op runs."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+
+
+def threads_in_use() -> dict:
+    """Return TensorFlow's intra-op and inter-op thread settings (0 = its default, one per core)."""
+    import tensorflow as tf
+
+    return {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
+
+
+def op_group(name: str, kind: str, optimizer: str = "adam") -> str:
+    """Return the layer group of one TensorFlow op from its name (scope path) and type."""
+    backward = name.startswith("gradient_tape/")
+    if "Conv2D" in kind and not backward:  # a transposed convolution's forward op is a Conv2DBackpropInput
+        return "forward convolutions"
+    if "Conv2DBackpropFilter" in kind:
+        return "backward convolutions: filter (and bias) gradients"
+    if "Conv2D" in kind:
+        return "backward convolutions: input gradients"
+    for group, marker in (("upsampling", "_upscaling"), ("concatenation", "_concat"), ("pooling", "_maxpool")):
+        if marker in name:
+            return group
+    if kind == "ReluGrad":
+        return "ReLU gradients"
+    if name.startswith(f"{optimizer}/") or kind.startswith("Assign"):
+        return "optimizer update"
+    if kind == "Cast":
+        return "casts"
+    if name.startswith("compile_loss/") or name.startswith("gradient_tape/compile_loss/"):
+        return "loss"
+    return "other"
+
+
+def layer_of(op_name: str, layer_names: set[str]) -> str | None:
+    """Return the layer an op belongs to, from its scope path (Keras may append '_1' to the layer's scope)."""
+    for part in op_name.split("/"):
+        for candidate in (part, re.sub(r"_\d+$", "", part)):
+            if candidate in layer_names:
+                return candidate
+    return None
+
+
+def trace_ops(logdir: str) -> list[tuple[str, str, int, int]]:
+    """Return (op name, op type, start ps, duration ps) of every TensorFlow op in a profiler trace's host plane."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    ops = []
+    for root, _, files in os.walk(logdir):
+        for file in files:
+            if not file.endswith(".xplane.pb"):
+                continue
+            space = xplane_pb2.XSpace()
+            with open(os.path.join(root, file), "rb") as f:
+                space.ParseFromString(f.read())
+            for plane in space.planes:
+                for line in plane.lines:
+                    if not line.name.startswith("tf_Compute"):  # the executor threads (not Python, not Eigen)
+                        continue
+                    for event in line.events:
+                        meta = plane.event_metadata[event.metadata_id]
+                        if meta.display_name:  # an op; the executor's own spans have no type
+                            ops.append((meta.name.split(":")[0], meta.display_name,
+                                        line.timestamp_ns * 1000 + event.offset_ps, event.duration_ps))
+    return ops
+
+
+def busy_seconds(ops: list[tuple[str, str, int, int]]) -> float:
+    """Return the seconds during which at least one op ran (the union of the ops' intervals)."""
+    total, end = 0, None
+    for _, _, start, duration in sorted(ops, key=lambda op: op[2]):
+        stop = start + duration
+        if end is None or start > end:
+            total += duration
+            end = stop
+        elif stop > end:
+            total += stop - end
+            end = stop
+    return total / 1e12
+
+
+def profile_train_step(filters: int, size: int, batch: int, precision: str = "auto", upsampling: str = "upsample",
+                       warmup: int = 2, steps: int = 3) -> dict:
+    """Return where a train step's time goes: ms per step, % of op time and TFLOP/s by layer group, ms by op type.
+
+    Traces `steps` steps with the TensorFlow profiler and sums the durations of the ops that TensorFlow's
+    executor threads ran. With two executor threads ops can overlap, so their sum can exceed the wall time.
+    """
+    import tensorflow as tf
+
+    model, x, y = training_model(filters, size, batch, precision, upsampling)
+    for _ in range(warmup):
+        model.train_on_batch(x, y)
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.train_on_batch(x, y)
+        wall = time.perf_counter() - start
+        tf.profiler.experimental.stop()
+        ops = trace_ops(logdir)
+    if not ops:
+        raise RuntimeError("the TensorFlow profiler recorded no ops")
+    flops = {layer.name: layer_flops(layer) for layer in model.layers}
+    seconds, kinds, layers = collections.Counter(), collections.Counter(), collections.defaultdict(set)
+    for name, kind, _, duration in ops:
+        group = op_group(name, kind, model.optimizer.name)
+        seconds[group] += duration / 1e12
+        kinds[kind] += duration / 1e12
+        layers[group].add(layer_of(name, set(flops)))
+    op_seconds = sum(seconds.values())
+    groups = {}
+    for group, s in seconds.most_common():
+        groups[group] = {"ms_per_step": 1000 * s / steps, "percent": 100 * s / op_seconds}
+        if "convolutions" in group:
+            gflop = batch * sum(flops.get(layer, 0) for layer in layers[group]) / 1e9
+            groups[group].update(gflop_per_step=gflop, tflops=gflop * steps / s / 1e3)
+    return {
+        "filters": filters, "size": size, "batch": batch, "precision": hardware.choose_precision(precision),
+        "upsampling": upsampling, "threads": threads_in_use(), "steps": steps,
+        "wall_s_per_step": wall / steps, "op_s_per_step": op_seconds / steps,
+        "busy_s_per_step": busy_seconds(ops) / steps,
+        "groups": groups,
+        "op_types_ms_per_step": {kind: 1000 * s / steps for kind, s in kinds.most_common(15)},
+    }
+
+
+def profile_table(profile: dict) -> str:
+    """Return a profile as a text table of layer groups."""
+    lines = [f"profile: {profile['filters']} filters, {profile['size']}x{profile['size']}, batch {profile['batch']}, "
+             f"{profile['precision']}: {profile['wall_s_per_step']:.3f} s/step wall while tracing, "
+             f"ops {profile['op_s_per_step']:.3f} s/step summed over threads, {profile['busy_s_per_step']:.3f} busy",
+             f"{'group':>52} {'ms/step':>8} {'% ops':>6} {'TFLOP/s':>8}"]
+    for group, g in profile["groups"].items():
+        tflops = f"{g['tflops']:8.3f}" if "tflops" in g else ""
+        lines.append(f"{group:>52} {g['ms_per_step']:8.1f} {g['percent']:6.1f} {tflops}")
+    return "\n".join(lines)
+
+
+def alternate(variants: dict[str, tuple[keras.Model, np.ndarray, np.ndarray]], warmup: int = 2,
+              rounds: int = 5) -> dict:
+    """Return train and inference seconds of each variant, timed one step each in turn (A/B/A/B) per round."""
+    train, infer = collections.defaultdict(list), collections.defaultdict(list)
+    for _ in range(warmup):
+        for model, x, y in variants.values():
+            model.train_on_batch(x, y)
+            model.predict_on_batch(x)
+    for _ in range(rounds):
+        for label, (model, x, y) in variants.items():
+            train[label] += time_calls(lambda: model.train_on_batch(x, y), 0, 1)
+            infer[label] += time_calls(lambda: model.predict_on_batch(x), 0, 1)
+    return {label: summary(train[label], infer[label], len(x)) for label, (_, x, _) in variants.items()}
+
+
+def summary(train: list[float], infer: list[float], batch: int) -> dict:
+    """Return the median, min and max train seconds per step, and per image, and the inference seconds per image."""
+    step = float(np.median(train))
+    row = {"batch": batch, "rounds": len(train), "train_s_per_step": {"median": step, "min": min(train), "max": max(train)},
+           "train_s_per_image": step / batch}
+    if infer:
+        row["infer_s_per_image"] = float(np.median(infer)) / batch
+    return row
+
+
+def layout_probe(size: int, channels: int, batch: int, precision: str = "auto", warmup: int = 2,
+                 rounds: int = 5) -> dict:
+    """Return the train and inference seconds of two 3x3 convolutions in channels_last against channels_first.
+
+    A variant that TensorFlow cannot run on this device is reported with its one-line error.
+    """
+    policy = hardware.choose_precision(precision)
+    rng = np.random.default_rng(0)
+    variants, results = {}, {}
+    for layout in ("channels_last", "channels_first"):
+        shape = (size, size, channels) if layout == "channels_last" else (channels, size, size)
+        inputs = keras.Input(shape)
+        x = inputs
+        for i in (1, 2):
+            x = keras.layers.Conv2D(channels, 3, padding="same", activation="relu", data_format=layout,
+                                    dtype=policy, name=f"conv_{i}")(x)
+        model = keras.Model(inputs, keras.layers.Activation("linear", dtype="float32")(x))
+        model.compile(keras.optimizers.Adam(1e-4), "mse")
+        data = rng.random((batch, *shape), dtype=np.float32)
+        try:
+            model.train_on_batch(data, data)
+        except Exception as error:  # report, do not stop the benchmark: this is what is being probed
+            results[layout] = {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"}
+            continue
+        variants[layout] = (model, data, data)
+    results.update(alternate(variants, warmup, rounds))
+    gflop = 2 * 2 * size * size * 9 * channels * channels / 1e9
+    return {"size": size, "channels": channels, "forward_gflop_per_image": gflop, "precision": policy, **results}
+
+
+def benchmark_process(args: list[str], env: dict | None = None) -> dict:
+    """Return the first result row of `python benchmark.py ARGS` run in a fresh process (with `env` added)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "b.json")
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), *args, "--out", out],
+                              env={**os.environ, **(env or {})}, capture_output=True, text=True)
+        if done.returncode:
+            lines = done.stderr.strip().splitlines() or ["no output"]
+            raise RuntimeError(f"benchmark.py {' '.join(args)} failed: {lines[-1]}")
+        with open(out) as f:
+            return json.load(f)["results"][0]
+
+
+def process_options(base: list[str], variants: dict[str, tuple[list[str], dict]], rounds: int) -> dict:
+    """Return each variant's rows (one per fresh process, the variants run in turn per round) and their medians."""
+    rows = collections.defaultdict(list)
+    for _ in range(rounds):
+        for label, (extra, env) in variants.items():
+            rows[label].append(benchmark_process(base + extra, env))
+    result = {}
+    for label, runs in rows.items():
+        medians = [r["train_s_per_step"]["median"] for r in runs]
+        result[label] = summary(medians, [r["infer_s_per_image"] * r["batch"] for r in runs], runs[0]["batch"])
+        result[label].update(runs=runs, args=variants[label][0], env=variants[label][1])
+    return result
+
+
+OPTIONS = ("threads", "batch", "layout", "onednn", "jit", "upsampling")
+
+
+def options(names: list[str], filters: int, size: int, batch: int, precision: str = "auto", rounds: int = 5) -> dict:
+    """Return the timings of the options tried, each measured against the default in turn (see OPTIONS)."""
+    policy = hardware.choose_precision(precision)
+    base = ["--filters", str(filters), "--size", str(size), "--batch", str(batch), "--precision", policy]
+    found = {}
+    for name in names:
+        if name == "threads":  # fixed when TensorFlow starts: one process per setting
+            settings = {"default (0,0)": "0,0", "intra 2, inter 1": "2,1", "intra 1, inter 2": "1,2",
+                        "intra 1, inter 1": "1,1"}
+            found[name] = process_options(base + ["--warmup", "2", "--repeats", "5"],
+                                          {k: (["--threads", v], {}) for k, v in settings.items()}, max(1, rounds // 2))
+        elif name == "onednn":  # very slow in bf16 without oneDNN: one step
+            found[name] = process_options(base + ["--warmup", "1", "--repeats", "1"],
+                                          {"oneDNN on (default)": ([], {"TF_ENABLE_ONEDNN_OPTS": "1"}),
+                                           "TF_ENABLE_ONEDNN_OPTS=0": ([], {"TF_ENABLE_ONEDNN_OPTS": "0"})}, 1)
+        elif name == "batch":
+            found[name] = alternate({f"batch {b}": training_model(filters, size, b, policy) for b in
+                                     sorted({max(1, batch // 2), batch, batch * 2})}, rounds=rounds)
+        elif name == "jit":
+            found[name] = alternate({f"jit_compile={jit}": training_model(filters, size, batch, policy, jit=jit)
+                                     for jit in (False, True)}, rounds=rounds)
+        elif name == "upsampling":
+            found[name] = alternate({u: training_model(filters, size, batch, policy, u)
+                                     for u in ("upsample", "transpose")}, rounds=rounds)
+        elif name == "layout":
+            found[name] = layout_probe(size // 2, filters * 4, batch, policy, rounds=rounds)
+        else:
+            raise ValueError(f"unknown option {name!r}; choose from all, {', '.join(OPTIONS)}")
+        print(options_table(name, found[name]), flush=True)
+    return found
+
+
+def options_table(name: str, rows: dict) -> str:
+    """Return one option's timings as a text table."""
+    lines = [f"{name}:", f"{'variant':>24} {'train s/step (min-max)':>26} {'train s/image':>13} {'infer s/image':>13}"]
+    for label, r in rows.items():
+        if not isinstance(r, dict):
+            continue
+        if "error" in r:
+            lines.append(f"{label:>24} fails: {r['error']}")
+        elif "train_s_per_step" in r:
+            t = r["train_s_per_step"]
+            lines.append(f"{label:>24} {t['median']:>10.4f} ({t['min']:.4f}-{t['max']:.4f}) "
+                         f"{r['train_s_per_image']:>13.4f} {r.get('infer_s_per_image', float('nan')):>13.4f}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str) -> None:
+    """Write `report` as JSON to `path` atomically (a temporary name, then os.replace)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, path)
 
 
 def table(rows: list[dict]) -> str:
@@ -144,20 +452,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", action="store_true", help="also measure the augmentation pipeline alone")
     parser.add_argument("--volume", help="also time predicting this TIFF stack with --model")
     parser.add_argument("--model", default="models/unet-isbi-cpu.keras", help="model for --volume")
+    parser.add_argument("--threads", help="INTRA,INTER: TensorFlow's intra-op and inter-op threads (0 = default)")
+    parser.add_argument("--jit", action="store_true", help="compile the train step with XLA (jit_compile=True)")
+    parser.add_argument("--upsampling", default="upsample", choices=("upsample", "transpose"),
+                        help="the expanding path's upsampling (model.build_unet)")
+    parser.add_argument("--profile", action="store_true", help="also profile a train step (TensorFlow profiler)")
+    parser.add_argument("--options", action="append", choices=("all",) + OPTIONS,
+                        help="also time these options against the default, alternating; repeat or 'all'")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds for --options")
     parser.add_argument("--out", default="benchmark.json")
     args = parser.parse_args(argv)
+    if args.threads:
+        try:
+            set_threads(*(int(n) for n in args.threads.split(",")))
+        except (TypeError, ValueError):
+            print(f"error: --threads takes INTRA,INTER, two whole numbers, got {args.threads!r}", file=sys.stderr)
+            return 1
+        except RuntimeError:
+            print("error: --threads must be set before TensorFlow starts (run benchmark.py afresh)", file=sys.stderr)
+            return 1
     if args.preset:
         from train import preset
 
         settings = preset(args.preset)
         args.filters, args.size, args.batch = settings.filters, settings.crop, settings.batch_size
-    report = {"machine": hardware.describe(), "results": []}
-    print(f"machine: {report['machine']}")
+    # other jobs on the machine slow every figure: the load average says how busy it was
+    report = {"machine": hardware.describe(), "load_average_1min": {"start": os.getloadavg()[0]}, "results": []}
+    print(f"machine: {report['machine']}; load average {os.getloadavg()[0]:.2f}")
     if args.peak:
         report["peak_tflops"] = {dtype: matmul_peak(dtype) for dtype in ("bfloat16", "float32")}
         print("matmul peak TFLOP/s: " + ", ".join(f"{k} {v:.3f}" for k, v in report["peak_tflops"].items()))
     for precision in args.precision or ["auto"]:
-        row = benchmark(args.filters, args.size, args.batch, precision, args.warmup, args.repeats)
+        row = benchmark(args.filters, args.size, args.batch, precision, args.warmup, args.repeats,
+                        args.upsampling, args.jit)
         if args.peak:
             peak = report["peak_tflops"]["bfloat16" if "bfloat16" in row["precision"] else "float32"]
             row["train_fraction_of_peak"] = row["train_tflops"] / peak
@@ -176,8 +503,16 @@ def main(argv: list[str] | None = None) -> int:
         report["volume"] = volume_prediction(args.model, args.volume)
         v = report["volume"]
         print(f"predicting {v['volume']}: {v['pages']} pages in {v['seconds']:.1f} s ({v['pages_per_s']:.2f} pages/s)")
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    precision = (args.precision or ["auto"])[0]
+    if args.profile:
+        report["profile"] = profile_train_step(args.filters, args.size, args.batch, precision, args.upsampling,
+                                               args.warmup)
+        print(profile_table(report["profile"]))
+    if args.options:
+        names = OPTIONS if "all" in args.options else args.options
+        report["options"] = options(names, args.filters, args.size, args.batch, precision, args.rounds)
+    report["load_average_1min"]["end"] = os.getloadavg()[0]
+    write_json(report, args.out)
     return 0
 
 

@@ -38,3 +38,75 @@ def test_command_line_writes_json_with_every_part(tmp_path, capsys):
     assert saved["results"][0]["filters"] == 2
     assert saved["pipeline"]["ratio"] > 0
     assert "input pipeline" in capsys.readouterr().out
+
+
+def test_transposed_upsampling_counts_a_quarter_of_the_up_convolution_flops():
+    default, transposed = build_unet((32, 32, 1), filters=2), build_unet((32, 32, 1), filters=2, upsampling="transpose")
+    up_convs = sum(benchmark.layer_flops(default.get_layer(f"EXP_{i}_conv_0")) for i in range(1, 5))
+    transposes = sum(benchmark.layer_flops(transposed.get_layer(f"EXP_{i}_transpose")) for i in range(1, 5))
+    assert transposes * 4 == up_convs
+    assert benchmark.conv_flops(default) - benchmark.conv_flops(transposed) == up_convs - transposes
+
+
+@pytest.mark.parametrize("name, kind, group", [
+    ("unet_1/CNT_1_conv_2_1/Relu", "_MklNativeFusedConv2D", "forward convolutions"),
+    ("unet_1/EXP_1_transpose_1/conv_transpose", "Conv2DBackpropInput", "forward convolutions"),
+    ("gradient_tape/unet_1/EXP_4_conv_1_1/convolution/Conv2DBackpropFilter", "_MklNativeConv2DBackpropFilterWithBias",
+     "backward convolutions: filter (and bias) gradients"),
+    ("gradient_tape/unet_1/EXP_1_conv_1_1/convolution/Conv2DBackpropInput", "_MklNativeConv2DBackpropInput",
+     "backward convolutions: input gradients"),
+    ("gradient_tape/unet_1/EXP_1_upscaling_1/Repeat_1/Sum", "Sum", "upsampling"),
+    ("gradient_tape/unet_1/EXP_3_concat1_1/Slice", "Slice", "concatenation"),
+    ("unet_1/CNT_2_maxpool_1/MaxPoolNd", "_MklNativeMaxPool", "pooling"),
+    ("gradient_tape/unet_1/EXP_4_conv_2_1/ReluGrad", "ReluGrad", "ReLU gradients"),
+    ("adam/Sub_3", "Sub", "optimizer update"),
+    ("unet_1/CNT_1_conv_1_1/convolution/Cast", "Cast", "casts"),
+    ("compile_loss/binary_crossentropy/logistic_loss/Exp", "Exp", "loss"),
+    ("AddN_4", "AddN", "other"),
+])
+def test_ops_are_grouped_by_their_scope_and_type(name, kind, group):
+    assert benchmark.op_group(name, kind) == group
+
+
+def test_ops_are_traced_to_their_layer():
+    names = {"OUT", "OUT_3", "CNT_1_conv_2"}
+    assert benchmark.layer_of("gradient_tape/unet_1/OUT_3_1/convolution/Conv2DBackpropFilter", names) == "OUT_3"
+    assert benchmark.layer_of("unet_1/OUT_1/convolution", names) == "OUT"
+    assert benchmark.layer_of("unet/CNT_1_conv_2/Relu", names) == "CNT_1_conv_2"
+    assert benchmark.layer_of("adam/Sub_3", names) is None
+
+
+def test_profile_accounts_for_every_op_of_the_train_step():
+    profile = benchmark.profile_train_step(filters=2, size=32, batch=2, precision="float32", warmup=1, steps=2)
+    groups = profile["groups"]
+    assert sum(g["percent"] for g in groups.values()) == pytest.approx(100)
+    assert sum(g["ms_per_step"] for g in groups.values()) == pytest.approx(1000 * profile["op_s_per_step"])
+    for group in ("forward convolutions", "backward convolutions: filter (and bias) gradients", "optimizer update"):
+        assert groups[group]["ms_per_step"] > 0
+    forward = 2 * benchmark.conv_flops(build_unet((32, 32, 1), filters=2)) / 1e9
+    assert groups["forward convolutions"]["gflop_per_step"] == pytest.approx(forward)
+    assert 0 < profile["busy_s_per_step"] <= profile["op_s_per_step"] + 1e-9
+    assert "profile" in benchmark.profile_table(profile)
+
+
+def test_options_alternate_each_variant_and_report_per_image_times():
+    found = benchmark.options(["batch", "upsampling", "layout"], filters=2, size=32, batch=2, precision="float32",
+                              rounds=2)
+    assert list(found["batch"]) == ["batch 1", "batch 2", "batch 4"]
+    assert found["batch"]["batch 4"]["train_s_per_image"] == pytest.approx(
+        found["batch"]["batch 4"]["train_s_per_step"]["median"] / 4)
+    assert set(found["upsampling"]) == {"upsample", "transpose"}
+    assert all(row["rounds"] == 2 for row in found["upsampling"].values())
+    assert {"channels_last", "channels_first"} <= set(found["layout"])
+
+
+def test_thread_settings_run_in_a_fresh_process():
+    row = benchmark.benchmark_process(["--filters", "2", "--size", "32", "--batch", "2", "--precision", "float32",
+                                       "--warmup", "1", "--repeats", "1", "--threads", "1,1"])
+    assert row["threads"] == {"intra_op": 1, "inter_op": 1}
+    assert row["train_s_per_step"]["median"] > 0
+
+
+def test_bad_thread_setting_is_one_error_line(capsys):
+    assert benchmark.main(["--threads", "two", "--out", "unused.json"]) == 1
+    assert "error: --threads" in capsys.readouterr().err

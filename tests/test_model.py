@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 
@@ -45,3 +46,25 @@ def test_bfloat16_policy_keeps_float32_output():
 def test_bad_padding_is_refused():
     with pytest.raises(ValueError, match="padding"):
         build_unet(padding="full")
+
+
+@pytest.mark.parametrize("padding, size", [("same", 32), ("valid", 188)])
+def test_transposed_upsampling_option_trains_a_step_with_the_default_shapes(padding, size):
+    default = build_unet((size, size, 1), filters=2, padding=padding)
+    model = build_unet((size, size, 1), filters=2, padding=padding, upsampling="transpose")
+    names = [layer.name for layer in model.layers]
+    assert "EXP_1_transpose" in names and "EXP_1_upscaling" not in names and "EXP_1_conv_0" not in names
+    assert model.output_shape == default.output_shape
+    assert model.count_params() == default.count_params()  # a 2x2 kernel either way
+    model.compile(keras.optimizers.Adam(1e-2), "binary_crossentropy")
+    x = np.random.default_rng(0).random((2, size, size, 1), dtype=np.float32)
+    y = np.zeros((2, *model.output_shape[1:]), np.float32)
+    before = model.get_layer("EXP_1_transpose").get_weights()[0].copy()
+    loss = model.train_on_batch(x, y)
+    assert np.isfinite(loss)
+    assert not np.allclose(model.get_layer("EXP_1_transpose").get_weights()[0], before)
+
+
+def test_unknown_upsampling_is_refused():
+    with pytest.raises(ValueError, match="upsampling"):
+        build_unet((32, 32, 1), filters=2, upsampling="bilinear")
