@@ -69,9 +69,26 @@ def model_for_results(run_dir: str | Path) -> Path:
     return predict.DEFAULT_MODEL
 
 
+def scores_of(source: str | Path, pages: list, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+              part: str = "test") -> dict:
+    """Return {'source', 'part', 'pages', 'per_page', 'mean', 'images', 'labels', 'predictions'} of (N, H, W) stacks."""
+    per_page = score_pages(labels, predictions)
+    mean = {key: float(np.mean([page[key] for page in per_page])) for key in per_page[0] if "threshold" not in key}
+    return {
+        "source": str(source),
+        "part": part,
+        "pages": list(pages),
+        "per_page": per_page,
+        "mean": mean,
+        "images": images,
+        "labels": labels,
+        "predictions": predictions,
+    }
+
+
 def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.TEST_PAGES, tta: bool = False) -> dict:
-    """Return {'pages', 'per_page', 'mean', 'images', 'labels', 'predictions'} of a model (.keras) or
-    probability TIFF against the labelled stack's `pages` (default: the test pages 0, 10, 20)."""
+    """Return `scores_of` a model (.keras) or probability TIFF against the labelled ISBI stack's `pages`
+    (default: the test pages 0, 10, 20)."""
     raw_images, raw_labels = data.load_isbi(data_dir)
     pages = [int(p) for p in pages]
     if not pages or min(pages) < 0 or max(pages) >= len(raw_images):
@@ -79,17 +96,18 @@ def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.
     images = data.normalize_images(raw_images)
     labels = data.binarize_labels(raw_labels)[pages]
     predictions = probabilities_for(source, raw_images, pages, tta)
-    per_page = score_pages(labels, predictions)
-    mean = {key: float(np.mean([page[key] for page in per_page])) for key in per_page[0] if "threshold" not in key}
-    return {
-        "source": str(source),
-        "pages": pages,
-        "per_page": per_page,
-        "mean": mean,
-        "images": images[pages],
-        "labels": labels,
-        "predictions": predictions,
-    }
+    return scores_of(source, pages, images[pages], labels, predictions)
+
+
+def evaluate_held_out(source: str | Path, parts: dict, report: dict, tta: bool = False) -> dict:
+    """Return `scores_of` a model on the pages held out of training by `train.load_data`: its 'test' part
+    (the ISBI test pages) if there is one, else the 'validation' part (a lab's own data)."""
+    from runtimes import load_model
+
+    part = "test" if "test" in parts else "validation"
+    images, labels = (stack[..., 0] for stack in parts[part])
+    predictions = predict.predict_stack(load_model(source, precision="auto"), images, tta=tta, desc="predicting")
+    return scores_of(source, report["split_pages"][part], images, labels, predictions, part)
 
 
 def report(result: dict) -> str:

@@ -47,3 +47,28 @@ def test_notebook_without_training_shows_the_shipped_models_results(tmp_path, is
     (results,) = [cell for cell in code_cells if "results" in cell.metadata.get("tags", [])]
     assert any("image/png" in output.get("data", {}) for output in results.outputs)
     assert not (tmp_path / "empty" / "best.keras").exists()
+
+
+def test_notebook_trains_on_a_folder_pair_of_own_pages_and_scores_its_validation_pages(tmp_path, isbi_dir):
+    import data
+
+    pairs = data.make_example(tmp_path / "own", isbi_dir, size=(200, 300), pages=(1, 2, 3, 4))
+    out = tmp_path / "unet-isbi.out.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOK),
+        str(out),
+        parameters=dict(preset="tiny", run_dir=str(tmp_path / "nb"), images=str(pairs / "images"),
+                        labels=str(pairs / "masks"), split="1", epochs=1),
+        kernel_name="python3",
+        cwd=str(ROOT),
+        progress_bar=False,
+    )
+    notebook = nbformat.read(out, as_version=4)
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    errors = [output for cell in code_cells for output in cell.outputs if output.output_type == "error"]
+    assert not errors, errors
+    text = "".join(output.get("text", "") for cell in code_cells for output in cell.outputs)
+    assert "page-02.png" in text and "200x300" in text  # the data report names the validation page and its size
+    assert "on pages [1]:" in text  # the scores are those of validation page 1, not of ISBI's test pages
+    (results,) = [cell for cell in code_cells if "results" in cell.metadata.get("tags", [])]
+    assert any("image/png" in output.get("data", {}) for output in results.outputs)
