@@ -10,18 +10,16 @@ papermill = pytest.importorskip("papermill", reason="papermill is needed to run 
 NOTEBOOK = ROOT / "unet-isbi.ipynb"
 
 
-def test_notebook_runs_with_tiny_preset_and_displays_the_results_grid(tmp_path, isbi_dir):
+def run_notebook(tmp_path, **parameters) -> list:
+    """Run the notebook headless with `parameters`; return its executed code cells."""
     out = tmp_path / "unet-isbi.out.ipynb"
-    papermill.execute_notebook(
-        str(NOTEBOOK),
-        str(out),
-        parameters=dict(preset="tiny", run_dir=str(tmp_path / "nb"), data_dir=str(isbi_dir)),
-        kernel_name="python3",
-        cwd=str(ROOT),
-        progress_bar=False,
-    )
-    notebook = nbformat.read(out, as_version=4)
-    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=parameters, kernel_name="python3", cwd=str(ROOT),
+                               progress_bar=False)
+    return [cell for cell in nbformat.read(out, as_version=4).cells if cell.cell_type == "code"]
+
+
+def test_notebook_runs_with_tiny_preset_and_displays_the_results_grid(tmp_path, isbi_dir):
+    code_cells = run_notebook(tmp_path, preset="tiny", run_dir=str(tmp_path / "nb"), data_dir=str(isbi_dir))
     errors = [output for cell in code_cells for output in cell.outputs if output.output_type == "error"]
     assert not errors, errors
     (results,) = [cell for cell in code_cells if "results" in cell.metadata.get("tags", [])]
@@ -30,17 +28,8 @@ def test_notebook_runs_with_tiny_preset_and_displays_the_results_grid(tmp_path, 
 
 
 def test_notebook_without_training_shows_the_shipped_models_results(tmp_path, isbi_dir):
-    out = tmp_path / "unet-isbi.out.ipynb"
-    papermill.execute_notebook(
-        str(NOTEBOOK),
-        str(out),
-        parameters=dict(preset="tiny", run_dir=str(tmp_path / "empty"), data_dir=str(isbi_dir), train_model=False),
-        kernel_name="python3",
-        cwd=str(ROOT),
-        progress_bar=False,
-    )
-    notebook = nbformat.read(out, as_version=4)
-    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    code_cells = run_notebook(tmp_path, preset="tiny", run_dir=str(tmp_path / "empty"), data_dir=str(isbi_dir),
+                              train_model=False)
     text = "".join(output.get("text", "") for cell in code_cells for output in cell.outputs)
     assert "showing the shipped models/unet-isbi-cpu.keras" in text
     assert "mean" in text  # the score table of the test pages
@@ -53,18 +42,8 @@ def test_notebook_trains_on_a_folder_pair_of_own_pages_and_scores_its_validation
     import data
 
     pairs = data.make_example(tmp_path / "own", isbi_dir, size=(200, 300), pages=(1, 2, 3, 4))
-    out = tmp_path / "unet-isbi.out.ipynb"
-    papermill.execute_notebook(
-        str(NOTEBOOK),
-        str(out),
-        parameters=dict(preset="tiny", run_dir=str(tmp_path / "nb"), images=str(pairs / "images"),
-                        labels=str(pairs / "masks"), split="1", epochs=1),
-        kernel_name="python3",
-        cwd=str(ROOT),
-        progress_bar=False,
-    )
-    notebook = nbformat.read(out, as_version=4)
-    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    code_cells = run_notebook(tmp_path, preset="tiny", run_dir=str(tmp_path / "nb"), images=str(pairs / "images"),
+                              labels=str(pairs / "masks"), split="1", epochs=1)
     errors = [output for cell in code_cells for output in cell.outputs if output.output_type == "error"]
     assert not errors, errors
     text = "".join(output.get("text", "") for cell in code_cells for output in cell.outputs)
