@@ -32,6 +32,7 @@ import time
 import numpy as np
 import keras
 
+import data
 import hardware
 from model import build_unet
 
@@ -418,10 +419,7 @@ def options_table(name: str, rows: dict) -> str:
 
 def write_json(report: dict, path: str) -> None:
     """Write `report` as JSON to `path` atomically (a temporary name, then os.replace)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    data.write_atomic(path, json.dumps(report, indent=2))
 
 
 def table(rows: list[dict]) -> str:

@@ -55,6 +55,11 @@ class DataError(ValueError):
     """A data file is missing or not what the project expects."""
 
 
+def error_reason(err: BaseException) -> str:
+    """Return the first line of a library's error message (at most 200 characters), or its type's name."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
 # ---------------------------------------------------------------- writing
 
 def write_atomic(path: str | os.PathLike, content) -> Path:
@@ -129,8 +134,7 @@ def read_stack(path: str | os.PathLike) -> np.ndarray:
     except DataError:
         raise
     except Exception as err:  # tifffile raises several types for non-TIFF input
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise DataError(f"{path}: not a readable TIFF file ({reason})") from err
+        raise DataError(f"{path}: not a readable TIFF file ({error_reason(err)})") from err
     if "S" in axes or "C" in axes or photometric == tifffile.PHOTOMETRIC.PALETTE or stack.ndim not in (2, 3):
         raise DataError(
             f"{path}: expected 2-D grey pages, got an array of shape {stack.shape} (axes {axes}, "
@@ -476,8 +480,7 @@ def read_picture(path: str | os.PathLike) -> np.ndarray:
     except DataError:
         raise
     except Exception as err:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError, bombs)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise DataError(f"{path}: not a readable image file ({reason})") from err
+        raise DataError(f"{path}: not a readable image file ({error_reason(err)})") from err
     if len({frame.shape for frame in frames}) > 1:
         raise DataError(f"{path}: its frames differ in size ({', '.join(str(f.shape) for f in frames[:4])})")
     pages = np.stack(frames)

@@ -53,7 +53,7 @@ def probabilities_for(source: str | Path, images: np.ndarray, pages: list[int], 
         if len(stack) == len(pages):
             return stack
         raise data.DataError(f"{source}: {len(stack)} pages; expected {len(images)} (the stack) or {len(pages)}")
-    from train import load_model
+    from runtimes import load_model
 
     return predict.predict_stack(load_model(source, precision="auto"), images[pages], tta=tta, desc="predicting")
 

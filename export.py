@@ -60,9 +60,7 @@ def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: s
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     model = with_dtype_policy(load_model(paths["best"]), "float32")
-    tmp = dest.with_name(dest.stem + ".tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, dest)
+    data.write_atomic(dest, model.save)
     size_mb = dest.stat().st_size / 2**20
     if size_mb > MAX_MB:
         raise ValueError(f"{dest} is {size_mb:.1f} MB, more than the {MAX_MB} MB a shipped model may take")
@@ -82,7 +80,7 @@ def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: s
         "test_pages": scores["pages"],
         "test_scores": {"mean": scores["mean"], "per_page": scores["per_page"]},
     }
-    dest.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    data.write_atomic(dest.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
     return card
 
 

@@ -32,6 +32,7 @@ import tifffile
 from tqdm import tqdm
 
 import data
+import runtimes
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = PROJECT_DIR / "models" / "unet-isbi-cpu.keras"
@@ -385,13 +386,7 @@ def write_mask_tiff(target: PathLike, probabilities: np.ndarray, threshold: floa
     target = Path(target)
     path = target.with_name(f"{target.stem}-mask.tif")
     pages = np.where(np.asarray(probabilities) > threshold, 255, 0).astype(np.uint8)
-    part = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        tifffile.imwrite(part, pages, photometric="minisblack")
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
-    return path
+    return data.write_atomic(path, lambda part: tifffile.imwrite(part, pages, photometric="minisblack"))
 
 
 def warn_if_uniform(name: str, probabilities: np.ndarray) -> str | None:
@@ -422,7 +417,7 @@ def resolve_model(path: PathLike | None = None) -> Path:
     """Return the model to use: `path` (.keras, .onnx, bioimage.io .zip or SavedModel folder), else DEFAULT_MODEL;
     FileNotFoundError saying what to do if missing."""
     if path is not None:
-        if not Path(path).is_file() and not (Path(path) / "saved_model.pb").is_file():
+        if not Path(path).is_file() and not (Path(path) / runtimes.SAVEDMODEL_FILE).is_file():
             raise FileNotFoundError(f"{path}: no such model file (train one with `python train.py`)")
         return Path(path)
     if not DEFAULT_MODEL.is_file():

@@ -200,14 +200,19 @@ def load_model(path: str | Path, precision: str | None = None) -> keras.Model:
     try:
         model = keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS)
     except Exception as err:  # Keras raises many types for files that are not its models
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise data.DataError(f"{path}: not a Keras model this project can load ({reason})") from err
+        raise data.DataError(f"{path}: not a Keras model this project can load ({data.error_reason(err)})") from err
     if precision is None:
         return model
     policy = hardware.choose_precision(precision)
     if model.get_layer("CNT_1_conv_1").dtype_policy.name == policy:
         return model
     return with_dtype_policy(model, policy)
+
+
+def _position(steps: int, steps_per_epoch: int) -> str:
+    """Return where optimizer step `steps` leaves training, as 'epoch E after batch B (optimizer step S)'."""
+    epoch, batch = divmod(steps, steps_per_epoch)
+    return f"epoch {epoch + 1} after batch {batch} (optimizer step {steps})"
 
 
 def _resume_point(settings: TrainSettings, paths: dict) -> tuple[keras.Model | None, int, float | None]:
@@ -235,8 +240,7 @@ def _resume_point(settings: TrainSettings, paths: dict) -> tuple[keras.Model | N
         steps = int(model.optimizer.iterations.numpy())
         same_epochs = (saved or {}).get("steps_per_epoch", settings.steps_per_epoch) == settings.steps_per_epoch
         if steps > done and same_epochs:
-            epoch, batch = divmod(steps, settings.steps_per_epoch)
-            print(f"resuming from {paths['backup']} in epoch {epoch + 1} after batch {batch} (optimizer step {steps})")
+            print(f"resuming from {paths['backup']} in {_position(steps, settings.steps_per_epoch)}")
             return model, steps, state.get("best")
     if not has_last:
         return None, 0, None
@@ -385,12 +389,11 @@ def train(settings: TrainSettings) -> dict:
     whole_from = initial_epoch + bool(first_index)  # the first epoch trained from its first batch
     batches = training_batches(settings, split, whole_from)
     mode = monitor_mode(settings.monitor)
-    callbacks = [
-        # Before the checkpoints: it adds val_v_rand / val_v_info to the logs they read.
-        ChallengeScores(val_x, val_y, paths["logs"] / "validation", every=settings.challenge_every)
-    ] if settings.challenge_every else []
     # First: a NaN loss stops training before anything saves the broken weights.
-    callbacks.insert(0, StopOnNaN(settings.steps_per_epoch, f"the checkpoints in {paths['run_dir']}"))
+    callbacks = [StopOnNaN(settings.steps_per_epoch, f"the checkpoints in {paths['run_dir']}")]
+    if settings.challenge_every:
+        # Before the checkpoints: it adds val_v_rand / val_v_info to the logs they read.
+        callbacks.append(ChallengeScores(val_x, val_y, paths["logs"] / "validation", every=settings.challenge_every))
     callbacks += [
         UniformPredictionWarning(val_x),  # before TensorBoard, which logs its val_uniform
         ResumableTensorBoard(
@@ -471,12 +474,10 @@ def train(settings: TrainSettings) -> dict:
 
 def _save_interrupted(model: keras.Model, backup: Path | None, steps_per_epoch: int, signal_name: str) -> None:
     """Save `model` to `backup` (None: not this worker's job) and say how to resume."""
-    steps = int(model.optimizer.iterations.numpy())
-    epoch, batch = divmod(steps, steps_per_epoch)
     if backup is not None:
         save_model_atomic(model, backup)
-    print(f"\ninterrupted ({signal_name or 'KeyboardInterrupt'}) in epoch {epoch + 1} after batch {batch} "
-          f"(optimizer step {steps})" + (f"; saved {backup}" if backup is not None else "")
+    where = _position(int(model.optimizer.iterations.numpy()), steps_per_epoch)
+    print(f"\ninterrupted ({signal_name or 'KeyboardInterrupt'}) in {where}" + (f"; saved {backup}" if backup is not None else "")
           + ". Run the same command again to resume from there.", file=sys.stderr, flush=True)
 
 
