@@ -64,6 +64,7 @@ class TrainSettings:
     allow_unpaired: bool = False  # skip (and list) images without masks and masks without images
     run_dir: str = "runs/original"
     filters: int = 64
+    batch_norm: bool = False  # batch normalisation after every convolution (not in the original)
     crop: int = 512  # side of the square training patches, pixels (512 = whole pages)
     batch_size: int = 5
     steps_per_epoch: int = 1000
@@ -228,7 +229,7 @@ def _resume_point(settings: TrainSettings, paths: dict) -> tuple[keras.Model | N
     saved, current = state.get("settings"), state_settings(settings)
     if saved is None and paths["settings"].is_file():  # killed before its first epoch ended
         saved = json.loads(paths["settings"].read_text())
-    for key in ("filters", "precision_policy", "loss"):
+    for key in ("filters", "batch_norm", "precision_policy", "loss"):
         if key in (saved or {}) and saved[key] != current[key]:
             raise ValueError(
                 f"{paths['last']} was trained with {key}={saved[key]!r}, not {current[key]!r}; "
@@ -373,7 +374,8 @@ def train(settings: TrainSettings) -> dict:
         resume = settings.resume and not settings.clear_all
         model, steps_done, best = _resume_point(settings, run_paths(settings.run_dir)) if resume else (None, 0, None)
         if model is None:
-            model = build_unet((None, None, 1), filters=settings.filters, dtype_policy=policy)
+            model = build_unet((None, None, 1), filters=settings.filters, dtype_policy=policy,
+                               batch_norm=settings.batch_norm)
             model.compile(
                 optimizer=make_optimizer(rate, policy),
                 loss=loss,

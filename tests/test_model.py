@@ -68,3 +68,24 @@ def test_transposed_upsampling_option_trains_a_step_with_the_default_shapes(padd
 def test_unknown_upsampling_is_refused():
     with pytest.raises(ValueError, match="upsampling"):
         build_unet((32, 32, 1), filters=2, upsampling="bilinear")
+
+
+def test_batch_norm_option_normalises_every_convolution_but_the_head(tmp_path):
+    plain = build_unet((32, 32, 1), filters=2)
+    model = build_unet((32, 32, 1), filters=2, batch_norm=True)
+    convs = [layer.name for layer in plain.layers if isinstance(layer, keras.layers.Conv2D)]
+    normalised = [name for name in convs if name not in ("OUT_3", "OUT")]
+    names = [layer.name for layer in model.layers]
+    assert all(f"{name}_bn" in names and f"{name}_relu" in names for name in normalised)
+    assert not any(model.get_layer(name).use_bias for name in normalised)
+    # Each normalised convolution trades its bias (1 per channel) for 4 per channel (2 trained, 2 moving).
+    channels = sum(plain.get_layer(name).filters for name in normalised)
+    assert model.count_params() == plain.count_params() + 3 * channels
+    model.compile(keras.optimizers.Adam(1e-2), "binary_crossentropy")
+    x = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
+    model.train_on_batch(x, (x > 0.5).astype(np.float32))
+    moving = model.get_layer("CNT_1_conv_1_bn").moving_mean.numpy()
+    assert not np.allclose(moving, 0)  # the moving statistics follow the training batches
+    model.save(tmp_path / "bn.keras")
+    loaded = keras.models.load_model(tmp_path / "bn.keras", compile=False)
+    np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), atol=1e-6)

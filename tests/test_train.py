@@ -128,3 +128,13 @@ def test_augmenting_in_worker_processes_trains_on_the_same_batches(isbi_dir, tmp
         histories.append(train.train(settings)["history"])
     for key in ("loss", "val_loss"):
         np.testing.assert_allclose(histories[1][key], histories[0][key], rtol=1e-5)
+
+
+def test_batch_norm_setting_builds_a_normalised_model_that_resumes_only_as_such(isbi_dir, tmp_path):
+    run_dir = str(tmp_path / "run")
+    result = train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=run_dir, epochs=1, batch_norm=True))
+    names = [layer.name for layer in train.load_model(result["best"]).layers]
+    assert "CNT_1_conv_1_bn" in names and "EXP_4_conv_2_bn" in names
+    with pytest.raises(ValueError, match="batch_norm=True"):
+        train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=run_dir, epochs=2, batch_norm=False))
+    assert train.parse_args(["--preset", "tiny", "--batch-norm"]).batch_norm
