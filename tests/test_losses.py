@@ -4,6 +4,8 @@ from scipy import ndimage
 
 import losses
 from losses import (
+    bce_dice_l1_loss,
+    bce_dice_l1_loss_np,
     bce_dice_loss,
     bce_dice_loss_np,
     border_weight_map,
@@ -124,6 +126,8 @@ def test_weight_map_of_real_page_is_finite_and_bounded(isbi_dir):
         (dice_loss, dice_loss_np, 2),
         (bce_dice_loss, bce_dice_loss_np, 1),
         (bce_dice_loss, bce_dice_loss_np, 2),
+        (bce_dice_l1_loss, bce_dice_l1_loss_np, 1),
+        (bce_dice_l1_loss, bce_dice_l1_loss_np, 2),
     ],
 )
 def test_keras_losses_equal_their_numpy_twins_per_sample(fn, twin, channels, batch):
@@ -153,10 +157,18 @@ def test_losses_compute_in_float32_for_bfloat16_predictions():
     from keras import ops
 
     y_true, y_pred = random_targets(np.random.default_rng(0), 2)
-    for fn in (dice_loss, bce_dice_loss):
+    for fn in (dice_loss, bce_dice_loss, bce_dice_l1_loss):
         value = fn(y_true, ops.cast(y_pred, "bfloat16"))
         assert ops.dtype(value) == "float32"
         np.testing.assert_allclose(np.asarray(value), np.asarray(fn(y_true, y_pred)), rtol=2e-2)
+
+
+def test_l1_term_adds_the_pixel_difference_as_a_fraction():
+    from metrics import pixel_difference_np
+
+    y_true, y_pred = random_targets(np.random.default_rng(3), 1, channels=1)
+    extra = float(bce_dice_l1_loss(y_true, y_pred)[0] - bce_dice_loss(y_true, y_pred)[0])
+    assert extra == pytest.approx(pixel_difference_np(y_true, y_pred) / 100, rel=1e-5)
 
 
 def test_dice_is_zero_for_perfect_and_near_one_for_inverted_prediction():
