@@ -107,10 +107,11 @@ def volume_prediction(model_path, volume_path, precision: str = "auto") -> dict:
 
 
 def training_model(filters: int, size: int, batch: int, precision: str = "auto", upsampling: str = "upsample",
-                   jit: bool = False) -> tuple[keras.Model, np.ndarray, np.ndarray]:
+                   jit: bool = False, batch_norm: bool = False) -> tuple[keras.Model, np.ndarray, np.ndarray]:
     """Return a compiled U-Net (Adam, cross-entropy) and one random batch (x, y) of `batch` size x size images."""
     policy = hardware.choose_precision(precision)
-    model = build_unet((size, size, 1), filters=filters, dtype_policy=policy, upsampling=upsampling)
+    model = build_unet((size, size, 1), filters=filters, dtype_policy=policy, upsampling=upsampling,
+                       batch_norm=batch_norm)
     model.compile(keras.optimizers.Adam(1e-4), "binary_crossentropy", jit_compile=jit)
     rng = np.random.default_rng(0)
     x = rng.random((batch, size, size, 1), dtype=np.float32)
@@ -119,17 +120,18 @@ def training_model(filters: int, size: int, batch: int, precision: str = "auto",
 
 
 def benchmark(filters: int = 64, size: int = 512, batch: int = 5, precision: str = "auto",
-              warmup: int = 2, repeats: int = 5, upsampling: str = "upsample", jit: bool = False) -> dict:
+              warmup: int = 2, repeats: int = 5, upsampling: str = "upsample", jit: bool = False,
+              batch_norm: bool = False) -> dict:
     """Return train and inference timings (seconds) and throughput for one configuration."""
     policy = hardware.choose_precision(precision)
-    model, x, y = training_model(filters, size, batch, policy, upsampling, jit)
+    model, x, y = training_model(filters, size, batch, policy, upsampling, jit, batch_norm)
     train = time_calls(lambda: model.train_on_batch(x, y), warmup, repeats)
     infer = time_calls(lambda: model.predict_on_batch(x), warmup, repeats)
     flops = conv_flops(model)
     step = float(np.median(train))
     return {
         "filters": filters, "size": size, "batch": batch, "precision": policy,
-        "upsampling": upsampling, "jit": jit, "threads": threads_in_use(),
+        "upsampling": upsampling, "jit": jit, "batch_norm": batch_norm, "threads": threads_in_use(),
         "parameters": model.count_params(),
         "forward_gflop_per_image": flops / 1e9,
         "train_s_per_step": {"median": step, "min": min(train), "max": max(train)},
@@ -439,7 +441,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", help="take filters, size (crop) and batch from a train.py preset")
+    parser.add_argument("--preset", help="take filters, batch norm, size (crop) and batch from a train.py preset")
     parser.add_argument("--filters", type=int, default=64)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=5)
@@ -454,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jit", action="store_true", help="compile the train step with XLA (jit_compile=True)")
     parser.add_argument("--upsampling", default="upsample", choices=("upsample", "transpose"),
                         help="the expanding path's upsampling (model.build_unet)")
+    parser.add_argument("--batch-norm", action="store_true",
+                        help="batch normalisation (model.build_unet) in the timing rows; "
+                             "--profile and --options time the model without it")
     parser.add_argument("--profile", action="store_true", help="also profile a train step (TensorFlow profiler)")
     parser.add_argument("--options", action="append", choices=("all",) + OPTIONS,
                         help="also time these options against the default, alternating; repeat or 'all'")
@@ -474,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
 
         settings = preset(args.preset)
         args.filters, args.size, args.batch = settings.filters, settings.crop, settings.batch_size
+        args.batch_norm = args.batch_norm or settings.batch_norm
     # other jobs on the machine slow every figure: the load average says how busy it was
     report = {"machine": hardware.describe(), "load_average_1min": {"start": os.getloadavg()[0]}, "results": []}
     print(f"machine: {report['machine']}; load average {os.getloadavg()[0]:.2f}")
@@ -482,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         print("matmul peak TFLOP/s: " + ", ".join(f"{k} {v:.3f}" for k, v in report["peak_tflops"].items()))
     for precision in args.precision or ["auto"]:
         row = benchmark(args.filters, args.size, args.batch, precision, args.warmup, args.repeats,
-                        args.upsampling, args.jit)
+                        args.upsampling, args.jit, args.batch_norm)
         if args.peak:
             peak = report["peak_tflops"]["bfloat16" if "bfloat16" in row["precision"] else "float32"]
             row["train_fraction_of_peak"] = row["train_tflops"] / peak

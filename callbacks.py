@@ -144,31 +144,37 @@ class TrainingState(keras.callbacks.Callback):
 
 
 class TimeLimit(keras.callbacks.Callback):
-    """Print the time spent and an estimate of the time left after each epoch; stop after `seconds`.
+    """Print the time spent and an estimate of the time left after each epoch; keep training within `seconds`.
 
-    Training stops cleanly at the end of the first epoch that ends after
-    `seconds` (None: never). `initial_epoch` and `epochs` are those given to fit.
+    After each epoch, training stops cleanly if another epoch, at the mean
+    epoch time so far, would end after `seconds` (None: never), so a run
+    stays within its budget on a slower or busier machine. `initial_epoch`
+    and `epochs` are those given to fit; `clock` returns seconds.
     """
 
-    def __init__(self, seconds: float | None, initial_epoch: int = 0, epochs: int = 1):
+    def __init__(self, seconds: float | None, initial_epoch: int = 0, epochs: int = 1, clock=time.monotonic):
         super().__init__()
         self.seconds = seconds
         self.initial_epoch = initial_epoch
         self.epochs = epochs
+        self.clock = clock
         self._start = None
 
     def on_train_begin(self, logs=None):
-        self._start = time.monotonic()
+        self._start = self.clock()
 
     def on_epoch_end(self, epoch, logs=None):
-        elapsed = time.monotonic() - self._start
+        elapsed = self.clock() - self._start
         done = epoch + 1 - self.initial_epoch
-        left = elapsed / done * (self.epochs - epoch - 1)
-        if self.seconds is not None:
-            left = min(left, max(self.seconds - elapsed, 0.0))
+        per_epoch = elapsed / done
+        left = per_epoch * (self.epochs - epoch - 1)
+        stop = self.seconds is not None and epoch + 1 < self.epochs and elapsed + per_epoch > self.seconds
+        if stop:
+            left = 0.0
         print(f"epoch {epoch + 1}/{self.epochs}: {elapsed / 60:.1f} min spent, about {left / 60:.1f} min left", flush=True)
-        if self.seconds is not None and elapsed >= self.seconds:
-            print(f"time limit reached ({elapsed:.0f} s >= {self.seconds:.0f} s): stopping after epoch {epoch + 1}")
+        if stop:
+            print(f"time limit: another epoch would end after {self.seconds / 60:.1f} min "
+                  f"({elapsed / 60:.1f} min spent, {per_epoch / 60:.1f} min per epoch): stopping after epoch {epoch + 1}")
             self.model.stop_training = True
 
 

@@ -95,3 +95,12 @@ def test_time_limit_stops_after_the_epoch_that_passes_it(tmp_path):
     model = tiny_model()
     history = model.fit(x, y, epochs=5, verbose=0, callbacks=[TimeLimit(0.0, 0, 5)])
     assert len(history.history["loss"]) == 1
+
+
+@pytest.mark.parametrize("seconds, epochs_trained", [(35.0, 3), (40.0, 4), (1000.0, 5), (None, 5)])
+def test_time_limit_stops_before_an_epoch_that_would_end_past_it(seconds, epochs_trained):
+    ticks = iter(range(0, 1000, 10))  # every epoch takes 10 s: read at train begin, then at each epoch end
+    limit = TimeLimit(seconds, 0, 5, clock=lambda: next(ticks))
+    x, y = toy_data()
+    history = tiny_model().fit(x, y, epochs=5, verbose=0, callbacks=[limit])
+    assert len(history.history["loss"]) == epochs_trained

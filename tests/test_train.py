@@ -24,6 +24,10 @@ def test_command_line_overrides_preset_fields():
     elastic = train.parse_args(["--preset", "cpu", "--elastic-grid", "3", "--loss", "weighted_bce"])
     assert elastic.augmentation.elastic_grid == 3 and elastic.augmentation.rot90 and elastic.loss == "weighted_bce"
     assert train.PRESETS["cpu"].augmentation.elastic_grid == 0  # the preset itself is left alone
+    turned = train.parse_args(["--preset", "cpu", "--rot90", "--vertical-flip", "--zoom-range", "0.1"])
+    assert (turned.augmentation.rot90, turned.augmentation.vertical_flip, turned.augmentation.zoom_range) == (
+        True, True, 0.1)
+    assert train.parse_args(["--preset", "original", "--no-horizontal-flip"]).augmentation.horizontal_flip is False
 
 
 def test_short_training_on_real_crops_lowers_the_loss(isbi_dir, tmp_path):
