@@ -28,6 +28,7 @@ def test_command_line_overrides_preset_fields():
     assert (turned.augmentation.rot90, turned.augmentation.vertical_flip, turned.augmentation.zoom_range) == (
         True, True, 0.1)
     assert train.parse_args(["--preset", "original", "--no-horizontal-flip"]).augmentation.horizontal_flip is False
+    assert train.parse_args(["--preset", "tiny", "--batch-norm"]).batch_norm
 
 
 def test_short_training_on_real_crops_lowers_the_loss(isbi_dir, tmp_path):
@@ -59,11 +60,16 @@ def test_rerun_resumes_from_last_epoch_and_clear_all_starts_afresh(isbi_dir, tmp
     assert json.loads((tmp_path / "run" / "state.json").read_text())["epochs_done"] == 1
 
 
-def test_resume_refuses_a_run_of_another_width(isbi_dir, tmp_path):
+def test_batch_norm_run_builds_a_normalised_model_and_resume_refuses_another_width_or_kind(isbi_dir, tmp_path):
     run_dir = str(tmp_path / "run")
-    train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=run_dir, epochs=1))
+    result = train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=run_dir, epochs=1, batch_norm=True))
+    names = [layer.name for layer in train.load_model(result["best"]).layers]
+    assert "CNT_1_conv_1_bn" in names and "EXP_4_conv_2_bn" in names
     with pytest.raises(ValueError, match="filters=4"):
-        train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=run_dir, epochs=2, filters=8))
+        train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=run_dir, epochs=2, filters=8,
+                                 batch_norm=True))
+    with pytest.raises(ValueError, match="batch_norm=True"):
+        train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=run_dir, epochs=2, batch_norm=False))
 
 
 def test_missing_data_fails_with_a_clear_message(tmp_path, capsys):
@@ -132,13 +138,3 @@ def test_augmenting_in_worker_processes_trains_on_the_same_batches(isbi_dir, tmp
         histories.append(train.train(settings)["history"])
     for key in ("loss", "val_loss"):
         np.testing.assert_allclose(histories[1][key], histories[0][key], rtol=1e-5)
-
-
-def test_batch_norm_setting_builds_a_normalised_model_that_resumes_only_as_such(isbi_dir, tmp_path):
-    run_dir = str(tmp_path / "run")
-    result = train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=run_dir, epochs=1, batch_norm=True))
-    names = [layer.name for layer in train.load_model(result["best"]).layers]
-    assert "CNT_1_conv_1_bn" in names and "EXP_4_conv_2_bn" in names
-    with pytest.raises(ValueError, match="batch_norm=True"):
-        train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=run_dir, epochs=2, batch_norm=False))
-    assert train.parse_args(["--preset", "tiny", "--batch-norm"]).batch_norm
