@@ -167,10 +167,8 @@ class TimeLimit(keras.callbacks.Callback):
         elapsed = self.clock() - self._start
         done = epoch + 1 - self.initial_epoch
         per_epoch = elapsed / done
-        left = per_epoch * (self.epochs - epoch - 1)
         stop = self.seconds is not None and epoch + 1 < self.epochs and elapsed + per_epoch > self.seconds
-        if stop:
-            left = 0.0
+        left = 0.0 if stop else per_epoch * (self.epochs - epoch - 1)
         print(f"epoch {epoch + 1}/{self.epochs}: {elapsed / 60:.1f} min spent, about {left / 60:.1f} min left", flush=True)
         if stop:
             print(f"time limit: another epoch would end after {self.seconds / 60:.1f} min "

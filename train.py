@@ -64,7 +64,7 @@ class TrainSettings:
     allow_unpaired: bool = False  # skip (and list) images without masks and masks without images
     run_dir: str = "runs/original"
     filters: int = 64
-    batch_norm: bool = False  # batch normalisation after every convolution (not in the original)
+    batch_norm: bool = False  # batch normalisation between each convolution and its ReLU (not in the original)
     crop: int = 512  # side of the square training patches, pixels (512 = whole pages)
     batch_size: int = 5
     steps_per_epoch: int = 1000
