@@ -19,6 +19,11 @@ multiply-adds); a training step is taken as 3 forward passes.
 
 from __future__ import annotations
 
+import cli
+
+if __name__ == "__main__":
+    cli.quiet_native_logs()  # before TensorFlow loads
+
 import argparse
 import collections
 import json
@@ -32,7 +37,8 @@ import time
 import numpy as np
 import keras
 
-import data
+import augment
+import files
 import hardware
 from model import build_unet
 
@@ -54,54 +60,52 @@ def conv_flops(model: keras.Model) -> int:
     return sum(layer_flops(layer) for layer in model.layers)
 
 
-def time_calls(fn, warmup: int, repeats: int) -> list[float]:
-    """Return the wall-clock seconds of `repeats` calls of fn() after `warmup` untimed calls."""
+def time_calls(fn, warmup: int, repeats: int, clock=time.perf_counter) -> list[float]:
+    """Return the seconds (by `clock`) of `repeats` calls of fn() after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
-def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5, clock=time.perf_counter) -> float:
     """Return the best TFLOP/s of an n x n matrix product in `dtype` ('float32' or 'bfloat16')."""
     import tensorflow as tf
 
     a = tf.random.normal((n, n), dtype=tf.float32)
     a = tf.cast(a, dtype)
     product = tf.function(lambda x: tf.matmul(x, x))
-    times = time_calls(lambda: product(a).numpy(), 1, repeats)
+    times = time_calls(lambda: product(a).numpy(), 1, repeats, clock)
     return 2 * n**3 / min(times) / 1e12
 
 
-def pipeline_pairs_per_s(crop: int | None, augmentation=None, batches: int = 10, batch_size: int = 4) -> float:
-    """Return augmented (image, label) pairs per second that `data.AugmentedBatches` makes on one core."""
-    import data
-
+def pipeline_pairs_per_s(crop: int | None, augmentation=None, batches: int = 10, batch_size: int = 4,
+                         clock=time.perf_counter) -> float:
+    """Return augmented (image, label) pairs per second (by `clock`) that `augment.AugmentedBatches` makes on one core."""
     rng = np.random.default_rng(0)
     images = rng.random((4, 512, 512, 1), dtype=np.float32)
     labels = (images > 0.5).astype(np.float32)
-    pairs = data.AugmentedBatches(images, labels, batch_size, batches, augmentation, crop)
-    start = time.perf_counter()
+    pairs = augment.AugmentedBatches(images, labels, batch_size, batches, augmentation, crop)
+    start = clock()
     for i in range(batches):
         pairs[i]
-    return batches * batch_size / (time.perf_counter() - start)
+    return batches * batch_size / (clock() - start)
 
 
 def volume_prediction(model_path, volume_path, precision: str = "auto") -> dict:
     """Return the seconds and pages/s of predicting a TIFF stack with predict.py's tiled path."""
-    import data
-    import predict
-    from train import load_model
+    import tiling
+    from model import load_model
 
-    stack = data.read_stack(volume_path)
+    stack = files.read_stack(volume_path)
     model = load_model(model_path, precision=precision)
-    predict.predict_stack(model, stack[:1], progress=False)  # warm-up
+    tiling.predict_stack(model, stack[:1], progress=False)  # warm-up
     start = time.perf_counter()
-    predict.predict_stack(model, stack, progress=False)
+    tiling.predict_stack(model, stack, progress=False)
     seconds = time.perf_counter() - start
     return {"volume": str(volume_path), "pages": len(stack), "seconds": seconds, "pages_per_s": len(stack) / seconds}
 
@@ -196,8 +200,8 @@ def trace_ops(logdir: str) -> list[tuple[str, str, int, int]]:
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     ops = []
-    for root, _, files in os.walk(logdir):
-        for file in files:
+    for root, _, names in os.walk(logdir):
+        for file in names:
             if not file.endswith(".xplane.pb"):
                 continue
             space = xplane_pb2.XSpace()
@@ -421,7 +425,7 @@ def options_table(name: str, rows: dict) -> str:
 
 def write_json(report: dict, path: str) -> None:
     """Write `report` as JSON to `path` atomically (a temporary name, then os.replace)."""
-    data.write_atomic(path, json.dumps(report, indent=2))
+    files.write_atomic(path, json.dumps(report, indent=2))
 
 
 def table(rows: list[dict]) -> str:
@@ -439,8 +443,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """Return benchmark.py's command line."""
+    parser = cli.parser(__doc__)
     parser.add_argument("--preset", help="take filters, batch norm, size (crop) and batch from a train.py preset")
     parser.add_argument("--filters", type=int, default=64)
     parser.add_argument("--size", type=int, default=512)
@@ -464,16 +469,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time these options against the default, alternating; repeat or 'all'")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds for --options")
     parser.add_argument("--out", default="benchmark.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the benchmarks the parsed command line asks for; print the tables, write the JSON report."""
     if args.threads:
         try:
             set_threads(*(int(n) for n in args.threads.split(",")))
         except (TypeError, ValueError):
-            print(f"error: --threads takes INTRA,INTER, two whole numbers, got {args.threads!r}", file=sys.stderr)
-            return 1
+            raise ValueError(f"--threads takes INTRA,INTER, two whole numbers, got {args.threads!r}") from None
         except RuntimeError:
-            print("error: --threads must be set before TensorFlow starts (run benchmark.py afresh)", file=sys.stderr)
-            return 1
+            raise ValueError("--threads must be set before TensorFlow starts (run benchmark.py afresh)") from None
     if args.preset:
         from train import preset
 
@@ -517,7 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         report["options"] = options(names, args.filters, args.size, args.batch, precision, args.rounds)
     report["load_average_1min"]["end"] = os.getloadavg()[0]
     write_json(report, args.out)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 
 The output is cut into blocks of (1, block, block) pixels, one zarr chunk
 each. A block is predicted with the tiles of its whole page (see
-`predict.predict_region`), so the result does not depend on the block size.
+`tiling.predict_region`), so the result does not depend on the block size.
 After a block is written an empty marker `<out>/.done/<page>_<block row>_<block col>` is
 written; a rerun skips the blocks that have one, so an interrupted run
 resumes where it stopped.
@@ -33,8 +33,10 @@ import tifffile
 import zarr
 from tqdm import tqdm
 
-import data
-import predict
+import files
+import runtimes
+import tiling
+from files import PathLike
 
 DEFAULT_BLOCK = 1024  # pixels; a block and the tiles around it fit easily in memory
 PRECISION = "auto"  # as predict.py loads models
@@ -46,7 +48,7 @@ Block = tuple[int, int, int]  # (page, block row, block column)
 
 # ---------------------------------------------------------------- reading
 
-def open_volume(path: predict.PathLike) -> zarr.Array:
+def open_volume(path: PathLike) -> zarr.Array:
     """Return the grey pages of a zarr array or TIFF file, read lazily: (pages, H, W), or (H, W) for one page.
 
     A zarr group holding exactly one array stands for that array; name
@@ -54,33 +56,33 @@ def open_volume(path: predict.PathLike) -> zarr.Array:
     """
     path = Path(path)
     if not path.exists():
-        raise data.DataError(f"{path}: no such file or folder")
-    if path.suffix.lower() in predict.TIFF_SUFFIXES:
+        raise files.DataError(f"{path}: no such file or folder")
+    if path.suffix.lower() in files.TIFF_SUFFIXES:
         try:
             with tifffile.TiffFile(path) as tif:
                 axes, photometric = tif.series[0].axes, tif.series[0].keyframe.photometric
             volume = zarr.open(tifffile.imread(path, aszarr=True, series=0, level=0), mode="r")
         except Exception as err:  # tifffile raises several types for non-TIFF input
-            raise data.DataError(f"{path}: not a readable TIFF file ({err})") from err
+            raise files.DataError(f"{path}: not a readable TIFF file ({err})") from err
         if "S" in axes or "C" in axes or photometric == tifffile.PHOTOMETRIC.PALETTE:
-            raise data.DataError(f"{path}: expected grey pages, got axes {axes} ({photometric.name}); "
+            raise files.DataError(f"{path}: expected grey pages, got axes {axes} ({photometric.name}); "
                                  "convert colour images to greyscale first")
-    elif predict.is_zarr(path) or path.is_dir():
+    elif files.is_zarr(path) or path.is_dir():
         try:
             volume = zarr.open(str(path), mode="r")
         except Exception as err:
-            raise data.DataError(f"{path}: not a readable zarr array ({err})") from err
+            raise files.DataError(f"{path}: not a readable zarr array ({err})") from err
         if isinstance(volume, zarr.Group):
             arrays = dict(volume.arrays())
             if len(arrays) != 1:
                 names = ", ".join(sorted(arrays)) or "none"
-                raise data.DataError(f"{path}: a zarr group of {len(arrays)} arrays ({names}); "
+                raise files.DataError(f"{path}: a zarr group of {len(arrays)} arrays ({names}); "
                                      f"name one, as {path}/<array>")
             volume = next(iter(arrays.values()))
     else:
-        raise data.DataError(f"{path}: expected a .zarr array or a TIFF file ({', '.join(predict.TIFF_SUFFIXES)})")
+        raise files.DataError(f"{path}: expected a .zarr array or a TIFF file ({', '.join(files.TIFF_SUFFIXES)})")
     if volume.ndim not in (2, 3) or volume.size == 0 or not np.issubdtype(volume.dtype, np.number):
-        raise data.DataError(f"{path}: expected grey pages (pages, height, width) or one (height, width) page "
+        raise files.DataError(f"{path}: expected grey pages (pages, height, width) or one (height, width) page "
                              f"of numbers, got shape {volume.shape} of {volume.dtype}")
     return volume
 
@@ -118,7 +120,7 @@ def _marker(target: Path, index: Block) -> Path:
     return target / DONE_FOLDER / "_".join(map(str, index))
 
 
-def open_output(target: predict.PathLike, shape: tuple[int, int, int], settings: dict) -> zarr.Array:
+def open_output(target: PathLike, shape: tuple[int, int, int], settings: dict) -> zarr.Array:
     """Return the output zarr array at `target`: created with chunks of one block, or, when it exists,
     checked to have been made with the same `settings` (ValueError otherwise) for resuming."""
     target = Path(target)
@@ -144,15 +146,15 @@ def open_output(target: predict.PathLike, shape: tuple[int, int, int], settings:
     return out
 
 
-def predict_block(model, volume, out: zarr.Array, target: predict.PathLike, index: Block, *, block: int,
+def predict_block(model, volume, out: zarr.Array, target: PathLike, index: Block, *, block: int,
                   tile: int, overlap: int, batch_size: int, tta: bool) -> Block:
     """Predict block `index` of `volume`, write it into `out` and then its marker beside it; return `index`."""
     z, by, bx = index
     _, height, width = volume_shape(volume)
     rows = (by * block, min((by + 1) * block, height))
     cols = (bx * block, min((bx + 1) * block, width))
-    probabilities = predict.predict_region(model, PageView(volume, z), (rows, cols), tile, overlap, batch_size, tta)
-    out[z, slice(*rows), slice(*cols)] = predict.to_uint8(probabilities) if out.dtype == np.uint8 else probabilities
+    probabilities = tiling.predict_region(model, PageView(volume, z), (rows, cols), tile, overlap, batch_size, tta)
+    out[z, slice(*rows), slice(*cols)] = tiling.to_uint8(probabilities) if out.dtype == np.uint8 else probabilities
     _marker(Path(target), index).touch()  # only after the data: an interrupted write leaves no marker
     return index
 
@@ -160,9 +162,7 @@ def predict_block(model, volume, out: zarr.Array, target: predict.PathLike, inde
 @functools.lru_cache(maxsize=2)
 def cached_model(model_path: str, precision: str = PRECISION):
     """Return the model at `model_path`, loaded once per process (so once per Dask worker)."""
-    from runtimes import load_model  # TensorFlow (or onnxruntime) loads here
-
-    return load_model(model_path, precision=precision)
+    return runtimes.load_model(model_path, precision=precision)
 
 
 def _block_task(index: Block, *, model_path: str, source: str, target: str, settings: dict) -> Block:
@@ -174,13 +174,13 @@ def _block_task(index: Block, *, model_path: str, source: str, target: str, sett
 # ---------------------------------------------------------------- the job
 
 def predict_volume(
-    model_path: predict.PathLike,
+    model_path: PathLike,
     source,
-    target: predict.PathLike,
+    target: PathLike,
     block: int = DEFAULT_BLOCK,
-    tile: int = predict.DEFAULT_TILE,
-    overlap: int = predict.DEFAULT_OVERLAP,
-    batch_size: int = predict.DEFAULT_BATCH_SIZE,
+    tile: int = tiling.DEFAULT_TILE,
+    overlap: int = tiling.DEFAULT_OVERLAP,
+    batch_size: int = tiling.DEFAULT_BATCH_SIZE,
     tta: bool = False,
     uint8: bool = False,
     client=None,
@@ -198,12 +198,12 @@ def predict_volume(
         client: a `distributed.Client`; its workers then predict one block per task,
             each loading the model once. None predicts in this process.
         on_block: called with each block's index (page, row, column) once it is written.
-        tile, overlap, batch_size, tta: as for `predict.predict_image`.
+        tile, overlap, batch_size, tta: as for `tiling.predict_image`.
     """
     start = time.perf_counter()
     if block < 1:
         raise ValueError(f"block must be a positive number of pixels, got {block}")
-    predict.tile_grid((1, 1), tile, overlap)  # check the settings before the slow part
+    tiling.tile_grid((1, 1), tile, overlap)  # check the settings before the slow part
     model_path = Path(model_path).resolve()
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: no such model file (train one with `python train.py`)")
@@ -237,9 +237,7 @@ def _run(pending: list[Block], volume, out, target: Path, model_path: Path, sour
     if not pending:
         return
     if client is None:
-        from runtimes import load_model  # TensorFlow (or onnxruntime) loads here, after the cheap checks
-
-        model = load_model(model_path, precision=PRECISION)
+        model = runtimes.load_model(model_path, precision=PRECISION)
         for index in pending:
             yield predict_block(model, volume, out, target, index, **settings)
         return

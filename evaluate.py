@@ -7,16 +7,25 @@
 
 from __future__ import annotations
 
+import cli
+
+if __name__ == "__main__":
+    cli.quiet_native_logs()  # before TensorFlow loads
+
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 import data
+import files
 import metrics
-import predict
+import runs
+import runtimes
+import tiling
 
 
 def score_page(label: np.ndarray, prediction: np.ndarray) -> dict:
@@ -45,28 +54,27 @@ def probabilities_for(source: str | Path, images: np.ndarray, pages: list[int], 
     from a probability TIFF holding either every page of the stack or exactly the pages asked for."""
     source = Path(source)
     if source.suffix.lower() in (".tif", ".tiff"):
-        stack = data.read_stack(source).astype(np.float32)
+        stack = files.read_stack(source).astype(np.float32)
         if stack.shape[1:] != images.shape[1:]:
-            raise data.DataError(f"{source}: pages of {stack.shape[1:]} pixels, the labels have {images.shape[1:]}")
+            raise files.DataError(f"{source}: pages of {stack.shape[1:]} pixels, the labels have {images.shape[1:]}")
         if len(stack) == len(images):
             return stack[pages]
         if len(stack) == len(pages):
             return stack
-        raise data.DataError(f"{source}: {len(stack)} pages; expected {len(images)} (the stack) or {len(pages)}")
-    from runtimes import load_model
-
-    return predict.predict_stack(load_model(source, precision="auto"), images[pages], tta=tta, desc="predicting")
+        raise files.DataError(f"{source}: {len(stack)} pages; expected {len(images)} (the stack) or {len(pages)}")
+    return tiling.predict_stack(runtimes.load_model(source, precision="auto"), images[pages], tta=tta, desc="predicting")
 
 
 def model_for_results(run_dir: str | Path) -> Path:
     """Return the model whose results to show: the run's best.keras, or the shipped model if the run has none."""
-    best = Path(run_dir) / "best.keras"
+    best = runs.RunFolder(run_dir).best
     if best.is_file():
         return best
-    if not predict.DEFAULT_MODEL.is_file():
-        raise FileNotFoundError(f"{best}: no trained model, and the shipped {predict.DEFAULT_MODEL} is missing too")
-    print(f"{run_dir} holds no trained model: showing the shipped {predict.DEFAULT_MODEL.relative_to(predict.PROJECT_DIR)}")
-    return predict.DEFAULT_MODEL
+    if not runtimes.DEFAULT_MODEL.is_file():
+        raise FileNotFoundError(f"{best}: no trained model, and the shipped {runtimes.DEFAULT_MODEL} is missing too")
+    shipped = runtimes.DEFAULT_MODEL.relative_to(runtimes.PROJECT_DIR)
+    warnings.warn(f"{run_dir} holds no trained model: showing the shipped {shipped}", UserWarning, stacklevel=2)
+    return runtimes.DEFAULT_MODEL
 
 
 def scores_of(source: str | Path, pages: list, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
@@ -92,7 +100,7 @@ def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.
     raw_images, raw_labels = data.load_isbi(data_dir)
     pages = [int(p) for p in pages]
     if not pages or min(pages) < 0 or max(pages) >= len(raw_images):
-        raise data.DataError(f"pages must lie in 0..{len(raw_images) - 1}, got {pages}")
+        raise files.DataError(f"pages must lie in 0..{len(raw_images) - 1}, got {pages}")
     images = data.normalize_images(raw_images)
     labels = data.binarize_labels(raw_labels)[pages]
     predictions = probabilities_for(source, raw_images, pages, tta)
@@ -102,11 +110,9 @@ def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.
 def evaluate_held_out(source: str | Path, parts: dict, report: dict, tta: bool = False) -> dict:
     """Return `scores_of` a model on the pages held out of training by `train.load_data`: its 'test' part
     (the ISBI test pages) if there is one, else the 'validation' part (a lab's own data)."""
-    from runtimes import load_model
-
     part = "test" if "test" in parts else "validation"
     images, labels = (stack[..., 0] for stack in parts[part])
-    predictions = predict.predict_stack(load_model(source, precision="auto"), images, tta=tta, desc="predicting")
+    predictions = tiling.predict_stack(runtimes.load_model(source, precision="auto"), images, tta=tta, desc="predicting")
     return scores_of(source, report["split_pages"][part], images, labels, predictions, part)
 
 
@@ -125,8 +131,9 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """Return evaluate.py's command line."""
+    parser = cli.parser(__doc__)
     parser.add_argument("source", help="a .keras model saved by train.py, or a probability TIFF (1 = cell)")
     parser.add_argument("--data-dir")
     parser.add_argument("--pages", type=int, nargs="+", default=list(data.TEST_PAGES),
@@ -134,28 +141,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", action="store_true", help="predict with the 8 flips and quarter turns averaged")
     parser.add_argument("--out", help="write the scores to this JSON file")
     parser.add_argument("--grid", help="write the images / labels / predictions grid to this PNG")
-    args = parser.parse_args(argv)
-    if not Path(args.source).is_file():
-        print(f"error: {args.source}: no such model or TIFF file (train a model with `python train.py`)",
-              file=sys.stderr)
-        return 1
-    try:
-        for output in filter(None, (args.out, args.grid)):
-            data.prepare_output(output)  # before the slow part
-        result = evaluate(args.source, args.data_dir, args.pages, args.tta)
-        print(report(result))
-        if args.out:
-            keep = {k: result[k] for k in ("source", "pages", "per_page", "mean")}
-            data.write_atomic(args.out, json.dumps(keep, indent=2))
-        if args.grid:
-            import figures
+    return parser
 
-            titles = [f"page {page}" for page in result["pages"]]
-            figures.save_results_grid(result["images"], result["labels"], result["predictions"], args.grid, titles)
-    except (data.DataError, OSError) as err:  # bad inputs; an output that cannot be written
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+
+def run(args: argparse.Namespace) -> None:
+    """Score what the parsed command line names; print the table, write the files asked for."""
+    if not Path(args.source).is_file():
+        raise files.DataError(f"{args.source}: no such model or TIFF file (train a model with `python train.py`)")
+    for output in filter(None, (args.out, args.grid)):
+        files.prepare_output(output)  # before the slow part
+    result = evaluate(args.source, args.data_dir, args.pages, args.tta)
+    print(report(result))
+    if args.out:
+        keep = {k: result[k] for k in ("source", "pages", "per_page", "mean")}
+        files.write_atomic(args.out, json.dumps(keep, indent=2))
+    if args.grid:
+        import figures
+
+        titles = [f"page {page}" for page in result["pages"]]
+        figures.save_results_grid(result["images"], result["labels"], result["predictions"], args.grid, titles)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

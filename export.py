@@ -14,6 +14,11 @@ bioimageio.core's model test. No step needs the internet.
 
 from __future__ import annotations
 
+import cli
+
+if __name__ == "__main__":
+    cli.quiet_native_logs()  # before TensorFlow loads
+
 import argparse
 import contextlib
 import hashlib
@@ -28,10 +33,13 @@ from pathlib import Path
 import numpy as np
 
 import data
-from model import with_dtype_policy
+import files
+import runs
+import runtimes
+from model import SIZE_MULTIPLE, load_model, with_dtype_policy
 
-PROJECT_DIR = Path(__file__).resolve().parent
-DEFAULT_DEST = PROJECT_DIR / "models" / "unet-isbi-cpu.keras"
+PROJECT_DIR = runtimes.PROJECT_DIR
+DEFAULT_DEST = runtimes.DEFAULT_MODEL
 MAX_MB = 10
 LICENSE = "MIT"  # SPDX id of the exported packages' licence, the project's own (LICENSE)
 
@@ -52,15 +60,13 @@ def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: s
     summary.json) and its scores on the test pages (from `evaluate.evaluate`).
     """
     import evaluate
-    from train import load_model, run_paths
 
-    paths = run_paths(run_dir)
-    if not paths["best"].is_file():
-        raise FileNotFoundError(f"{paths['best']}: no best model in this run; train it first")
+    run = runs.RunFolder(run_dir)
+    if not run.best.is_file():
+        raise FileNotFoundError(f"{run.best}: no best model in this run; train it first")
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    model = with_dtype_policy(load_model(paths["best"]), "float32")
-    data.write_atomic(dest, model.save)
+    model = with_dtype_policy(load_model(run.best), "float32")
+    files.write_atomic(dest, model.save)
     size_mb = dest.stat().st_size / 2**20
     if size_mb > MAX_MB:
         raise ValueError(f"{dest} is {size_mb:.1f} MB, more than the {MAX_MB} MB a shipped model may take")
@@ -74,13 +80,13 @@ def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: s
         "input": "grey EM image, any size (tiled by predict.py), scaled to [0, 1]",
         "output": "probability of cell (1) against membrane (0), float32",
         "training": {
-            "settings": json.loads(paths["settings"].read_text()) if paths["settings"].is_file() else None,
-            "summary": json.loads(paths["summary"].read_text()) if paths["summary"].is_file() else None,
+            "settings": run.read_json(run.settings),
+            "summary": run.read_json(run.summary),
         },
         "test_pages": scores["pages"],
         "test_scores": {"mean": scores["mean"], "per_page": scores["per_page"]},
     }
-    data.write_atomic(dest.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
+    files.write_atomic(dest.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
     return card
 
 
@@ -88,7 +94,6 @@ def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: s
 
 FORMATS = ("bioimageio", "onnx", "savedmodel")
 DIST_DIR = PROJECT_DIR / "dist"
-SIZE_MULTIPLE = 16  # the U-Net pools four times, so input sides must divide by 2**4
 MIN_SIZE = 96  # smallest input side a bioimage.io tool may pick, pixels: more than twice the halo
 HALO = 32  # pixels a bioimage.io tool should crop from each tile edge: predict.py's overlap / 2
 TOLERANCE = 1e-4  # largest |difference| of probabilities allowed between the Keras model and an export
@@ -149,20 +154,12 @@ def check_test_page(page: np.ndarray, model, name: str) -> None:
 def read_test_page(test_image: str | Path | None = None, data_dir: str | Path | None = None) -> tuple[np.ndarray, str]:
     """Return (page 0 of `test_image`, default the ISBI test-volume.tif, as a 2-D array; a name for messages)."""
     path = Path(test_image) if test_image is not None else data.find_data_dir(data_dir) / data.TEST_FILE
-    return data.read_stack(path)[0], f"{path} page 0"
+    return files.read_stack(path)[0], f"{path} page 0"
 
 
 def _with_batch(page: np.ndarray) -> np.ndarray:
     """Return a 2-D page as the model's float32 input (1, height, width, 1), scaled to [0, 1] as in training."""
     return data.normalize_images(page)[np.newaxis, ..., np.newaxis]
-
-
-def _remove(path: Path) -> None:
-    """Remove the file or folder at `path` if there is one."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def write_savedmodel(model, dest: Path) -> Path:
@@ -192,8 +189,6 @@ def write_onnx(model, dest: Path) -> Path:
 
 def largest_difference(path: Path, x: np.ndarray, reference: np.ndarray) -> float:
     """Return the largest |difference| between the export at `path` run on `x` and `reference` (probabilities)."""
-    import runtimes
-
     return float(np.abs(runtimes.load_model(path).predict_on_batch(x) - reference).max())
 
 
@@ -262,8 +257,8 @@ def _documentation(model_path: Path, card: dict | None, dest: Path) -> Path:
     return dest
 
 
-def model_description(model, files: dict[str, Path]):
-    """Return the bioimage.io (spec 0.5) ModelDescr of `model` from the `files` written for it."""
+def model_description(model, parts: dict[str, Path]):
+    """Return the bioimage.io (spec 0.5) ModelDescr of `model` from the `parts` written for it."""
     import keras
     import tensorflow as tf
     from bioimageio.spec.dataset.v0_3 import DatasetDescr
@@ -278,8 +273,8 @@ def model_description(model, files: dict[str, Path]):
         axes=[v0_5.BatchAxis(), v0_5.SpaceInputAxis(id=v0_5.AxisId("y"), size=y_size),
               v0_5.SpaceInputAxis(id=v0_5.AxisId("x"), size=x_size),
               v0_5.ChannelAxis(channel_names=[v0_5.Identifier("raw")])],
-        test_tensor=v0_5.FileDescr(source=files["test_input"]),
-        sample_tensor=v0_5.FileDescr(source=files["sample_input"]),
+        test_tensor=v0_5.FileDescr(source=parts["test_input"]),
+        sample_tensor=v0_5.FileDescr(source=parts["sample_input"]),
         data=v0_5.IntervalOrRatioDataDescr(type="uint8"),
         preprocessing=[to_float, v0_5.ScaleLinearDescr(kwargs=v0_5.ScaleLinearKwargs(gain=1 / 255, offset=0.0)),
                        to_float],
@@ -291,18 +286,18 @@ def model_description(model, files: dict[str, Path]):
                                              size=v0_5.SizeReference(tensor_id=input_id, axis_id=v0_5.AxisId(axis)))
                 for axis in ("y", "x")),
               v0_5.ChannelAxis(channel_names=[v0_5.Identifier("cell")])],
-        test_tensor=v0_5.FileDescr(source=files["test_output"]),
-        sample_tensor=v0_5.FileDescr(source=files["sample_output"]),
+        test_tensor=v0_5.FileDescr(source=parts["test_output"]),
+        sample_tensor=v0_5.FileDescr(source=parts["sample_output"]),
         data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
     )
     tf_version = v0_5.Version(tf.__version__)
     weights = v0_5.WeightsDescr(
-        keras_v3=v0_5.KerasV3WeightsDescr(source=files["keras"], keras_version=v0_5.Version(keras.__version__),
+        keras_v3=v0_5.KerasV3WeightsDescr(source=parts["keras"], keras_version=v0_5.Version(keras.__version__),
                                           backend=("tensorflow", tf_version)),
         tensorflow_saved_model_bundle=v0_5.TensorflowSavedModelBundleWeightsDescr(
-            source=files["savedmodel"], tensorflow_version=tf_version, parent="keras_v3",
+            source=parts["savedmodel"], tensorflow_version=tf_version, parent="keras_v3",
             comment="keras.export.ExportArchive, endpoint 'serve'"),
-        onnx=v0_5.OnnxWeightsDescr(source=files["onnx"], opset_version=ONNX_OPSET, parent="keras_v3",
+        onnx=v0_5.OnnxWeightsDescr(source=parts["onnx"], opset_version=ONNX_OPSET, parent="keras_v3",
                                    comment="tf2onnx from the Keras model"),
     )
     cite = [v0_5.CiteEntry(text=text, doi=v0_5.Doi(doi)) for text, doi in CITATIONS]
@@ -317,8 +312,8 @@ def model_description(model, files: dict[str, Path]):
         authors=[v0_5.Author(name="unet-isbi contributors")],
         cite=cite,
         license=v0_5.LicenseId(LICENSE),
-        documentation=v0_5.FileDescr(source=files["documentation"]),
-        covers=[v0_5.FileDescr(source=files["cover"])],
+        documentation=v0_5.FileDescr(source=parts["documentation"]),
+        covers=[v0_5.FileDescr(source=parts["cover"])],
         tags=["unet", "segmentation", "electron-microscopy", "membranes", "isbi2012", "2d", "tensorflow", "keras"],
         inputs=[inputs], outputs=[outputs], weights=weights, training_data=training_data,
         config=v0_5.Config(bioimageio=v0_5.BioimageioConfig(reproducibility_tolerance=[
@@ -367,19 +362,19 @@ def write_package(model, model_path: Path, page: np.ndarray, reference: np.ndarr
     card = json.loads(card_path.read_text()) if card_path.is_file() else None
     with tempfile.TemporaryDirectory(prefix="bioimageio-") as tmp:
         folder = Path(tmp)
-        files = {"keras": folder / "weights.keras", "onnx": write_onnx(model, folder / "weights.onnx"),
+        parts = {"keras": folder / "weights.keras", "onnx": write_onnx(model, folder / "weights.onnx"),
                  "test_input": folder / "test_input.npy", "test_output": folder / "test_output.npy"}
-        model.save(files["keras"])
+        model.save(parts["keras"])
         saved = write_savedmodel(model, folder / "savedmodel")
-        files["savedmodel"] = Path(shutil.make_archive(str(folder / "weights-savedmodel"), "zip", saved))
-        np.save(files["test_input"], page[np.newaxis, ..., np.newaxis])
-        np.save(files["test_output"], reference)
-        files["sample_input"], files["sample_output"] = folder / "sample_input.png", folder / "sample_output.tif"
-        Image.fromarray(page).save(files["sample_input"])  # images for people and viewers; the tests use the .npy
-        tifffile.imwrite(files["sample_output"], reference[0, ..., 0])
-        files["cover"] = _cover(page, reference[0, ..., 0], folder / "cover.png")
-        files["documentation"] = _documentation(model_path, card, folder / "README.md")
-        save_bioimageio_package(model_description(model, files), output_path=dest)
+        parts["savedmodel"] = Path(shutil.make_archive(str(folder / "weights-savedmodel"), "zip", saved))
+        np.save(parts["test_input"], page[np.newaxis, ..., np.newaxis])
+        np.save(parts["test_output"], reference)
+        parts["sample_input"], parts["sample_output"] = folder / "sample_input.png", folder / "sample_output.tif"
+        Image.fromarray(page).save(parts["sample_input"])  # images for people and viewers; the tests use the .npy
+        tifffile.imwrite(parts["sample_output"], reference[0, ..., 0])
+        parts["cover"] = _cover(page, reference[0, ..., 0], folder / "cover.png")
+        parts["documentation"] = _documentation(model_path, card, folder / "README.md")
+        save_bioimageio_package(model_description(model, parts), output_path=dest)
     return dest
 
 def export_model(
@@ -410,35 +405,31 @@ def export_model(
     check_writable(out, fmt)
     page, name = read_test_page(test_image, data_dir)
 
-    from train import load_model  # TensorFlow loads here, after the cheap checks
-
     model = with_dtype_policy(load_model(model_path), "float32")  # portable exports compute in float32
     check_test_page(page, model, name)
     x = _with_batch(page)
     reference = np.asarray(model.predict_on_batch(x), dtype=np.float32)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)  # checked before it takes the name `out`
     writer = {"bioimageio": partial(write_package, model, model_path, page, reference),
               "onnx": partial(write_onnx, model), "savedmodel": partial(write_savedmodel, model)}[fmt]
     result = {"format": fmt, "path": str(out)}
-    try:
-        writer(tmp)
+
+    def write_checked(part: Path) -> None:
+        """Write the export to `part` and check it there, before it takes the name `out`."""
+        writer(part)
         if fmt == "bioimageio":
-            result.update(check_package(tmp))
-        result["largest_difference"] = largest_difference(tmp, x, reference)
+            result.update(check_package(part))
+        result["largest_difference"] = largest_difference(part, x, reference)
         _check_close(result["largest_difference"], f"the {fmt} export of {model_path}")
-    except BaseException:
-        _remove(tmp)
-        raise
-    _remove(out)
-    os.replace(tmp, out)
-    files = [out] if out.is_file() else [f for f in out.rglob("*") if f.is_file()]
-    result["size_mb"] = round(sum(f.stat().st_size for f in files) / 2**20, 2)
+
+    files.write_atomic(out, write_checked)
+    written = [out] if out.is_file() else [f for f in out.rglob("*") if f.is_file()]
+    result["size_mb"] = round(sum(f.stat().st_size for f in written) / 2**20, 2)
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """Return export.py's command line: a run folder to ship, or --format to export a model."""
+    parser = cli.parser(__doc__)
     parser.add_argument("run_dir", nargs="?", help="a run folder written by train.py, to ship its best model")
     parser.add_argument("--dest", default=str(DEFAULT_DEST), help="with RUN_DIR: where the shipped model goes")
     parser.add_argument("--data-dir", help="the folder holding the ISBI stacks")
@@ -447,25 +438,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="with --format: the file or folder to write (default dist/<model name>...)")
     parser.add_argument("--test-image", help=f"with --format: a TIFF whose page 0 is the test page (default the "
                                              f"ISBI {data.TEST_FILE})")
-    args = parser.parse_args(argv)
-    try:
-        if args.format is None and args.run_dir is None:
-            raise ValueError("name a run folder to ship, or give --format to export a model")
-        if args.format is not None:
-            if args.run_dir is not None:
-                raise ValueError("give either a run folder to ship or --format (with --model), not both")
-            result = export_model(args.model, args.format, args.out, args.test_image, args.data_dir)
-            print(f"wrote {result['path']} ({result['size_mb']} MB); largest |difference| from the Keras model "
-                  f"on the test page: {result['largest_difference']:.2g}" +
-                  (f"; bioimageio.spec validation {result['validation']}, bioimageio.core model test "
-                   f"{result['model_test']}" if args.format == "bioimageio" else ""))
-            return 0
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Ship the run or export the model the parsed command line names; print what was written."""
+    if args.format is None and args.run_dir is None:
+        raise ValueError("name a run folder to ship, or give --format to export a model")
+    if args.format is None:
         card = ship_model(args.run_dir, args.dest, args.data_dir)
-    except (OSError, ValueError) as err:  # FileNotFoundError is an OSError; data.DataError a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.dest} ({card['size_mb']} MB) and its card; test scores: {card['test_scores']['mean']}")
-    return 0
+        print(f"wrote {args.dest} ({card['size_mb']} MB) and its card; test scores: {card['test_scores']['mean']}")
+        return
+    if args.run_dir is not None:
+        raise ValueError("give either a run folder to ship or --format (with --model), not both")
+    result = export_model(args.model, args.format, args.out, args.test_image, args.data_dir)
+    checks = (f"; bioimageio.spec validation {result['validation']}, bioimageio.core model test "
+              f"{result['model_test']}" if args.format == "bioimageio" else "")
+    print(f"wrote {result['path']} ({result['size_mb']} MB); largest |difference| from the Keras model "
+          f"on the test page: {result['largest_difference']:.2g}{checks}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(build_parser(), run, argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,14 +12,17 @@ written atomically.
 
 from __future__ import annotations
 
+import cli
+
+if __name__ == "__main__":
+    cli.quiet_native_logs()  # before TensorFlow loads
+
 import argparse
 import io
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -27,8 +30,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
+import files
 import metrics
-import train
+import runs
 
 # metric -> (file name, title, y-axis label); the file names are the original write-up's.
 CURVES = {
@@ -44,7 +48,7 @@ DPI = 100
 
 def _read_event_files(folder: Path, plugin: str) -> list[dict[str, list[tuple[float, int, np.ndarray]]]]:
     """Return, per event file of `folder`, {tag: [(wall_time, step, value)]} for the tags of one plugin."""
-    files = []
+    found = []
     for path in sorted(folder.glob("events.out.tfevents.*")):
         events = EventAccumulator(str(path), size_guidance={"tensors": 0})
         events.Reload()
@@ -52,14 +56,14 @@ def _read_event_files(folder: Path, plugin: str) -> list[dict[str, list[tuple[fl
         for tag in events.Tags()["tensors"]:
             if events.SummaryMetadata(tag).plugin_data.plugin_name == plugin:
                 tags[tag] = [(e.wall_time, e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)]
-        files.append(tags)
-    return files
+        found.append(tags)
+    return found
 
 
-def _merge(files: list[dict[str, list[tuple[float, int, object]]]]) -> dict[str, list[tuple[int, object]]]:
+def _merge(event_files: list[dict[str, list[tuple[float, int, object]]]]) -> dict[str, list[tuple[int, object]]]:
     """Return {tag: [(step, value)]} sorted by step; where files share a step the later wall_time wins."""
     latest: dict[str, dict[int, tuple[float, object]]] = {}
-    for tags in files:
+    for tags in event_files:
         for tag, events in tags.items():
             steps = latest.setdefault(tag, {})
             for wall_time, step, value in events:
@@ -77,9 +81,9 @@ def _first_epoch_end(tags: dict) -> tuple[int, float] | None:
 def steps_per_epoch(log_dir: str | os.PathLike, train_files: list | None = None) -> int | None:
     """Return the run's optimizer steps per epoch: from its settings.json, else estimated from the logs."""
     log_dir = Path(log_dir)
-    paths = train.run_paths(log_dir.parent)
-    if paths["logs"] == log_dir and paths["settings"].is_file():
-        return int(json.loads(paths["settings"].read_text())["steps_per_epoch"])
+    run = runs.RunFolder(log_dir.parent)
+    if run.logs == log_dir and run.settings.is_file():
+        return int(run.read_json(run.settings)["steps_per_epoch"])
     # Estimate: the last per-batch step logged before the first epoch of a run that starts at epoch 0.
     for tags in train_files if train_files is not None else _read_event_files(log_dir / "train", "scalars"):
         end = _first_epoch_end(tags)
@@ -91,14 +95,14 @@ def steps_per_epoch(log_dir: str | os.PathLike, train_files: list | None = None)
     return None
 
 
-def _global_batch_steps(files: list[dict], per_epoch: int | None) -> list[dict]:
+def _global_batch_steps(event_files: list[dict], per_epoch: int | None) -> list[dict]:
     """Return the files with the 'batch_*' steps of resumed runs moved to optimizer steps.
 
     Keras' TensorBoard counts 'batch_*' steps from 1 at every fit(), so a run
     resumed at epoch e0 would write over the first run's steps; its steps are
     moved on by e0 * steps per epoch (files already counting globally are kept).
     """
-    chronological = sorted(files, key=lambda tags: min((e[0] for ev in tags.values() for e in ev), default=0.0))
+    chronological = sorted(event_files, key=lambda tags: min((e[0] for ev in tags.values() for e in ev), default=0.0))
     epochs_done = 0
     moved = []
     for tags in chronological:
@@ -120,11 +124,11 @@ def _read_scalars(log_dir: Path) -> tuple[dict[str, dict[str, list[tuple[int, fl
     train_files = _read_event_files(log_dir / "train", "scalars")
     per_epoch = steps_per_epoch(log_dir, train_files)
     scalars = {}
-    for part, files in (("train", train_files), ("validation", _read_event_files(log_dir / "validation", "scalars"))):
+    for part, event_files in (("train", train_files), ("validation", _read_event_files(log_dir / "validation", "scalars"))):
         if part == "train":
-            files = _global_batch_steps(files, per_epoch)
-        if files:
-            merged = _merge(files)
+            event_files = _global_batch_steps(event_files, per_epoch)
+        if event_files:
+            merged = _merge(event_files)
             scalars[part] = {tag: [(step, float(value)) for step, value in events] for tag, events in merged.items()}
     return scalars, per_epoch
 
@@ -155,29 +159,14 @@ def read_images(log_dir: str | os.PathLike) -> dict[str, list[tuple[int, np.ndar
 
 # ---------------------------------------------------------------- writing files
 
-def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Write `path` through `write(file)` into a temporary file that then takes its name; return `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            write(out)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     """Write `figure` as a PNG at `path`; return the path."""
-    return _write_atomic(Path(path), lambda out: figure.savefig(out, format="png", dpi=DPI))
+    return files.write_atomic(path, lambda part: figure.savefig(part, format="png", dpi=DPI))
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a uint8 (H, W) array as a grey PNG at `path`, pixel for pixel; return the path."""
-    return _write_atomic(Path(path), lambda out: Image.fromarray(image).save(out, format="PNG"))
+    return files.write_atomic(path, lambda part: Image.fromarray(image).save(part, format="PNG"))
 
 
 # ---------------------------------------------------------------- curves
@@ -352,18 +341,25 @@ def save_masks_grid(images, labels, probabilities, path: str | os.PathLike, titl
 
 # ---------------------------------------------------------------- command line
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """Return figures.py's command line."""
+    parser = cli.parser(__doc__)
     parser.add_argument("log_dir", help="a run's TensorBoard folder, e.g. runs/cpu/logs")
     parser.add_argument("--out", default="images", help="folder for the pictures (default: images)")
     parser.add_argument("--steps", type=int, nargs="+", help="'batch' steps to snapshot (default: about 5)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Draw the pictures of the run the parsed command line names; print their paths."""
     if not (Path(args.log_dir) / "train").is_dir():
-        print(f"error: {args.log_dir} holds no train/ folder of TensorBoard logs", file=sys.stderr)
-        return 1
+        raise ValueError(f"{args.log_dir} holds no train/ folder of TensorBoard logs")
     for path in plot_curves(args.log_dir, args.out) + save_snapshots(args.log_dir, args.out, args.steps):
         print(path)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Keras averages them over any batch size exactly, and compute in float32
 whatever the model's dtype policy.
 
 The weighted cross-entropy is Keras' own binary cross-entropy with the
-weight map given as per-pixel sample weights: `data.AugmentedBatches` moves
+weight map given as per-pixel sample weights: `augment.AugmentedBatches` moves
 the map with its label and yields (images, labels, weights).
 """
 

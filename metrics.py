@@ -19,7 +19,7 @@ from skimage.morphology._skeletonize import G123_LUT, G123P_LUT
 # Registered (package "unet_isbi"), so that a model compiled with them loads with plain
 # keras.models.load_model in any process that has imported this module. Keras 3 never imports a
 # non-Keras module named in a saved config, so a process that has not imported it cannot rebuild
-# them: that is why best.keras is saved without its compile config (train.inference_model).
+# them: that is why best.keras is saved without its compile config (model.inference_model).
 @keras.saving.register_keras_serializable(package="unet_isbi")
 def pixel_difference(y_true, y_pred):
     """Return 100 * mean |y_true - y_pred| per sample (percent, 0..100), shape (batch,).

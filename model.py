@@ -7,10 +7,17 @@ of data.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import keras
 from keras import layers
 
+import hardware
+from files import DataError, error_reason
+
 DEPTH = 4  # pooling steps: five contracting blocks, four expanding blocks
+SIZE_MULTIPLE = 2**DEPTH  # with 'same' padding, input sides must divide by this many pixels
 
 
 def conv_relu(x, filters: int, size: int, padding: str, name: str, dtype=None, batch_norm: bool = False):
@@ -107,8 +114,9 @@ def build_unet(
         raise ValueError(f"filters must be a positive integer, got {filters!r}")
     if padding == "same":
         for size in input_shape[:2]:
-            if size is not None and size % 2**DEPTH:
-                raise ValueError(f"with 'same' padding the input size must be a multiple of 16, got {input_shape}")
+            if size is not None and size % SIZE_MULTIPLE:
+                raise ValueError(f"with 'same' padding the input size must be a multiple of {SIZE_MULTIPLE}, "
+                                 f"got {input_shape}")
 
     inputs = keras.Input(shape=input_shape, name="image")
     skips = []
@@ -151,3 +159,39 @@ def with_dtype_policy(model: keras.Model, dtype_policy: str) -> keras.Model:
     copy = keras.models.clone_model(uncompiled, clone_function=clone)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """Return `model`'s layers (shared, same weights) as a model with no optimizer and no compile config.
+
+    Saved, it holds Keras layers only, so it loads with plain
+    `keras.models.load_model(path)` in a process that never imported this
+    project (Keras 3 does not import the module of a custom loss or metric
+    named in a compile config; it fails instead).
+    """
+    return keras.Model(model.inputs, model.outputs, name=model.name)
+
+
+def load_model(path: str | os.PathLike, precision: str | None = None, custom_objects: dict | None = None) -> keras.Model:
+    """Return the Keras model saved at `path`; the one place that loads .keras files.
+
+    Without `custom_objects` the model is loaded for inference: layers and
+    weights only (no optimizer, no compile config, so no training code is
+    needed), recast to `precision` if given (e.g. 'auto', see
+    `hardware.choose_precision`). With `custom_objects` (the losses and
+    metrics it was compiled with) it is loaded whole, optimizer included, to
+    train on. DataError if the file is missing or not a Keras model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such model file")
+    try:
+        model = keras.models.load_model(path, custom_objects=custom_objects, compile=custom_objects is not None)
+    except Exception as err:  # Keras raises many types for files that are not its models
+        raise DataError(f"{path}: not a Keras model this project can load ({error_reason(err)})") from err
+    if precision is None:
+        return model
+    policy = hardware.choose_precision(precision)
+    if model.get_layer("CNT_1_conv_1").dtype_policy.name == policy:
+        return model
+    return with_dtype_policy(model, policy)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+PROJECT_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = PROJECT_DIR / "models" / "unet-isbi-cpu.keras"  # the shipped model
 KERAS_SUFFIX, ONNX_SUFFIX, PACKAGE_SUFFIX = ".keras", ".onnx", ".zip"
 SAVEDMODEL_FILE = "saved_model.pb"
 PACKAGE_WEIGHTS = ("onnx", "keras_v3", "tensorflow_saved_model_bundle")  # the first one a package has is used
@@ -30,6 +32,21 @@ def is_model(path: str | os.PathLike) -> bool:
     if path.is_dir():
         return (path / SAVEDMODEL_FILE).is_file()
     return path.is_file() and path.suffix.lower() in (KERAS_SUFFIX, ONNX_SUFFIX, PACKAGE_SUFFIX)
+
+
+def resolve_model(path: str | os.PathLike | None = None) -> Path:
+    """Return the model to use: `path` (.keras, .onnx, bioimage.io .zip or SavedModel folder), else DEFAULT_MODEL;
+    FileNotFoundError saying what to do if missing."""
+    if path is not None:
+        if not Path(path).is_file() and not (Path(path) / SAVEDMODEL_FILE).is_file():
+            raise FileNotFoundError(f"{path}: no such model file (train one with `python train.py`)")
+        return Path(path)
+    if not DEFAULT_MODEL.is_file():
+        raise FileNotFoundError(
+            f"no model given and the default {DEFAULT_MODEL} is not there; train one with "
+            "`python train.py` and pass --model runs/<run>/best.keras"
+        )
+    return DEFAULT_MODEL
 
 
 class OnnxModel:
@@ -118,9 +135,10 @@ def load_package(path: str | os.PathLike, precision: str | None = None, weight_f
             weights = Path(folder) / "savedmodel"
         return load_model(weights, precision)
 
+
 def load_model(path: str | os.PathLike, precision: str | None = None):
-    """Return the model at `path`: a .keras file (in `precision`, see train.load_model), an .onnx file,
-    a SavedModel folder or a bioimage.io package (.zip)."""
+    """Return the model at `path` for inference: a .keras file (in `precision`, see `model.load_model`),
+    an .onnx file, a SavedModel folder or a bioimage.io package (.zip)."""
     path = Path(path)
     if path.is_dir():
         if not (path / SAVEDMODEL_FILE).is_file():
@@ -133,6 +151,6 @@ def load_model(path: str | os.PathLike, precision: str | None = None):
         return load_package(path, precision)
     if suffix != KERAS_SUFFIX:
         raise ValueError(f"{path}: not a model this project reads (.keras, .onnx, bioimage.io .zip, SavedModel folder)")
-    from train import load_model as load_keras
+    from model import load_model as load_keras  # Keras and TensorFlow load here
 
     return load_keras(path, precision=precision)

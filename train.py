@@ -15,30 +15,35 @@ so it loads anywhere with plain keras.models.load_model.
 
 from __future__ import annotations
 
+import cli
+
+if __name__ == "__main__":
+    cli.quiet_native_logs()  # before TensorFlow loads
+
 import argparse
 import contextlib
 import dataclasses
-import json
-import shutil
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
 import numpy as np
 
+import augment
 import data
 import distribute
+import files
 import hardware
 import losses
-from callbacks import (BestModel, ChallengeScores, ImageHistory, ResumableTensorBoard, StepBackup, StopOnNaN,
-                       TimeLimit, TrainingState, UniformPredictionWarning, mark_session_start, save_model_atomic)
+import runs
+from callbacks import Checkpoints, ResumableTensorBoard, StepBackup, StopOnNaN, TimeLimit, ValidationPages
 from metrics import MembraneDice, membrane_iou, pixel_difference
-from model import build_unet, with_dtype_policy
+from model import SIZE_MULTIPLE, build_unet, load_model
 
-PROJECT_DIR = Path(__file__).resolve().parent
 CUSTOM_OBJECTS = {"pixel_difference": pixel_difference, "MembraneDice": MembraneDice, **losses.CUSTOM_OBJECTS}
 HIGHER_IS_BETTER = ("accuracy", "v_rand", "v_info", "dice", "iou")
 
@@ -88,7 +93,7 @@ class TrainSettings:
     clear_all: bool = False  # delete the run's models and logs before starting
     resume: bool = True  # continue from run_dir/last.keras when it is there
     verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
-    augmentation: data.Augmentation = dataclasses.field(default_factory=data.Augmentation)
+    augmentation: augment.Augmentation = dataclasses.field(default_factory=augment.Augmentation)
     preset: str = "original"
 
     def to_dict(self) -> dict:
@@ -97,7 +102,7 @@ class TrainSettings:
 
 PRESETS = {
     "original": TrainSettings(),
-    # Chosen for a 2-core CPU by measurement on AMD EPYC Zen 4 (README, Results):
+    # Chosen for a 2-core CPU by measurement on AMD EPYC Zen 4 (docs/EXPERIMENTS.md):
     # 16 filters, 256x256 crops, batch 4, Adam 1e-3 (it beat 5e-4). Cross-entropy plus
     # the Dice of the membranes beat cross-entropy alone on every test score; a cosine
     # decay merged cells on a test page, the border-weighted loss was worse on both.
@@ -118,7 +123,7 @@ PRESETS = {
         draw_interval=200,
         time_limit=30 * 60,
         backup_every=25,
-        augmentation=data.Augmentation(vertical_flip=True, rot90=True),
+        augmentation=augment.Augmentation(vertical_flip=True, rot90=True),
         preset="cpu",
     ),
     # For tests and the headless notebook check: seconds, not minutes.
@@ -151,104 +156,6 @@ def preset(name: str = "auto", **overrides) -> TrainSettings:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from auto, {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
-
-
-def git_commit() -> str | None:
-    """Return the project's current git commit (with '+dirty' if changed), or None outside git."""
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_DIR, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_DIR,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-def run_paths(run_dir: str | Path) -> dict[str, Path]:
-    """Return the files of a run folder: logs, best, last, state, settings."""
-    run_dir = Path(run_dir)
-    return {
-        "run_dir": run_dir,
-        "logs": run_dir / "logs",
-        "best": run_dir / "best.keras",
-        "last": run_dir / "last.keras",
-        "state": run_dir / "state.json",
-        "backup": run_dir / "backup.keras",
-        "settings": run_dir / "settings.json",
-        "summary": run_dir / "summary.json",
-    }
-
-
-def clear_run(run_dir: str | Path) -> None:
-    """Delete a run's models, state and TensorBoard logs (the original's clear_all)."""
-    paths = run_paths(run_dir)
-    shutil.rmtree(paths["logs"], ignore_errors=True)
-    for key in ("best", "last", "state", "settings", "summary", "backup"):
-        paths[key].unlink(missing_ok=True)
-
-
-def load_model(path: str | Path, precision: str | None = None) -> keras.Model:
-    """Return a model saved by this project (with its custom metric).
-
-    With `precision` (e.g. 'auto', see `hardware.choose_precision`) the model
-    is returned for inference in that precision: recast if it was saved in
-    another one, then without its optimizer.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise data.DataError(f"{path}: no such model file")
-    try:
-        model = keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS)
-    except Exception as err:  # Keras raises many types for files that are not its models
-        raise data.DataError(f"{path}: not a Keras model this project can load ({data.error_reason(err)})") from err
-    if precision is None:
-        return model
-    policy = hardware.choose_precision(precision)
-    if model.get_layer("CNT_1_conv_1").dtype_policy.name == policy:
-        return model
-    return with_dtype_policy(model, policy)
-
-
-def _position(steps: int, steps_per_epoch: int) -> str:
-    """Return where optimizer step `steps` leaves training, as 'epoch E after batch B (optimizer step S)'."""
-    epoch, batch = divmod(steps, steps_per_epoch)
-    return f"epoch {epoch + 1} after batch {batch} (optimizer step {steps})"
-
-
-def _resume_point(settings: TrainSettings, paths: dict) -> tuple[keras.Model | None, int, float | None]:
-    """Return (model, optimizer steps done, best monitored value) of an earlier run, or (None, 0, None).
-
-    The model is the newer of last.keras (saved at an epoch end) and
-    backup.keras (saved every `backup_every` steps and when interrupted).
-    """
-    state = json.loads(paths["state"].read_text()) if paths["state"].is_file() else {}
-    has_last = paths["last"].is_file() and bool(state)
-    if not (settings.resume and (has_last or paths["backup"].is_file())):
-        return None, 0, None
-    saved, current = state.get("settings"), state_settings(settings)
-    if saved is None and paths["settings"].is_file():  # killed before its first epoch ended
-        saved = json.loads(paths["settings"].read_text())
-    for key in ("filters", "batch_norm", "precision_policy", "loss"):
-        if key in (saved or {}) and saved[key] != current[key]:
-            raise ValueError(
-                f"{paths['last']} was trained with {key}={saved[key]!r}, not {current[key]!r}; "
-                "use another run_dir, or clear_all=True (--clear-all) to start afresh"
-            )
-    done = int(state.get("epochs_done", 0)) * settings.steps_per_epoch
-    if paths["backup"].is_file():
-        model = load_model(paths["backup"])
-        steps = int(model.optimizer.iterations.numpy())
-        same_epochs = (saved or {}).get("steps_per_epoch", settings.steps_per_epoch) == settings.steps_per_epoch
-        if steps > done and same_epochs:
-            print(f"resuming from {paths['backup']} in {_position(steps, settings.steps_per_epoch)}")
-            return model, steps, state.get("best")
-    if not has_last:
-        return None, 0, None
-    print(f"resuming from {paths['last']} after epoch {state['epochs_done']}")
-    return load_model(paths["last"]), done, state.get("best")
 
 
 @contextlib.contextmanager
@@ -305,13 +212,13 @@ def load_data(settings: TrainSettings) -> tuple[dict[str, tuple[np.ndarray, np.n
 
     Pages of each part are brought to one shape (`data.part_shapes`):
     training pages reflect-padded up to the crop (larger ones are sampled by
-    random crops), validation pages, predicted whole, cut to a multiple of 16.
+    random crops), validation pages, predicted whole, cut to a multiple of SIZE_MULTIPLE.
     """
     pages, report = data.load_pages(settings.images, settings.labels, settings.val_images, settings.val_labels,
                                     settings.split, settings.membrane_value, settings.allow_unpaired,
                                     settings.data_dir, settings.seed)
     sizes = {part: [page.shape for page in images] for part, (images, _) in pages.items()}
-    shapes = data.part_shapes(sizes["train"], sizes["validation"], settings.crop)
+    shapes = data.part_shapes(sizes["train"], sizes["validation"], settings.crop, SIZE_MULTIPLE)
     shapes.update({part: shapes["validation"] for part in pages if part not in shapes})
     report["network_input"] = {part: list(shape) for part, shape in shapes.items()}
     split = {part: (data.stack_pages(x, shapes[part]), data.stack_pages(y, shapes[part]))
@@ -321,12 +228,12 @@ def load_data(settings: TrainSettings) -> tuple[dict[str, tuple[np.ndarray, np.n
 
 def training_batches(
     settings: TrainSettings, split: dict, epoch: int = 0, first_index: int = 0
-) -> data.AugmentedBatches:
+) -> augment.AugmentedBatches:
     """Return the augmented training batches of `split['train']` as `settings` describe them, from `epoch`
     (each epoch's batches from `first_index` on)."""
     images, labels = split["train"]
     crop = None if images.shape[1:3] == (settings.crop, settings.crop) else settings.crop
-    batches = data.AugmentedBatches(
+    batches = augment.AugmentedBatches(
         images, labels, settings.batch_size, settings.steps_per_epoch, settings.augmentation, crop, settings.seed,
         weights=weight_maps(settings, labels),
         # Worker processes augment outside the training process's GIL; each epoch starts a fresh pool
@@ -338,195 +245,237 @@ def training_batches(
     return batches
 
 
-def train(settings: TrainSettings) -> dict:
-    """Train (or resume) a run; return {'history': per-epoch logs, 'best', 'last', 'logs', 'seconds'}.
+def load_checkpoint(path: str | Path) -> keras.Model:
+    """Return a model saved while training (last.keras, backup.keras) whole: optimizer, loss and metrics."""
+    return load_model(path, custom_objects=CUSTOM_OBJECTS)
 
-    Under a multi-worker strategy every worker calls this with the same
-    settings; only the chief writes to the run folder.
+
+def banner(settings: TrainSettings, model: keras.Model, policy: str, start: runs.ResumePoint, strategy,
+           run: runs.RunFolder, chief: bool) -> str:
+    """Return the lines that say what a run is about to do, and where and on what."""
+    epoch, batch = divmod(start.steps, settings.steps_per_epoch)
+    schedule = f" ({settings.lr_schedule})" if settings.lr_schedule != "constant" else ""
+    parts = [
+        f"preset {settings.preset}",
+        f"{settings.filters} filters ({model.count_params():,} parameters)",
+        f"{settings.crop}x{settings.crop} crops, batch {settings.batch_size}",
+        f"{settings.epochs} epochs x {settings.steps_per_epoch} steps from epoch {epoch}"
+        + (f" batch {batch}" if batch else ""),
+        f"lr {settings.learning_rate}{schedule}",
+        f"precision {policy}",
+    ]
+    if settings.strategy != "default":
+        writer = "" if chief else f", not the chief: writing to {run.path}"
+        parts.append(f"strategy {settings.strategy} ({distribute.replicas(strategy)} replicas{writer})")
+    if settings.time_limit:
+        parts.append(f"time limit {settings.time_limit / 60:.0f} min")
+    return (f"starting training: {', '.join(parts)}\n  on {hardware.describe()}\n"
+            f"  run folder {runs.RunFolder(settings.run_dir).path}")
+
+
+def build_model(settings: TrainSettings, policy: str) -> keras.Model:
+    """Return a new U-Net for `settings`, compiled with its optimizer, loss and metrics."""
+    model = build_unet((None, None, 1), filters=settings.filters, dtype_policy=policy, batch_norm=settings.batch_norm)
+    model.compile(
+        optimizer=make_optimizer(learning_rate(settings), policy),
+        loss=losses.get_loss(settings.loss),
+        metrics=["accuracy", pixel_difference, MembraneDice(), membrane_iou()],
+    )
+    return model
+
+
+def make_callbacks(settings: TrainSettings, run: runs.RunFolder, validation: tuple, start: runs.ResumePoint,
+                   saved: dict, chief: bool) -> list[keras.callbacks.Callback]:
+    """Return the run's callbacks; their order does not matter (callbacks.py)."""
+    val_x, val_y = validation
+    pages = ValidationPages(val_x, val_y, run.logs, challenge_every=settings.challenge_every,
+                            draw_interval=settings.draw_interval)
+    return [
+        # A NaN loss raises before anything saves the broken weights.
+        StopOnNaN(settings.steps_per_epoch, f"the checkpoints in {run.path}"),
+        pages,
+        ResumableTensorBoard(str(run.logs), histogram_freq=settings.histogram_freq, write_graph=True,
+                             write_images=True, update_freq=settings.update_freq),
+        Checkpoints(run, settings.monitor, monitor_mode(settings.monitor), start.best, {"settings": saved}, pages),
+        StepBackup(run.backup, settings.backup_every if chief else 0),
+        TimeLimit(settings.time_limit, start.steps // settings.steps_per_epoch, settings.epochs),
+    ]
+
+
+def fit(model: keras.Model, settings: TrainSettings, split: dict, start: runs.ResumePoint, callbacks: list,
+        replicas: int) -> dict:
+    """Train `model` from `start` to the last epoch; return the per-epoch logs (Keras's History)."""
+    val_x, val_y = split["validation"]
+    val_w = weight_maps(settings, val_y)
+    arrays = (val_x, val_y) if val_w is None else (val_x, val_y, val_w)
+    kwargs = dict(
+        validation_data=distribute.replicate_pages(*arrays, count=replicas),
+        validation_batch_size=replicas,
+        callbacks=callbacks,
+        verbose=settings.verbose,
+        shuffle=False,  # each batch is random already; Keras' shuffled order would differ on a resumed run
+    )
+    initial_epoch, first_index = divmod(start.steps, settings.steps_per_epoch)
+    whole_from = initial_epoch + bool(first_index)  # the first epoch trained from its first batch
+    history = {}
+    if first_index and whole_from <= settings.epochs:
+        # A run stopped mid-epoch first trains the rest of that epoch, on the batches it had not seen.
+        rest = training_batches(settings, split, initial_epoch, first_index)
+        history = model.fit(rest, epochs=whole_from, initial_epoch=initial_epoch, **kwargs).history
+    later = model.fit(training_batches(settings, split, whole_from), epochs=settings.epochs,
+                      initial_epoch=whole_from, **kwargs).history
+    return {key: history.get(key, []) + values for key, values in later.items()}
+
+
+def run_summary(settings: TrainSettings, policy: str, seconds: float, start: runs.ResumePoint, history: dict) -> dict:
+    """Return what summary.json records of a finished run."""
+    epochs = len(history.get("loss", []))
+    return {
+        "command": " ".join(sys.argv) if Path(sys.argv[0]).name == "train.py" else "train.train(settings)",
+        "commit": runs.git_commit(),
+        "machine": hardware.describe(),
+        "precision": policy,
+        "seconds": seconds,
+        "epochs_trained": epochs,
+        "epochs_done": start.steps // settings.steps_per_epoch + epochs,
+        "steps_per_epoch": settings.steps_per_epoch,
+        "final_logs": {key: float(values[-1]) for key, values in history.items() if values},
+    }
+
+
+def train(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
+          say: Callable[[str], None] | None = None) -> dict:
+    """Train (or resume) a run; return {'history': per-epoch logs, 'best', 'last', 'logs', 'seconds', 'precision'}.
+
+    `loaded` is (split, report) from `load_data(settings)` when the caller has
+    them already (the notebook); `say` receives the lines that tell what
+    happens. Under a multi-worker strategy every worker calls this with the
+    same settings; only the chief writes to the run folder. Ctrl-C or SIGTERM
+    save a backup and raise `cli.Interrupted`, which says how to resume.
     """
+    say = say or (lambda line: None)
     # First: devices and multi-worker communication are set up before any other TensorFlow work.
     strategy = distribute.make_strategy(settings.strategy, settings.cpu_devices)
-    if settings.batch_size % distribute.replicas(strategy):
+    replicas = distribute.replicas(strategy)
+    if settings.batch_size % replicas:
         raise ValueError(f"batch_size {settings.batch_size} (the global batch) does not divide evenly across "
-                         f"{distribute.replicas(strategy)} replicas of strategy {settings.strategy!r}")
+                         f"{replicas} replicas of strategy {settings.strategy!r}")
     chief = distribute.is_chief(strategy)
     write_dir = distribute.WriteDir(settings.run_dir, chief)
-    paths = run_paths(write_dir.path)
+    run, shared = runs.RunFolder(write_dir.path), runs.RunFolder(settings.run_dir)
     if settings.clear_all and chief:
-        clear_run(paths["run_dir"])
-    paths["run_dir"].mkdir(parents=True, exist_ok=True)
+        run.clear()
+    run.path.mkdir(parents=True, exist_ok=True)
     policy = hardware.choose_precision(settings.precision)
-    loss = losses.get_loss(settings.loss)  # unknown names fail here, before the data load
-    rate = learning_rate(settings)
+    losses.get_loss(settings.loss)  # unknown names fail here, before the data load
+    learning_rate(settings)  # and unknown schedules
     keras.utils.set_random_seed(settings.seed)
     if settings.deterministic:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
 
-    split, report = load_data(settings)
-    print(data.format_report(report))
+    split, report = loaded if loaded is not None else load_data(settings)
+    if loaded is None:
+        say(data.format_report(report))
     if chief:
-        data.write_report(report, paths["run_dir"])
-    val_x, val_y = split["validation"]
-    val_w = weight_maps(settings, val_y)
-
+        data.write_report(report, run.path)
+    saved = state_settings(settings)
     with strategy.scope():
         # Every worker resumes from the run folder (shared between machines), which only the chief writes.
-        resume = settings.resume and not settings.clear_all
-        model, steps_done, best = _resume_point(settings, run_paths(settings.run_dir)) if resume else (None, 0, None)
-        if model is None:
-            model = build_unet((None, None, 1), filters=settings.filters, dtype_policy=policy,
-                               batch_norm=settings.batch_norm)
-            model.compile(
-                optimizer=make_optimizer(rate, policy),
-                loss=loss,
-                metrics=["accuracy", pixel_difference, MembraneDice(), membrane_iou()],
-            )
-    saved = state_settings(settings)
-    data.write_atomic(paths["settings"], json.dumps(saved, indent=2))
-    initial_epoch, first_index = divmod(steps_done, settings.steps_per_epoch)
+        start = runs.ResumePoint()
+        if settings.resume and not settings.clear_all:
+            start = runs.resume_point(shared, saved, load_checkpoint)
+        if start.model is not None:
+            say(start.describe(settings.steps_per_epoch))
+        model = start.model if start.model is not None else build_model(settings, policy)
+    run.write_json(run.settings, saved)
     if chief:
         # TensorBoard forgets what a killed run logged after the step this run resumes from.
-        mark_session_start([paths["logs"] / part for part in ("train", "validation", "images")], steps_done + 1)
+        runs.mark_session_start([run.logs / part for part in runs.TENSORBOARD_PARTS], start.steps + 1)
+    callbacks = make_callbacks(settings, run, split["validation"], start, saved, chief)
+    say(banner(settings, model, policy, start, strategy, run, chief))
 
-    whole_from = initial_epoch + bool(first_index)  # the first epoch trained from its first batch
-    batches = training_batches(settings, split, whole_from)
-    mode = monitor_mode(settings.monitor)
-    # First: a NaN loss stops training before anything saves the broken weights.
-    callbacks = [StopOnNaN(settings.steps_per_epoch, f"the checkpoints in {paths['run_dir']}")]
-    if settings.challenge_every:
-        # Before the checkpoints: it adds val_v_rand / val_v_info to the logs they read.
-        callbacks.append(ChallengeScores(val_x, val_y, paths["logs"] / "validation", every=settings.challenge_every))
-    callbacks += [
-        UniformPredictionWarning(val_x),  # before TensorBoard, which logs its val_uniform
-        ResumableTensorBoard(
-            str(paths["logs"]),
-            histogram_freq=settings.histogram_freq,
-            write_graph=True,
-            write_images=True,
-            update_freq=settings.update_freq,
-        ),
-        BestModel(paths["best"], settings.monitor, mode, best),
-        TrainingState(paths["last"], paths["state"], settings.monitor, best, {"settings": saved}, mode),
-        ImageHistory(paths["logs"] / "images", val_x, val_y, draw_interval=settings.draw_interval),
-        StepBackup(paths["backup"], settings.backup_every if chief else 0),
-    ]
-    callbacks.append(TimeLimit(settings.time_limit, initial_epoch, settings.epochs))
-
-    print(
-        f"starting training: preset {settings.preset}, {settings.filters} filters "
-        f"({model.count_params():,} parameters), {settings.crop}x{settings.crop} crops, batch {settings.batch_size}, "
-        f"{settings.epochs} epochs x {settings.steps_per_epoch} steps from epoch {initial_epoch}"
-        + (f" batch {first_index}" if first_index else "") + ", "
-        f"lr {settings.learning_rate}" + (f" ({settings.lr_schedule})" if settings.lr_schedule != "constant" else "")
-        + f", precision {policy}"
-        + (f", strategy {settings.strategy} ({distribute.replicas(strategy)} replicas"
-           f"{'' if chief else ', not the chief: writing to ' + str(paths['run_dir'])})"
-           if settings.strategy != "default" else "")
-        + (f", time limit {settings.time_limit / 60:.0f} min" if settings.time_limit else "")
-        + f"\n  on {hardware.describe()}\n  run folder {paths['run_dir']}"
-    )
-    start = time.monotonic()
-    fit = dict(
-        validation_data=distribute.replicate_pages(*((val_x, val_y) if val_w is None else (val_x, val_y, val_w)),
-                                                   count=distribute.replicas(strategy)),
-        validation_batch_size=distribute.replicas(strategy),
-        callbacks=callbacks,
-        verbose=settings.verbose,
-        shuffle=False,  # each batch is random already; Keras' shuffled order would differ on a resumed run
-    )
+    began = time.monotonic()
     try:
         with interrupts_raise():
-            # A run stopped mid-epoch first trains the rest of that epoch, on the batches it had not seen.
-            rest = {}
-            if first_index and whole_from <= settings.epochs:
-                rest = model.fit(training_batches(settings, split, initial_epoch, first_index), epochs=whole_from,
-                                 initial_epoch=initial_epoch, **fit).history
-            history = model.fit(batches, epochs=settings.epochs, initial_epoch=whole_from, **fit)
-            history.history = {k: rest.get(k, []) + v for k, v in history.history.items()} if rest else history.history
+            history = fit(model, settings, split, start, callbacks, replicas)
     except KeyboardInterrupt as stop:
-        _save_interrupted(model, paths["backup"] if chief else None, settings.steps_per_epoch, str(stop))
-        raise
+        raise _save_interrupted(model, run.backup if chief else None, settings.steps_per_epoch, str(stop)) from stop
     finally:
         write_dir.cleanup()  # a worker's temporary folder goes, even when training fails
-    seconds = time.monotonic() - start
-    paths = run_paths(settings.run_dir)
-    print(f"training took {seconds / 60:.1f} min; best model: {paths['best']}")
-    summary = {
-        "command": " ".join(sys.argv) if Path(sys.argv[0]).name == "train.py" else "train.train(settings)",
-        "commit": git_commit(),
-        "machine": hardware.describe(),
-        "precision": policy,
-        "seconds": seconds,
-        "epochs_trained": len(history.history.get("loss", [])),
-        "epochs_done": initial_epoch + len(history.history.get("loss", [])),
-        "steps_per_epoch": settings.steps_per_epoch,
-        "final_logs": {k: float(v[-1]) for k, v in history.history.items() if v},
-    }
+    seconds = time.monotonic() - began
+    say(f"training took {seconds / 60:.1f} min; best model: {shared.best}")
     if chief:
-        data.write_atomic(paths["summary"], json.dumps(summary, indent=2))
-    return {
-        "history": history.history,
-        "best": paths["best"],
-        "last": paths["last"],
-        "logs": paths["logs"],
-        "seconds": seconds,
-        "precision": policy,
-    }
+        shared.write_json(shared.summary, run_summary(settings, policy, seconds, start, history))
+    return {"history": history, "best": shared.best, "last": shared.last, "logs": shared.logs, "seconds": seconds,
+            "precision": policy}
 
 
-def _save_interrupted(model: keras.Model, backup: Path | None, steps_per_epoch: int, signal_name: str) -> None:
-    """Save `model` to `backup` (None: not this worker's job) and say how to resume."""
+def _save_interrupted(model: keras.Model, backup: Path | None, steps_per_epoch: int,
+                      signal_name: str) -> cli.Interrupted:
+    """Save `model` to `backup` (None: not this worker's job); return the interruption, saying how to resume."""
     if backup is not None:
-        save_model_atomic(model, backup)
-    where = _position(int(model.optimizer.iterations.numpy()), steps_per_epoch)
-    print(f"\ninterrupted ({signal_name or 'KeyboardInterrupt'}) in {where}" + (f"; saved {backup}" if backup is not None else "")
-          + ". Run the same command again to resume from there.", file=sys.stderr, flush=True)
+        files.write_atomic(backup, model.save)
+    where = runs.position(int(model.optimizer.iterations.numpy()), steps_per_epoch)
+    return cli.Interrupted(f"interrupted ({signal_name or 'KeyboardInterrupt'}) in {where}"
+                           + (f"; saved {backup}" if backup is not None else "")
+                           + ". Run the same command again to resume from there.")
 
 
-def parse_args(argv: list[str] | None = None) -> TrainSettings:
-    """Return the settings named on the command line: a preset, then any field overridden."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="auto", help="auto (default), " + ", ".join(PRESETS))
+AUGMENTATION_HELP = {
+    "elastic_grid": "elastic deformation grid points per side (0: off; paper: 3)",
+    "elastic_sigma": "elastic displacement standard deviation, pixels",
+    "rot90": "random quarter turns (see docs/EXPERIMENTS.md: the ISBI labels are not symmetric up/down)",
+}
+
+
+def _add_fields(parser: argparse.ArgumentParser, fields, helps: dict[str, str], default_type=str) -> None:
+    """Add one flag per dataclass field: --name-with-dashes, booleans as --x / --no-x, unset = None."""
     types = {"int": int, "float": float, "float | None": float, "int | None": int}
-    for field in dataclasses.fields(TrainSettings):
-        if field.name in ("augmentation", "preset"):
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(flag, type=types.get(field.type, str), default=None)
-    augmentation = {field.name: field for field in dataclasses.fields(data.Augmentation)}
-    helps = {"elastic_grid": "elastic deformation grid points per side (0: off; paper: 3)",
-             "elastic_sigma": "elastic displacement standard deviation, pixels",
-             "rot90": "random quarter turns (see README: the ISBI labels are not symmetric up/down)"}
-    for name, field in augmentation.items():
-        flag, text = "--" + name.replace("_", "-"), helps.get(name, "augmentation setting (data.Augmentation)")
+    for field in fields:
+        flag, text = "--" + field.name.replace("_", "-"), helps.get(field.name)
         if field.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(flag, type=types.get(field.type, float), default=None, help=text)
-    args = vars(parser.parse_args(argv))
-    changes = {name: args.pop(name) for name in augmentation}
-    settings = preset(args.pop("preset"), **args)
+            parser.add_argument(flag, type=types.get(field.type, default_type), default=None, help=text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command line: --preset, then one flag per field of TrainSettings and of augment.Augmentation."""
+    parser = cli.parser(__doc__)
+    parser.add_argument("--preset", default="auto", help="auto (default), " + ", ".join(PRESETS))
+    _add_fields(parser, [f for f in dataclasses.fields(TrainSettings) if f.name not in ("augmentation", "preset")], {})
+    _add_fields(parser, dataclasses.fields(augment.Augmentation),
+                {f.name: AUGMENTATION_HELP.get(f.name, "augmentation setting (augment.Augmentation)")
+                 for f in dataclasses.fields(augment.Augmentation)}, float)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> TrainSettings:
+    """Return the settings the parsed command line names: the preset's, with every flag given overriding it."""
+    values = {k: v for k, v in vars(args).items() if k != "tf_logs"}
+    changes = {f.name: values.pop(f.name) for f in dataclasses.fields(augment.Augmentation)}
+    settings = preset(values.pop("preset"), **values)
     changes = {name: value for name, value in changes.items() if value is not None}
     if changes:
         settings.augmentation = dataclasses.replace(settings.augmentation, **changes)
     return settings
 
 
+def parse_args(argv: list[str] | None = None) -> TrainSettings:
+    """Return the settings named on the command line `argv`."""
+    return settings_from(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Train the run the parsed command line names, saying what happens."""
+    train(settings_from(args), say=print)
+
+
 def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
-    try:
-        train(settings)
-    except (ValueError, OSError) as err:  # data.DataError, a NaN loss, bad settings; a run folder not writable
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: train() saved a backup and said how to resume
-        return 130
-    return 0
+    # Ctrl-C or SIGTERM: train() saves a backup and says how to resume (exit code 130, cli.run).
+    return cli.run(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ done
 $PY - <<PYEOF 2>/dev/null
 import sys; sys.path.insert(0, ".")
 import numpy as np, train
-ref = train.load_model("$OUT/ref/last.keras")
+ref = train.load_checkpoint("$OUT/ref/last.keras")
 for sig in ("KILL", "INT"):
-    got = train.load_model(f"$OUT/{sig}/last.keras")
+    got = train.load_checkpoint(f"$OUT/{sig}/last.keras")
     same = all(np.array_equal(a, b) for a, b in zip(ref.get_weights(), got.get_weights()))
     print(f"SIG{sig}: steps {int(got.optimizer.iterations.numpy())} (reference {int(ref.optimizer.iterations.numpy())}), "
           f"weights identical to the uninterrupted run: {same}")

@@ -1,6 +1,6 @@
-"""Shared test fixtures: the real ISBI data when it can be found, small synthetic stacks otherwise."""
+"""Shared test fixtures and helpers: the real ISBI data when it can be found, small synthetic stacks, the tiny
+model and the tiny training run that many modules' tests use."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -11,14 +11,56 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def picture(shape, seed=0) -> np.ndarray:
+    """Return random uint8 pixels of `shape`."""
+    return np.random.default_rng(seed).integers(0, 256, shape).astype(np.uint8)
+
+
+def cell_mask(shape=(40, 48), low=0, high=255, dtype=np.uint8) -> np.ndarray:
+    """Return a mask of cells (high) between two-pixel membranes (low) every 16 pixels: about 25 % membrane."""
+    mask = np.full(shape, high, dtype)
+    for start in range(0, max(shape), 16):
+        mask[start : start + 2, :] = low
+        mask[:, start : start + 2] = low
+    return mask
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Write `array` as a PNG at `path`, making its folder."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def tiff(path: Path, array: np.ndarray, **kwargs) -> Path:
+    """Write `array` as a grey TIFF at `path` (tifffile keywords pass through); return the path."""
+    import tifffile
+
+    tifffile.imwrite(path, array, photometric=kwargs.pop("photometric", "minisblack"), **kwargs)
+    return path
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """Return `array` encoded as a PNG file."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
 @pytest.fixture(scope="session")
 def isbi_dir():
     """Return the folder of the real ISBI stacks, or skip the test saying how to get them."""
     import data
+    import files
 
     try:
         return data.find_data_dir()
-    except data.DataError as err:
+    except files.DataError as err:
         pytest.skip(f"real data needed: {err}")
 
 
@@ -31,3 +73,47 @@ def synthetic_stacks():
     labels[:, :, ::16] = 0
     images = (labels * 0.7 + rng.integers(0, 60, labels.shape)).astype(np.uint8)
     return images, labels
+
+
+@pytest.fixture(scope="session")
+def unet_path(tmp_path_factory):
+    """Return the path of the tests' tiny model: an untrained float32 U-Net of 2 filters (any input size)."""
+    import keras
+
+    from model import build_unet
+
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.keras"
+    build_unet((None, None, 1), filters=2).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def unet(unet_path):
+    """Return the tiny model of `unet_path`, loaded for inference."""
+    import runtimes
+
+    return runtimes.load_model(unet_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, isbi_dir):
+    """Train the 'tiny' preset for 2 epochs in mixed bfloat16, once for the session; return train()'s result."""
+    import train
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    return train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(run_dir), epochs=2,
+                                    precision="mixed_bfloat16"))
+
+
+@pytest.fixture
+def not_models(tmp_path):
+    """Return two files named .keras that are not models: text, and a zip without a model in it."""
+    import zipfile
+
+    text = tmp_path / "notes.keras"
+    text.write_text("these are not weights")
+    zipped = tmp_path / "empty.keras"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("readme.txt", "no model here")
+    return [text, zipped]

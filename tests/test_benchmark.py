@@ -1,3 +1,6 @@
+"""benchmark.py: its figures are consistent with each other, its profile accounts for every op, and its command line
+writes every part it is asked for."""
+
 import json
 
 import keras
@@ -25,9 +28,21 @@ def test_benchmark_reports_consistent_throughput(tmp_path):
     assert "float32" in benchmark.table([result])
 
 
-def test_pipeline_and_peak_measurements_are_positive():
-    assert benchmark.pipeline_pairs_per_s(64, batches=2, batch_size=2) > 0
-    assert benchmark.matmul_peak("float32", n=128, repeats=1) > 0
+class Clock:
+    """A perf_counter that advances `tick` seconds at every reading."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_pipeline_and_peak_rates_divide_the_work_by_the_measured_time():
+    # every timed span lasts 0.5 s by these clocks
+    assert benchmark.pipeline_pairs_per_s(64, batches=3, batch_size=2, clock=Clock(0.5)) == pytest.approx(3 * 2 / 0.5)
+    assert benchmark.matmul_peak("float32", n=128, repeats=2, clock=Clock(0.5)) == pytest.approx(2 * 128**3 / 0.5 / 1e12)
 
 
 def test_command_line_writes_json_with_every_part(tmp_path, capsys):
@@ -36,7 +51,9 @@ def test_command_line_writes_json_with_every_part(tmp_path, capsys):
                            "--pipeline", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["results"][0]["filters"] == 2
-    assert saved["pipeline"]["ratio"] > 0
+    pipeline = saved["pipeline"]
+    assert pipeline["training_consumes_per_s"] == saved["results"][0]["train_images_per_s"]
+    assert pipeline["ratio"] == pytest.approx(pipeline["pairs_per_s"] / pipeline["training_consumes_per_s"])
     assert "input pipeline" in capsys.readouterr().out
 
 
@@ -104,7 +121,8 @@ def test_thread_settings_run_in_a_fresh_process():
     row = benchmark.benchmark_process(["--filters", "2", "--size", "32", "--batch", "2", "--precision", "float32",
                                        "--warmup", "1", "--repeats", "1", "--threads", "1,1"])
     assert row["threads"] == {"intra_op": 1, "inter_op": 1}
-    assert row["train_s_per_step"]["median"] > 0
+    step = row["train_s_per_step"]
+    assert step["min"] <= step["median"] <= step["max"] and row["train_images_per_s"] == pytest.approx(2 / step["median"])
 
 
 def test_bad_thread_setting_is_one_error_line(capsys):

@@ -1,30 +1,24 @@
-import keras
+"""blocks.py: volumes predicted block by block into zarr equal the whole prediction, resume after an interruption,
+refuse an output made with other settings, and run on a Dask cluster."""
+
 import numpy as np
 import pytest
 import tifffile
 import zarr
 
 import blocks
-import data
+import files
 import predict
-import train
-from model import build_unet
+import runtimes
+import tiling
 
 TILE, OVERLAP = 64, 16  # many tiles on the small pages below
 SETTINGS = dict(tile=TILE, overlap=OVERLAP, batch_size=3, progress=False)
 
 
 @pytest.fixture(scope="module")
-def unet_path(tmp_path_factory):
-    keras.utils.set_random_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.keras"
-    build_unet((None, None, 1), filters=2).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def unet(unet_path):
-    return train.load_model(unet_path, precision=blocks.PRECISION)  # as predict_volume loads it
+def block_model(unet_path):
+    return runtimes.load_model(unet_path, precision=blocks.PRECISION)  # as predict_volume loads it
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +27,8 @@ def volume():
 
 
 @pytest.fixture(scope="module")
-def expected(unet, volume):
-    return predict.predict_stack(unet, volume, TILE, OVERLAP, progress=False)
+def expected(block_model, volume):
+    return tiling.predict_stack(block_model, volume, TILE, OVERLAP, progress=False)
 
 
 @pytest.fixture
@@ -55,32 +49,32 @@ def read(path):
 def test_reflect_indices_equal_numpy_reflect_padding(size, pad):
     line = np.arange(size) * 10
     expected = np.pad(line, (pad, pad + 2), mode="reflect")
-    np.testing.assert_array_equal(line[predict.reflect_indices(-pad, size + pad + 2, size)], expected)
+    np.testing.assert_array_equal(line[tiling.reflect_indices(-pad, size + pad + 2, size)], expected)
 
 
 @pytest.mark.parametrize(
     "region", [((0, 150), (0, 230)), ((0, 1), (0, 1)), ((149, 150), (229, 230)), ((0, 48), (182, 230)),
                ((37, 101), (55, 56)), ((100, 150), (0, 100)), ((60, 61), (0, 230))],
 )
-def test_a_region_gets_the_values_of_the_whole_page_prediction(unet, volume, expected, region):
+def test_a_region_gets_the_values_of_the_whole_page_prediction(block_model, volume, expected, region):
     (y0, y1), (x0, x1) = region
-    result = predict.predict_region(unet, volume[1], region, TILE, OVERLAP, batch_size=3)
+    result = tiling.predict_region(block_model, volume[1], region, TILE, OVERLAP, batch_size=3)
     assert result.shape == (y1 - y0, x1 - x0) and result.dtype == np.float32
     np.testing.assert_allclose(result, expected[1, y0:y1, x0:x1], atol=1e-5)
 
 
-def test_a_region_of_a_page_smaller_than_its_padding(unet):
+def test_a_region_of_a_page_smaller_than_its_padding(block_model):
     page = np.random.default_rng(1).integers(0, 256, (5, 7)).astype(np.uint8)  # mirrored several times over
-    whole = predict.predict_image(unet, page, TILE, OVERLAP)
-    np.testing.assert_allclose(predict.predict_region(unet, page, ((2, 5), (1, 4)), TILE, OVERLAP), whole[2:, 1:4],
+    whole = tiling.predict_image(block_model, page, TILE, OVERLAP)
+    np.testing.assert_allclose(tiling.predict_region(block_model, page, ((2, 5), (1, 4)), TILE, OVERLAP), whole[2:, 1:4],
                                atol=1e-5)
 
 
-def test_a_region_outside_the_page_is_refused(unet, volume):
+def test_a_region_outside_the_page_is_refused(block_model, volume):
     with pytest.raises(ValueError, match="not inside the page"):
-        predict.predict_region(unet, volume[0], ((0, 151), (0, 10)), TILE, OVERLAP)
+        tiling.predict_region(block_model, volume[0], ((0, 151), (0, 10)), TILE, OVERLAP)
     with pytest.raises(ValueError, match="empty"):
-        predict.predict_region(unet, volume[0], ((5, 5), (0, 10)), TILE, OVERLAP)
+        tiling.predict_region(block_model, volume[0], ((5, 5), (0, 10)), TILE, OVERLAP)
 
 
 # ---------------------------------------------------------------- volumes
@@ -101,7 +95,7 @@ def test_a_numpy_volume_and_uint8_output(unet_path, volume, expected, tmp_path):
     blocks.predict_volume(unet_path, volume, target, block=100, uint8=True, **SETTINGS)
     result = read(target)
     assert result.dtype == np.uint8
-    assert np.abs(result.astype(int) - predict.to_uint8(expected)).max() <= 1  # rounding at exactly .5
+    assert np.abs(result.astype(int) - tiling.to_uint8(expected)).max() <= 1  # rounding at exactly .5
 
 
 def test_an_interrupted_prediction_resumes_with_the_blocks_left(unet_path, source, expected, tmp_path):
@@ -179,7 +173,7 @@ def test_open_volume_reads_zarr_arrays_groups_and_tiffs(tmp_path, volume):
     group.create_array("raw", data=volume)
     assert blocks.open_volume(tmp_path / "group.zarr").shape == volume.shape
     group.create_array("labels", data=volume)
-    with pytest.raises(data.DataError, match="2 arrays \\(labels, raw\\); name one"):
+    with pytest.raises(files.DataError, match="2 arrays \\(labels, raw\\); name one"):
         blocks.open_volume(tmp_path / "group.zarr")
     np.testing.assert_array_equal(blocks.open_volume(tmp_path / "group.zarr" / "raw")[1, 3:5], volume[1, 3:5])
 
@@ -190,22 +184,22 @@ def test_open_volume_reads_zarr_arrays_groups_and_tiffs(tmp_path, volume):
 
 
 def test_open_volume_explains_bad_inputs(tmp_path):
-    with pytest.raises(data.DataError, match="missing.zarr: no such file"):
+    with pytest.raises(files.DataError, match="missing.zarr: no such file"):
         blocks.open_volume(tmp_path / "missing.zarr")
     (tmp_path / "empty.zarr").mkdir()
-    with pytest.raises(data.DataError, match="empty.zarr: not a readable zarr array"):
+    with pytest.raises(files.DataError, match="empty.zarr: not a readable zarr array"):
         blocks.open_volume(tmp_path / "empty.zarr")
     (tmp_path / "text.tif").write_text("not a TIFF")
-    with pytest.raises(data.DataError, match="text.tif: not a readable TIFF"):
+    with pytest.raises(files.DataError, match="text.tif: not a readable TIFF"):
         blocks.open_volume(tmp_path / "text.tif")
     tifffile.imwrite(tmp_path / "colour.tif", np.zeros((8, 8, 3), np.uint8), photometric="rgb")
-    with pytest.raises(data.DataError, match="colour.tif: expected grey pages"):
+    with pytest.raises(files.DataError, match="colour.tif: expected grey pages"):
         blocks.open_volume(tmp_path / "colour.tif")
     (tmp_path / "page.png").write_bytes(b"")
-    with pytest.raises(data.DataError, match="expected a .zarr array or a TIFF"):
+    with pytest.raises(files.DataError, match="expected a .zarr array or a TIFF"):
         blocks.open_volume(tmp_path / "page.png")
     zarr.create_array(str(tmp_path / "4d.zarr"), shape=(1, 2, 3, 4), dtype="uint8")
-    with pytest.raises(data.DataError, match="expected grey pages"):
+    with pytest.raises(files.DataError, match="expected grey pages"):
         blocks.open_volume(tmp_path / "4d.zarr")
 
 

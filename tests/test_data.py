@@ -1,3 +1,6 @@
+"""data.py: finding and validating the ISBI stacks and a lab's own pages, label conventions, splits, page sizes, the
+data report and the download."""
+
 import functools
 import http.server
 import threading
@@ -5,8 +8,11 @@ import threading
 import numpy as np
 import pytest
 import tifffile
+from conftest import cell_mask, write_png
 
 import data
+import files
+import train
 
 
 def write_stacks(folder, images, labels):
@@ -28,34 +34,15 @@ def test_explicit_path_wins_over_environment(tmp_path, monkeypatch, synthetic_st
 
 def test_missing_data_names_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "nowhere"))
-    with pytest.raises(data.DataError, match="nowhere") as err:
+    with pytest.raises(files.DataError, match="nowhere") as err:
         data.find_data_dir()
     assert "data.py download" in str(err.value)
-
-
-def test_missing_file_is_named(tmp_path):
-    with pytest.raises(data.DataError, match="absent.tif: file not found"):
-        data.read_stack(tmp_path / "absent.tif")
-
-
-def test_non_tiff_is_refused_with_its_name(tmp_path):
-    fake = tmp_path / "train-volume.tif"
-    fake.write_text("this is not an image")
-    with pytest.raises(data.DataError, match="train-volume.tif: not a readable TIFF"):
-        data.read_stack(fake)
-
-
-def test_colour_pages_are_refused(tmp_path):
-    path = tmp_path / "rgb.tif"
-    tifffile.imwrite(path, np.zeros((2, 16, 16, 3), np.uint8), photometric="rgb")
-    with pytest.raises(data.DataError, match="2-D grey pages"):
-        data.read_stack(path)
 
 
 def test_stacks_of_different_shapes_are_refused(tmp_path, synthetic_stacks):
     images, labels = synthetic_stacks
     folder = write_stacks(tmp_path, images, labels[:3])
-    with pytest.raises(data.DataError, match="must match page for page"):
+    with pytest.raises(files.DataError, match="must match page for page"):
         data.load_isbi(folder)
 
 
@@ -64,7 +51,7 @@ def test_labels_with_more_than_two_values_are_refused(tmp_path, synthetic_stacks
     labels = labels.copy()
     labels[0, 0, :3] = [17, 100, 200]
     folder = write_stacks(tmp_path, images, labels)
-    with pytest.raises(data.DataError, match="two-valued.*5 distinct values"):
+    with pytest.raises(files.DataError, match="two-valued.*5 distinct values"):
         data.load_isbi(folder)
 
 
@@ -100,61 +87,6 @@ def test_normalize_scales_16_bit_and_keeps_float():
     assert data.normalize_images(np.array([0.25])).tolist() == [0.25]
 
 
-# ---------------------------------------------------------------- augmenting
-
-def blobs(size=128, seed=0):
-    """Return a binary image of large random blobs, so that misalignment shows."""
-    from scipy import ndimage
-
-    rng = np.random.default_rng(seed)
-    return (ndimage.gaussian_filter(rng.random((size, size)), 6) > 0.5).astype(np.float32)
-
-
-@pytest.mark.parametrize("aug", [data.Augmentation(), data.Augmentation(40, 0.2, 0.2, 10, 0.2, True, True, True)])
-def test_augmentation_moves_image_and_label_together_and_keeps_label_binary(aug):
-    label = blobs()
-    image = label.copy()  # an image that *is* its label: after the transform they must still agree
-    agreements = []
-    for seed in range(5):
-        new_image, new_label = data.augment_pair(image, label, aug, np.random.default_rng(seed), crop=96)
-        assert new_image.shape == new_label.shape == (96, 96)
-        assert set(np.unique(new_label)) <= {0.0, 1.0}
-        agreements.append(np.mean((new_image > 0.5) == (new_label > 0.5)))
-    assert min(agreements) > 0.97
-
-
-def test_independent_transforms_would_misalign():
-    # The check above can fail: transforms drawn separately disagree much more.
-    label = blobs()
-    aug = data.Augmentation(40, 0.2, 0.2, 10, 0.2, True, True, True)
-    a, _ = data.augment_pair(label, label, aug, np.random.default_rng(1), crop=96)
-    _, b = data.augment_pair(label, label, aug, np.random.default_rng(2), crop=96)
-    assert np.mean((a > 0.5) == (b > 0.5)) < 0.9
-
-
-def test_no_augmentation_is_identity():
-    label = blobs(64)
-    image, new_label = data.augment_pair(label, label, data.Augmentation.none(), np.random.default_rng(0))
-    np.testing.assert_allclose(image, label, atol=1e-6)
-    np.testing.assert_array_equal(new_label, label)
-
-
-def test_batches_are_float32_nhwc_binary_and_reproducible(synthetic_stacks):
-    images, labels = synthetic_stacks
-    x = data.add_channel(data.normalize_images(images))
-    y = data.add_channel(data.binarize_labels(labels))
-    batches = data.AugmentedBatches(x, y, batch_size=3, steps_per_epoch=7, crop=32, seed=5)
-    assert len(batches) == 7
-    bx, by = batches[2]
-    assert bx.shape == by.shape == (3, 32, 32, 1)
-    assert bx.dtype == by.dtype == np.float32
-    assert set(np.unique(by)) <= {0.0, 1.0}
-    again = data.AugmentedBatches(x, y, batch_size=3, steps_per_epoch=7, crop=32, seed=5)
-    np.testing.assert_array_equal(again[2][0], bx)
-    batches.on_epoch_end()
-    assert not np.array_equal(batches[2][0], bx)  # a new epoch draws new transforms
-
-
 # ---------------------------------------------------------------- downloading
 
 @pytest.fixture
@@ -184,6 +116,102 @@ def test_download_of_a_non_tiff_fails_and_writes_nothing(tmp_path, http_server):
     served, url = http_server
     (served / data.IMAGES_FILE).write_text("<html>not found</html>")
     dest = tmp_path / "dest"
-    with pytest.raises(data.DataError, match="not a readable TIFF"):
+    with pytest.raises(files.DataError, match="not a readable TIFF"):
         data.download(dest, base_url=url, files=(data.IMAGES_FILE,))
     assert list(dest.iterdir()) == []
+
+
+def test_folder_pairing_names_every_unpaired_file_and_stops_unless_allowed(tmp_path):
+    for stem in ("a", "b", "lonely_image"):
+        write_png(tmp_path / "images" / f"{stem}.png", np.zeros((8, 8), np.uint8))
+    for stem in ("a", "b", "lonely_mask"):
+        write_png(tmp_path / "masks" / f"{stem}.png", cell_mask((8, 8)))
+    with pytest.raises(files.DataError) as err:
+        data.pair_folders(tmp_path / "images", tmp_path / "masks")
+    assert "lonely_image.png" in str(err.value) and "lonely_mask.png" in str(err.value)
+    assert "allow_unpaired" in str(err.value)
+    with pytest.warns(UserWarning) as warned:
+        pairs = data.pair_folders(tmp_path / "images", tmp_path / "masks", allow_unpaired=True)
+    assert [(image.name, mask.name) for image, mask in pairs] == [("a.png", "a.png"), ("b.png", "b.png")]
+    messages = " ".join(str(warning.message) for warning in warned)
+    assert "skipping unpaired file" in messages and "lonely_image.png" in messages and "lonely_mask.png" in messages
+    tifffile.imwrite(tmp_path / "masks" / "a.tif", cell_mask((8, 8)))
+    with pytest.raises(files.DataError, match="share a name"):
+        data.pair_folders(tmp_path / "images", tmp_path / "masks")
+
+
+def test_sixteen_bit_pages_are_normalised_and_reported(tmp_path):
+    rng = np.random.default_rng(0)
+    pages = rng.integers(0, 65536, (3, 40, 48), dtype=np.uint16)
+    write_png(tmp_path / "images" / "p0.png", pages[0])  # a 16-bit PNG
+    tifffile.imwrite(tmp_path / "images" / "p1.tif", pages[1])
+    tifffile.imwrite(tmp_path / "images" / "p2.tiff", pages[2])
+    (tmp_path / "masks").mkdir()
+    for i in range(3):
+        tifffile.imwrite(tmp_path / "masks" / f"p{i}.tif", cell_mask(low=0, high=65535, dtype=np.uint16))
+    parts, report = data.load_pages(tmp_path / "images", tmp_path / "masks", split="2")
+    train_images, train_labels = parts["train"]
+    np.testing.assert_allclose(train_images[0], pages[0] / 65535, rtol=1e-6)
+    np.testing.assert_allclose(parts["validation"][0][0], pages[2] / 65535, rtol=1e-6)
+    assert set(np.unique(np.concatenate([label.ravel() for label in train_labels]))) == {0.0, 1.0}
+    assert report["label_values"] == [0, 65535] and report["membrane_value"] == 0
+    assert report["parts"]["train"]["dtypes"] == {"uint16": 2}
+    assert report["parts"]["validation"]["names"] == ["p2.tiff"]
+
+
+def test_inverted_labels_are_detected_with_the_setting_that_fixes_them(tmp_path):
+    inverted = 1 - cell_mask(low=0, high=1)  # membranes as the majority class, 0/1 encoding
+    tifffile.imwrite(tmp_path / "images.tif", np.zeros((2, *inverted.shape), np.uint8))
+    tifffile.imwrite(tmp_path / "labels.tif", np.stack([inverted, inverted]))
+    with pytest.raises(files.DataError, match=r"inverted.*--membrane-value 1"):
+        data.load_pages(tmp_path / "images.tif", tmp_path / "labels.tif", split="1")
+    parts, report = data.load_pages(tmp_path / "images.tif", tmp_path / "labels.tif", split="1", membrane_value=1)
+    assert report["cell_fraction"] > 0.5
+    np.testing.assert_array_equal(parts["train"][1][0], inverted == 0)
+
+
+def test_three_valued_labels_are_refused_with_the_values_listed(tmp_path):
+    labels = cell_mask()
+    labels[:4, :4] = 128
+    tifffile.imwrite(tmp_path / "images.tif", np.zeros((2, *labels.shape), np.uint8))
+    tifffile.imwrite(tmp_path / "labels.tif", np.stack([labels, labels]))
+    with pytest.raises(files.DataError, match=r"labels.tif: masks must hold two values.* found 3: 0, 128, 255"):
+        data.load_pages(tmp_path / "images.tif", tmp_path / "labels.tif", split="0")
+
+
+def test_splits_by_indices_fraction_or_validation_files(tmp_path):
+    assert data.parse_split("3,7", 10) == {"train": [0, 1, 2, 4, 5, 6, 8, 9], "validation": [3, 7]}
+    by_fraction = data.parse_split("0.3", 10, seed=1)
+    assert len(by_fraction["validation"]) == 3 and by_fraction == data.parse_split("0.3", 10, seed=1)
+    assert sorted(by_fraction["train"] + by_fraction["validation"]) == list(range(10))
+    for bad in ("12", "1.5", "everything"):
+        with pytest.raises(files.DataError, match="split"):
+            data.parse_split(bad, 10)
+    stack = np.zeros((2, 32, 32), np.uint8)
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{name}-images.tif", stack)
+        tifffile.imwrite(tmp_path / f"{name}-labels.tif", np.stack([cell_mask((32, 32))] * 2))
+    parts, report = data.load_pages(tmp_path / "a-images.tif", tmp_path / "a-labels.tif",
+                                    tmp_path / "b-images.tif", tmp_path / "b-labels.tif")
+    assert [len(parts[p][0]) for p in ("train", "validation")] == [2, 2]
+    assert "validation files" in report["split"]
+
+
+def test_the_isbi_data_load_as_before_by_default(isbi_dir):
+    split, report = train.load_data(train.preset("tiny", data_dir=str(isbi_dir)))
+    before = data.load_split(isbi_dir)
+    for part in ("train", "validation", "test"):
+        for new, old in zip(split[part], before[part]):
+            np.testing.assert_array_equal(new, old)
+    assert report["split"] == "isbi" and report["split_pages"]["validation"] == list(data.VALIDATION_PAGES)
+
+
+def test_pages_are_padded_up_to_the_crop_and_validation_cut_to_sixteens():
+    shapes = data.part_shapes([(700, 900), (100, 120)], [(700, 900), (650, 910)], crop=256)
+    assert shapes == {"train": (700, 900), "validation": (640, 896)}
+    small = data.part_shapes([(100, 120)], [(20, 30)], crop=256)
+    assert small == {"train": (256, 256), "validation": (16, 16)}
+    page = np.arange(100 * 120, dtype=np.float32).reshape(100, 120)
+    padded = data.stack_pages([page], (256, 256))[0, ..., 0]
+    assert padded.shape == (256, 256)
+    np.testing.assert_array_equal(padded[78:178, 68:188], page)  # the page in the middle, mirrored around it

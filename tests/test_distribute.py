@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import distribute
-from conftest import ROOT
 
 TINY = ["--preset", "tiny", "--batch-size", "4", "--steps-per-epoch", "3", "--epochs", "2", "--precision", "float32"]
 

@@ -1,28 +1,30 @@
+"""export.py: shipping a run's best model with its card, and the bioimage.io, ONNX and SavedModel exports, each
+checked against the Keras model."""
+
+import contextlib
 import json
 
 import numpy as np
 import pytest
+import tifffile
+import zarr
 
+import data
 import export
-import train
-from model import build_unet, with_dtype_policy
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, isbi_dir):
-    run_dir = tmp_path_factory.mktemp("run")
-    train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(run_dir), epochs=1,
-                             precision="mixed_bfloat16"))
-    return run_dir
+import files
+import predict
+import runtimes
+import tiling
+from model import build_unet
 
 
 def test_shipped_model_is_float32_without_optimizer_and_predicts_like_the_run(tiny_run, isbi_dir, tmp_path):
     dest = tmp_path / "shipped.keras"
-    card = export.ship_model(tiny_run, dest, isbi_dir)
-    shipped = train.load_model(dest)
+    card = export.ship_model(tiny_run["best"].parent, dest, isbi_dir)
+    shipped = runtimes.load_model(dest)
     assert shipped.get_layer("CNT_1_conv_1").compute_dtype == "float32"
     assert getattr(shipped, "optimizer", None) is None
-    original = train.load_model(tiny_run / "best.keras")
+    original = runtimes.load_model(tiny_run["best"])
     x = np.random.default_rng(0).random((1, 64, 64, 1), dtype=np.float32)
     np.testing.assert_allclose(shipped.predict_on_batch(x), original.predict_on_batch(x), atol=0.02)
     saved = json.loads(dest.with_suffix(".json").read_text())
@@ -37,25 +39,117 @@ def test_export_of_a_run_without_model_is_a_clear_error(tmp_path, capsys):
     assert "no best model" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
-def test_each_precision_policy_builds_trains_a_step_and_predicts(policy):
-    import keras
-
-    model = build_unet((None, None, 1), filters=2, dtype_policy=policy)
-    model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
-    x = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
-    loss = model.train_on_batch(x, (x > 0.5).astype("float32"))
-    assert np.isfinite(loss)
-    out = model.predict_on_batch(x)
-    assert out.dtype == np.float32 and out.shape == x.shape
+PAGE = 128  # pixels: a crop of an ISBI test page, a valid size (multiple of 16, at least export.MIN_SIZE)
 
 
-def test_load_model_recasts_to_the_requested_precision(tmp_path):
-    model = build_unet((None, None, 1), filters=2, dtype_policy="mixed_bfloat16")
-    model.save(tmp_path / "m.keras")
-    recast = train.load_model(tmp_path / "m.keras", precision="float32")
-    assert recast.get_layer("CNT_1_conv_1").compute_dtype == "float32"
-    assert recast.get_layer("OUT").compute_dtype == "float32"
-    back = with_dtype_policy(recast, "mixed_bfloat16")
-    x = np.random.default_rng(1).random((1, 32, 32, 1), dtype=np.float32)
-    np.testing.assert_array_equal(back.predict_on_batch(x), model.predict_on_batch(x))
+@pytest.fixture(scope="module")
+def tiny_model(unet_path):
+    return unet_path
+
+
+@pytest.fixture(scope="module")
+def test_page(tmp_path_factory, isbi_dir):
+    """Return the path of a one-page TIFF: the top left PAGE x PAGE pixels of ISBI test page 0."""
+    path = tmp_path_factory.mktemp("page") / "page.tif"
+    tifffile.imwrite(path, files.read_stack(isbi_dir / data.TEST_FILE)[0, :PAGE, :PAGE])
+    return path
+
+
+@pytest.fixture(scope="module")
+def package(tiny_model, test_page, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "tiny.zip"
+    result = export.export_model(tiny_model, "bioimageio", out, test_image=test_page)
+    return out, result
+
+
+def keras_prediction(model_path, page_path):
+    """Return the float32 Keras model's tiled prediction of the page, as predict.py makes it."""
+    model = runtimes.load_model(model_path, precision="float32")
+    return tiling.predict_stack(model, files.read_stack(page_path))[0]
+
+
+def test_bioimageio_package_passes_spec_validation_and_the_core_model_test(package, test_page, tmp_path):
+    from bioimageio.core import test_model
+    from bioimageio.spec import load_model_description
+
+    out, result = package
+    assert result["model_test"] == "passed" and result["largest_difference"] <= export.TOLERANCE
+    assert result["weight_formats_tested"] == ["keras_v3", "onnx", "tensorflow_saved_model_bundle"]
+    assert not list(out.parent.glob("*.tmp*"))
+
+    descr = load_model_description(out, format_version="latest")
+    assert descr.validation_summary.status in ("passed", "valid-format")
+    (tensor,) = descr.inputs
+    assert [str(axis.id) for axis in tensor.axes] == ["batch", "y", "x", "channel"]
+    y_size = tensor.axes[1].size
+    assert (y_size.min, y_size.step) == (export.MIN_SIZE, 16)
+    gains = [step.kwargs.gain for step in tensor.preprocessing if step.id == "scale_linear"]
+    assert gains == [pytest.approx(1 / 255)]
+    assert {str(entry.doi) for entry in descr.cite} == {"10.1007/978-3-319-24574-4_28", "10.3389/fnana.2015.00142"}
+    test_input = np.load(tensor.test_tensor.get_reader())
+    np.testing.assert_array_equal(test_input[0, ..., 0], files.read_stack(test_page)[0])
+
+    with contextlib.chdir(tmp_path):  # bioimageio.core unzips SavedModel weights into the working folder
+        summary = test_model(out)
+    assert summary.status == "passed", summary.format()
+
+
+@pytest.mark.parametrize("fmt, name", [("onnx", "tiny.onnx"), ("savedmodel", "tiny-savedmodel")])
+def test_onnx_and_savedmodel_exports_predict_like_keras(fmt, name, tiny_model, test_page, tmp_path):
+    out = tmp_path / name
+    result = export.export_model(tiny_model, fmt, out, test_image=test_page)
+    assert result["largest_difference"] <= export.TOLERANCE
+    x = np.random.default_rng(0).random((2, 96, 160, 1), dtype=np.float32)  # another size than the test page
+    expected = runtimes.load_model(tiny_model).predict_on_batch(x)
+    exported = runtimes.load_model(out).predict_on_batch(x)
+    assert exported.shape == expected.shape
+    np.testing.assert_allclose(exported, expected, atol=export.TOLERANCE)
+    assert expected.std() > 1e-3  # the comparison is between varied outputs, not two constants
+
+
+@pytest.mark.parametrize("input_shape, side", [((None, None, 1), 100), ((128, 128, 1), 96)])
+def test_package_whose_test_input_does_not_fit_the_model_is_refused_before_writing(
+    input_shape, side, isbi_dir, tmp_path, capsys
+):
+    model_path = tmp_path / "model.keras"
+    build_unet(input_shape, filters=2).save(model_path)
+    page = tmp_path / "page.tif"
+    tifffile.imwrite(page, files.read_stack(isbi_dir / data.TEST_FILE)[0, :side, :side])
+    out = tmp_path / "dist" / "package.zip"
+    assert export.main(["--format", "bioimageio", "--model", str(model_path), "--out", str(out),
+                        "--test-image", str(page)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and f"{side}x{side}" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "dist").exists()
+
+
+def test_unwritable_output_path_is_one_clear_error(tiny_model, test_page, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "tiny.onnx"
+    assert export.main(["--format", "onnx", "--model", str(tiny_model), "--out", str(out),
+                        "--test-image", str(test_page)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out}: cannot write here") and len(err.splitlines()) == 1
+
+
+def test_savedmodel_export_never_replaces_a_folder_of_other_files(tiny_model, test_page, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert export.main(["--format", "savedmodel", "--model", str(tiny_model), "--out", str(tmp_path),
+                        "--test-image", str(test_page)]) == 1
+    assert "is not a SavedModel folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_predict_with_exported_onnx_or_package_matches_keras_to_tiff_and_zarr(package, tiny_model, test_page, tmp_path):
+    onnx = tmp_path / "tiny.onnx"
+    export.export_model(tiny_model, "onnx", onnx, test_image=test_page)
+    expected = keras_prediction(tiny_model, test_page)
+    for model in (onnx, package[0]):
+        target = tmp_path / f"{model.suffix[1:]}.tif"
+        assert predict.main([str(test_page), "--model", str(model), "--out", str(target)]) == 0
+        np.testing.assert_allclose(tifffile.imread(target), expected, atol=export.TOLERANCE)
+        # block by block into zarr too (blocks.py loads the model the same way)
+        volume = tmp_path / f"{model.suffix[1:]}.zarr"
+        assert predict.main([str(test_page), "--model", str(model), "--out", str(volume), "--block", "64"]) == 0
+        np.testing.assert_allclose(zarr.open_array(volume)[0], expected, atol=export.TOLERANCE)

@@ -3,19 +3,13 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import cell_mask
+from PIL import Image
 
 import figures
-import train
 
 VALIDATION_PAGES = 3
 PAGE = 512
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, isbi_dir):
-    """Train the 'tiny' preset for 2 epochs once for this module; return train()'s result."""
-    run_dir = tmp_path_factory.mktemp("figures") / "run"
-    return train.train(train.preset("tiny", run_dir=str(run_dir), data_dir=str(isbi_dir), epochs=2))
 
 
 def test_read_scalars_has_one_epoch_loss_per_epoch_for_train_and_validation(tiny_run):
@@ -49,7 +43,6 @@ def test_read_images_returns_prediction_and_label_rows_of_all_validation_pages(t
 def test_save_snapshots_writes_the_label_row_and_one_prediction_row_per_step(tiny_run, tmp_path):
     paths = figures.save_snapshots(tiny_run["logs"], tmp_path, steps=[2, 6])
     assert [p.name for p in paths] == ["labels.png", "step2.png", "step6.png"]
-    from PIL import Image
 
     for path in paths:
         assert Image.open(path).size == (VALIDATION_PAGES * PAGE, PAGE)  # PIL gives (width, height)
@@ -105,3 +98,12 @@ def test_results_grid_has_images_labels_and_predictions_titled_with_pixel_differ
 def test_results_grid_refuses_rows_of_different_lengths():
     with pytest.raises(ValueError, match="3 images, 2 labels"):
         figures.results_grid(np.zeros((3, 16, 16)), np.zeros((2, 16, 16)), np.zeros((3, 16, 16)))
+
+
+def test_masks_grid_shows_each_page_with_its_predicted_mask_and_membrane_dice():
+    import figures
+
+    label = cell_mask(low=0, high=1).astype(np.float32)
+    figure = figures.masks_grid(label[None], label[None], (1.0 - label)[None], titles=["inverted"])
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["image", "mask", "predicted mask, membrane Dice 0.000"]

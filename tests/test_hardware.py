@@ -1,3 +1,5 @@
+"""hardware.py: the precision follows the CPU's instructions, and mixed float16 trains with loss scaling."""
+
 import math
 
 import pytest
@@ -33,7 +35,7 @@ def test_mixed_float16_training_scales_its_loss_and_resumes(isbi_dir, tmp_path):
                             precision="mixed_float16")
     result = train.train(settings)
     assert all(math.isfinite(loss) for loss in result["history"]["loss"])
-    model = train.load_model(result["last"])
+    model = train.load_checkpoint(result["last"])
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     assert model.get_layer("CNT_1_conv_1").compute_dtype == "float16"
     assert model.get_layer("OUT").compute_dtype == "float32"

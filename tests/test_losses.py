@@ -1,3 +1,5 @@
+"""losses.py: each loss against its numpy twin and an independent oracle, border weights as in the U-Net paper."""
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -109,8 +111,9 @@ def test_windowed_distances_equal_full_image_distances_within_cutoff():
 
 def test_weight_map_of_real_page_is_finite_and_bounded(isbi_dir):
     import data
+    import files
 
-    label = data.read_stack(isbi_dir / data.LABELS_FILE)[0]
+    label = files.read_stack(isbi_dir / data.LABELS_FILE)[0]
     w = border_weight_map(label)
     assert np.all(np.isfinite(w))
     assert 1.0 <= w.min() and w.max() <= losses.class_balance_weights(label).max() + 10.0
@@ -138,7 +141,6 @@ def test_keras_losses_equal_their_numpy_twins_per_sample(fn, twin, channels, bat
 
 
 def test_keras_sample_weighted_bce_equals_the_weighted_numpy_twin():
-    import keras
 
     from model import build_unet
 

@@ -1,8 +1,13 @@
+"""model.py: the U-Net's shapes, parameters and options, precision policies, and loading a saved model."""
+
 import keras
 import numpy as np
 import pytest
 
-from model import build_unet, output_size
+import files
+import runtimes
+import train
+from model import build_unet, load_model, output_size, with_dtype_policy
 
 
 def test_default_model_has_original_parameter_count_and_layer_names():
@@ -89,3 +94,35 @@ def test_batch_norm_option_normalises_every_convolution_but_the_head(tmp_path):
     model.save(tmp_path / "bn.keras")
     loaded = keras.models.load_model(tmp_path / "bn.keras", compile=False)
     np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), atol=1e-6)
+
+
+def test_a_model_file_that_is_not_a_model_gives_a_data_error(not_models, tmp_path):
+    for path in not_models + [tmp_path / "missing.keras"]:
+        for load in (load_model, train.load_checkpoint):  # for inference, and whole to train on
+            with pytest.raises(files.DataError) as error:
+                load(path)
+            assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+
+
+def test_load_model_recasts_to_the_requested_precision(tmp_path):
+    model = build_unet((None, None, 1), filters=2, dtype_policy="mixed_bfloat16")
+    model.save(tmp_path / "m.keras")
+    recast = runtimes.load_model(tmp_path / "m.keras", precision="float32")
+    assert recast.get_layer("CNT_1_conv_1").compute_dtype == "float32"
+    assert recast.get_layer("OUT").compute_dtype == "float32"
+    back = with_dtype_policy(recast, "mixed_bfloat16")
+    x = np.random.default_rng(1).random((1, 32, 32, 1), dtype=np.float32)
+    np.testing.assert_array_equal(back.predict_on_batch(x), model.predict_on_batch(x))
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_each_precision_policy_builds_trains_a_step_and_predicts(policy):
+    import keras
+
+    model = build_unet((None, None, 1), filters=2, dtype_policy=policy)
+    model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
+    x = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
+    loss = model.train_on_batch(x, (x > 0.5).astype("float32"))
+    assert np.isfinite(loss)
+    out = model.predict_on_batch(x)
+    assert out.dtype == np.float32 and out.shape == x.shape
