@@ -8,7 +8,7 @@ RUN    ?= runs/$(PRESET)
 # Quiet TensorFlow's C++ INFO lines; warnings and errors still show.
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
-.PHONY: setup run train evaluate figures submission benchmark export test notebook clean
+.PHONY: setup data run train evaluate figures submission benchmark export test notebook clean
 
 setup: $(VENV)/.installed
 
@@ -19,10 +19,16 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (unet-isbi)" > /dev/null
 	touch $@
 
-run: setup
+# The ISBI stacks: found in $ISBI_DATA_DIR or data/, else downloaded there (checked) from $ISBI_DATA_URL or the mirror.
+data: setup
+	$(PY) data.py fetch
+
+# A user's run writes its figures and scores into its own folder; the checkout stays as it was.
+run: data
 	$(PY) train.py --preset $(PRESET) --run-dir $(RUN)
-	$(PY) evaluate.py $(RUN)/best.keras --out $(RUN)/evaluation.json --grid images/unet_results.png
-	$(PY) figures.py $(RUN)/logs --out images
+	$(PY) evaluate.py $(RUN)/best.keras --out $(RUN)/evaluation.json --grid $(RUN)/images/unet_results.png
+	$(PY) figures.py $(RUN)/logs --out $(RUN)/images
+	@echo "this run's model, scores and figures: $(RUN)/best.keras, $(RUN)/evaluation.json, $(RUN)/images/"
 
 # The challenge's submission: test-volume.tif predicted as a 32-bit float TIFF, 1 = cell.
 MODEL ?= $(RUN)/best.keras
@@ -39,16 +45,18 @@ export: setup
 	$(PY) export.py --format onnx --model $(EXPORT_MODEL)
 	$(PY) export.py --format savedmodel --model $(EXPORT_MODEL)
 
-train: setup
+train: data
 	$(PY) train.py --preset $(PRESET) --run-dir $(RUN)
 
-evaluate: setup
-	$(PY) evaluate.py $(RUN)/best.keras --out $(RUN)/evaluation.json --grid images/unet_results.png
+evaluate: data
+	$(PY) evaluate.py $(RUN)/best.keras --out $(RUN)/evaluation.json --grid $(RUN)/images/unet_results.png
 
-figures: setup
+# Maintainers: redraw the README's pictures in images/ from a run, e.g. make figures RUN=runs/cpu
+figures: data
+	$(PY) evaluate.py $(RUN)/best.keras --out $(RUN)/evaluation.json --grid images/unet_results.png
 	$(PY) figures.py $(RUN)/logs --out images
 
-notebook: setup
+notebook: data
 	$(PY) -m papermill unet-isbi.ipynb $(RUN)-notebook.ipynb -p preset $(PRESET) -p run_dir $(RUN)
 
 test: setup

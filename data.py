@@ -1,9 +1,11 @@
 """ISBI 2012 data and a lab's own pages: find, read and validate them, normalise, split, report.
 
-Knows nothing of models (augmentation lives in augment.py, file helpers in files.py). Everything the training loop eats comes from here as
-float32 NHWC arrays in [0, 1]; labels are exactly 0 (membrane) or 1 (cell).
+Knows nothing of models (augmentation lives in augment.py, file helpers in files.py). Everything the
+training loop eats comes from here as float32 NHWC arrays in [0, 1]; labels are exactly 0 (membrane)
+or 1 (cell).
 
-Command line: ``python data.py download [--dest DIR]`` fetches the stacks,
+Command line: ``python data.py fetch`` finds the stacks or downloads them where they are looked for
+(what `make run` does first), ``python data.py download [--dest DIR]`` downloads them,
 ``python data.py check [DIR]`` validates what is there and prints the data
 report, ``python data.py check --images A --labels B`` does the same for your
 own data (see `load_pages`), ``python data.py example DEST`` writes the
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
@@ -24,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 import cli
-from files import DataError, check_float_range, read_pages, read_stack, write_atomic
+from files import DataError, check_float_range, read_pages, read_stack, sha256, write_atomic
 
 DATA_ENV = "ISBI_DATA_DIR"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -32,8 +35,15 @@ IMAGES_FILE = "train-volume.tif"
 LABELS_FILE = "train-labels.tif"
 TEST_FILE = "test-volume.tif"
 FILES = (IMAGES_FILE, LABELS_FILE, TEST_FILE)
-# Public mirror of the challenge files (the challenge site itself is gone).
+# Public mirror of the challenge files (the challenge site itself is gone); $ISBI_DATA_URL names another.
 DOWNLOAD_URL = "https://github.com/alexklibisz/isbi-2012/raw/master/data/"
+URL_ENV = "ISBI_DATA_URL"
+# SHA-256 of the three files as that mirror serves them: a download that differs is refused.
+CHECKSUMS = {
+    IMAGES_FILE: "a05df637d576b2387966b7323a34e90e2cdbf86dcaeee86c44d1fd2d616be489",
+    LABELS_FILE: "9a9f1056ffd8bac61060b58dc84ad40295c02fc5ff15e68ddfc2f12d211c3dcf",
+    TEST_FILE: "046fbb869a953f1ffa63a9722849fe0aa693ad7a21aa9278a2bff2397d00b16f",
+}
 
 # The original notebook's split by page index; everything else trains.
 VALIDATION_PAGES = (5, 15, 25)
@@ -42,7 +52,7 @@ TEST_PAGES = (0, 10, 20)
 HOW_TO_GET = (
     f"Put {IMAGES_FILE} and {LABELS_FILE} in the data/ folder of this project, "
     f"or point ${DATA_ENV} at the folder that holds them, "
-    "or run `python data.py download` to fetch them."
+    "or run `python data.py fetch` to download them."
 )
 
 
@@ -403,37 +413,72 @@ def make_example(dest: str | os.PathLike, data_dir: str | os.PathLike | None = N
 
 # ---------------------------------------------------------------- downloading
 
-def _fetch(url: str, name: str, part: Path) -> None:
-    """Download `url` into the file `part` with a progress bar named `name`, then check it is a readable stack."""
+def _fetch(url: str, name: str, part: Path, checksum: str | None, progress: bool) -> None:
+    """Download `url` into the file `part` with a progress bar named `name`; check its SHA-256 (if known)
+    and that it is a readable stack. DataError says what went wrong, offline included."""
     from tqdm import tqdm
 
-    with open(part, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
-            while chunk := response.read(1 << 16):
-                out.write(chunk)
-                bar.update(len(chunk))
+    try:
+        with open(part, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+                while chunk := response.read(1 << 16):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:  # no network, no server, HTTP errors
+        reason = getattr(err, "reason", None) or err
+        raise DataError(f"cannot download {url} ({reason}); if this machine is offline, copy {', '.join(FILES)} "
+                        f"by hand into {part.parent}, or point ${DATA_ENV} at a folder holding them") from err
+    if checksum is not None and sha256(part) != checksum:
+        raise DataError(f"{url}: the download's SHA-256 is {sha256(part)}, not {checksum}: not the ISBI 2012 file, "
+                        "or corrupted on the way; nothing was kept")
     read_stack(part)  # validated before it takes the real name
 
 
-def download(dest: str | os.PathLike = DEFAULT_DATA_DIR, base_url: str = DOWNLOAD_URL, files=FILES) -> Path:
-    """Download the ISBI stacks into `dest` (atomically, validated); return `dest`. Files already there are kept."""
+def download(dest: str | os.PathLike = DEFAULT_DATA_DIR, base_url: str | None = None, files=FILES,
+             checksums: dict[str, str] | None = None, progress: bool = True) -> Path:
+    """Download the ISBI stacks into `dest` (atomically, checked); return `dest`. Files already there are kept.
+
+    `base_url` defaults to $ISBI_DATA_URL, else DOWNLOAD_URL; the files are
+    checked against `checksums` (default: CHECKSUMS for DOWNLOAD_URL, none for
+    another mirror, whose files are only checked to be readable stacks).
+    """
+    base_url = base_url or os.environ.get(URL_ENV) or DOWNLOAD_URL
+    if checksums is None:
+        checksums = CHECKSUMS if base_url == DOWNLOAD_URL else {}
     dest = Path(dest)
     for name in files:
         if not (dest / name).is_file():
-            write_atomic(dest / name, lambda part: _fetch(base_url.rstrip("/") + "/" + name, name, part))
+            url = base_url.rstrip("/") + "/" + name
+            write_atomic(dest / name, lambda part: _fetch(url, name, part, checksums.get(name), progress))
     if LABELS_FILE in files:
         load_isbi(dest)
     return dest
+
+
+def ensure_data(data_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[Path, bool]:
+    """Return (the folder holding the ISBI stacks, whether they were downloaded now).
+
+    The stacks are looked for as `find_data_dir` does; when they are missing,
+    they are downloaded (`download`) into `data_dir`, else $ISBI_DATA_DIR, else
+    the project's data/ folder.
+    """
+    try:
+        return find_data_dir(data_dir), False
+    except DataError:
+        dest = data_dir if data_dir is not None else os.environ.get(DATA_ENV) or DEFAULT_DATA_DIR
+        return download(dest, progress=progress), True
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return data.py's command line: the download, check and example commands."""
     parser = cli.parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    get = sub.add_parser("download", help="fetch the ISBI 2012 stacks")
+    fetch = sub.add_parser("fetch", help="find the ISBI 2012 stacks, downloading them if they are missing")
+    fetch.add_argument("--data-dir", help=f"where to look and download to (default: ${DATA_ENV}, else data/)")
+    get = sub.add_parser("download", help="download the ISBI 2012 stacks that are not in DEST yet")
     get.add_argument("--dest", default=str(DEFAULT_DATA_DIR))
-    get.add_argument("--url", default=DOWNLOAD_URL)
+    get.add_argument("--url", help=f"the folder URL of the three files (default: ${URL_ENV}, else {DOWNLOAD_URL})")
     check = sub.add_parser("check", help="validate the stacks (or your own data) and print the data report")
     check.add_argument("data_dir", nargs="?")
     for flag in ("--images", "--labels", "--val-images", "--val-labels", "--split"):
@@ -449,7 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     """Carry out the data command the parsed command line names; print what it did."""
-    if args.command == "download":
+    if args.command == "fetch":
+        folder, downloaded = ensure_data(args.data_dir)
+        print(f"data {'downloaded to' if downloaded else 'found in'} {folder}")
+    elif args.command == "download":
         print(f"data ready in {download(args.dest, args.url)}")
     elif args.command == "example":
         dest = make_example(args.dest, args.data_dir)

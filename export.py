@@ -21,7 +21,6 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -42,15 +41,6 @@ PROJECT_DIR = runtimes.PROJECT_DIR
 DEFAULT_DEST = runtimes.DEFAULT_MODEL
 MAX_MB = 10
 LICENSE = "MIT"  # SPDX id of the exported packages' licence, the project's own (LICENSE)
-
-
-def sha256(path: str | Path) -> str:
-    """Return the hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: str | Path | None = None) -> dict:
@@ -74,7 +64,7 @@ def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: s
     scores = evaluate.evaluate(dest, data_dir, pages=data.TEST_PAGES)
     card = {
         "model": dest.name,
-        "sha256": sha256(dest),
+        "sha256": files.sha256(dest),
         "size_mb": round(size_mb, 2),
         "parameters": model.count_params(),
         "input": "grey EM image, any size (tiled by predict.py), scaled to [0, 1]",

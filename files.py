@@ -7,6 +7,7 @@ exported packages and folders) goes through `write_atomic`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -91,6 +92,15 @@ def prepare_output(path: str | os.PathLike, folder_ok: bool = False) -> Path:
     if path.is_dir() and not folder_ok:
         raise IsADirectoryError(f"{path}: cannot write it (it is a folder)")
     return path
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Return the hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- reading

@@ -52,6 +52,15 @@ def png_bytes(array: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Seed Python, numpy and TensorFlow before every test: results do not depend on which tests ran before
+    in the same worker process (pytest-xdist spreads the files over several)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+
+
 @pytest.fixture(scope="session")
 def isbi_dir():
     """Return the folder of the real ISBI stacks, or skip the test saying how to get them."""

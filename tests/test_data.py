@@ -3,12 +3,17 @@ data report and the download."""
 
 import functools
 import http.server
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 import tifffile
-from conftest import cell_mask, write_png
+from conftest import ROOT, cell_mask, write_png
 
 import data
 import files
@@ -36,7 +41,7 @@ def test_missing_data_names_where_it_looked_and_how_to_get_it(tmp_path, monkeypa
     monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(files.DataError, match="nowhere") as err:
         data.find_data_dir()
-    assert "data.py download" in str(err.value)
+    assert "data.py fetch" in str(err.value)
 
 
 def test_stacks_of_different_shapes_are_refused(tmp_path, synthetic_stacks):
@@ -119,6 +124,56 @@ def test_download_of_a_non_tiff_fails_and_writes_nothing(tmp_path, http_server):
     with pytest.raises(files.DataError, match="not a readable TIFF"):
         data.download(dest, base_url=url, files=(data.IMAGES_FILE,))
     assert list(dest.iterdir()) == []
+
+
+def test_download_refuses_a_file_whose_checksum_differs(tmp_path, http_server, synthetic_stacks):
+    served, url = http_server
+    write_stacks(served, *synthetic_stacks)
+    good = {name: files.sha256(served / name) for name in (data.IMAGES_FILE, data.LABELS_FILE)}
+    with pytest.raises(files.DataError, match="train-labels.tif: the download's SHA-256 is .* not 0+"):
+        data.download(tmp_path / "bad", url, files=(data.IMAGES_FILE, data.LABELS_FILE),
+                      checksums={**good, data.LABELS_FILE: "0" * 64})
+    assert [p.name for p in (tmp_path / "bad").iterdir()] == [data.IMAGES_FILE]  # nothing of the bad one
+    data.download(tmp_path / "good", url, files=(data.IMAGES_FILE, data.LABELS_FILE), checksums=good)
+
+
+def test_the_known_checksums_are_those_of_the_isbi_files(isbi_dir):
+    assert {name: files.sha256(isbi_dir / name) for name in data.FILES} == data.CHECKSUMS
+
+
+def fetch_env(data_dir, url) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in (data.DATA_ENV, data.URL_ENV)}
+    return {**env, data.DATA_ENV: str(data_dir), data.URL_ENV: url}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is needed to run make's data step")
+def test_make_runs_first_step_fetches_verifies_and_places_the_data(tmp_path, http_server, synthetic_stacks):
+    served, url = http_server
+    write_stacks(served, *synthetic_stacks)
+    tifffile.imwrite(served / data.TEST_FILE, synthetic_stacks[0], photometric="minisblack")
+    empty = tmp_path / "data"
+    done = subprocess.run(["make", "--no-print-directory", "-o", "setup", "-o", ".venv/.installed", "data",
+                           f"PY={sys.executable}"], cwd=ROOT,
+                          env=fetch_env(empty, url), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"data downloaded to {empty}" in done.stdout
+    assert sorted(p.name for p in empty.iterdir()) == sorted(data.FILES)
+    np.testing.assert_array_equal(data.load_isbi(empty)[1], synthetic_stacks[1])
+    again = subprocess.run([sys.executable, "data.py", "fetch"], cwd=ROOT, env=fetch_env(empty, url + "gone/"),
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and f"data found in {empty}" in again.stdout  # nothing downloaded twice
+
+
+def test_fetch_offline_says_so_and_how_to_place_the_files(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on: the connection is refused, as offline
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/"
+    done = subprocess.run([sys.executable, "data.py", "fetch"], cwd=ROOT, env=fetch_env(tmp_path / "data", url),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert "cannot download" in line and "offline" in line and "by hand into" in line and data.DATA_ENV in line
+    assert not any((tmp_path / "data").glob("*.tif"))
 
 
 def test_folder_pairing_names_every_unpaired_file_and_stops_unless_allowed(tmp_path):

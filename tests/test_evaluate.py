@@ -9,7 +9,6 @@ import tifffile
 
 import data
 import evaluate
-import export
 import files
 import metrics
 import runtimes
@@ -101,7 +100,7 @@ def test_the_shipped_model_segments_the_test_pages_well(shipped_scores):
 
 def test_the_shipped_model_reproduces_the_scores_on_its_card(shipped_scores):
     card = json.loads(CARD.read_text())
-    assert card["sha256"] == export.sha256(runtimes.DEFAULT_MODEL)
+    assert card["sha256"] == files.sha256(runtimes.DEFAULT_MODEL)
     assert card["test_pages"] == list(data.TEST_PAGES)
     for key, value in card["test_scores"]["mean"].items():
         # The card was measured on the machine that trained it; another CPU's rounding moves the last digits.

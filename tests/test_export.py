@@ -28,7 +28,7 @@ def test_shipped_model_is_float32_without_optimizer_and_predicts_like_the_run(ti
     x = np.random.default_rng(0).random((1, 64, 64, 1), dtype=np.float32)
     np.testing.assert_allclose(shipped.predict_on_batch(x), original.predict_on_batch(x), atol=0.02)
     saved = json.loads(dest.with_suffix(".json").read_text())
-    assert saved["sha256"] == export.sha256(dest) == card["sha256"]
+    assert saved["sha256"] == files.sha256(dest) == card["sha256"]
     assert saved["test_pages"] == [0, 10, 20]
     assert saved["training"]["settings"]["filters"] == 4
     assert 0 <= saved["test_scores"]["mean"]["v_rand"] <= 1

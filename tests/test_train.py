@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -389,3 +390,24 @@ def test_saved_models_with_the_project_metrics_load_with_plain_load_model_in_a_f
         tmp_path, str(ROOT))
     assert compiled.returncode == 0, compiled.stderr[-2000:]
     assert compiled.stdout.startswith("True") and "MembraneDice" in compiled.stdout and "BinaryIoU" in compiled.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("git") is None or not (ROOT / ".git").exists(),
+                    reason="make and a git checkout are needed")
+def test_make_run_writes_into_its_run_folder_and_leaves_the_checkout_as_it_was(isbi_dir):
+    def status():
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout
+
+    before, run = status(), Path("runs") / f"test-make-run-{os.getpid()}"
+    try:
+        done = subprocess.run(["make", "--no-print-directory", "-o", "setup", "-o", ".venv/.installed", "run",
+                               "PRESET=tiny", f"RUN={run}", f"PY={sys.executable}"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "ISBI_DATA_DIR": str(isbi_dir)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"this run's model, scores and figures: {run}/best.keras" in done.stdout
+        written = {p.name for p in (ROOT / run / "images").iterdir()}
+        assert {"unet_results.png", "loss.png", "acc.png", "labels.png"} <= written
+        assert status() == before
+    finally:
+        shutil.rmtree(ROOT / run, ignore_errors=True)
