@@ -36,7 +36,8 @@ EXPECTED_ERRORS = (ValueError, OSError)
 NATIVE_LOG = re.compile(r"([IWE]\d{4} [\d:.]+ +\d+ [\w./-]+:\d+\] "
                         r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
                         r"|To enable the following instructions: )")
-_MAX_PREFIX = 48  # characters after which a partial line is known not to be a native log line
+NATIVE_STARTS = ("I0", "W0", "E0", "WARNING: All log messages", "To enable the following")
+_LONGEST_LINE = 1 << 16  # characters after which a partial line is passed on whatever it starts with
 
 
 class Interrupted(KeyboardInterrupt):
@@ -55,9 +56,9 @@ def keep(line: str) -> bool:
 
 
 def _may_become_native(partial: str) -> bool:
-    """Return whether the start of a line could still turn out to be a native log line."""
-    return len(partial) < _MAX_PREFIX and any(
-        pattern.startswith(partial[: len(pattern)]) for pattern in ("I0", "W0", "E0", "WARNING: All", "To enable"))
+    """Return whether a line of which only the start has arrived could be a native log line."""
+    return len(partial) < _LONGEST_LINE and any(
+        partial.startswith(start) or start.startswith(partial) for start in NATIVE_STARTS)
 
 
 class _StderrFilter:

@@ -166,14 +166,32 @@ def write_savedmodel(model, dest: Path) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def environment_kept():
+    """Within the block, changes to os.environ are undone at its end.
+
+    tf2onnx (TF_CPP_MIN_LOG_LEVEL=3, at import) and bioimageio.core's model
+    test (TF_ENABLE_ONEDNN_OPTS=0) set TensorFlow's variables for the whole
+    process, and so for every process it starts afterwards.
+    """
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def write_onnx(model, dest: Path) -> Path:
     """Write `model` as ONNX (opset ONNX_OPSET) with tf2onnx: input `raw` (batch, y, x, 1) float32 in [0, 1]."""
     import tensorflow as tf
-    import tf2onnx
 
-    spec = [tf.TensorSpec((None, None, None, 1), tf.float32, name=INPUT_NAME)]
-    function = tf.function(lambda x: model(x, training=False), input_signature=spec)
-    tf2onnx.convert.from_function(function, input_signature=spec, opset=ONNX_OPSET, output_path=str(dest))
+    with environment_kept():
+        import tf2onnx
+
+        spec = [tf.TensorSpec((None, None, None, 1), tf.float32, name=INPUT_NAME)]
+        function = tf.function(lambda x: model(x, training=False), input_signature=spec)
+        tf2onnx.convert.from_function(function, input_signature=spec, opset=ONNX_OPSET, output_path=str(dest))
     return dest
 
 
@@ -328,7 +346,7 @@ def check_package(path: Path) -> dict:
     keras.config.disable_interactive_logging()  # no progress bar per test prediction
     # bioimageio.core unzips SavedModel weights into the working folder: keep that out of the project.
     try:
-        with tempfile.TemporaryDirectory(prefix="bioimageio-test-") as tmp, contextlib.chdir(tmp):
+        with tempfile.TemporaryDirectory(prefix="bioimageio-test-") as tmp, contextlib.chdir(tmp), environment_kept():
             tested = test_model(path)
     finally:
         if progress_bars:

@@ -281,6 +281,8 @@ def build_model(settings: TrainSettings, policy: str) -> keras.Model:
         loss=losses.get_loss(settings.loss),
         metrics=["accuracy", pixel_difference, MembraneDice(), membrane_iou()],
     )
+    # Its variables made now, the optimizer does not make TensorFlow trace the first train step twice.
+    model.optimizer.build(model.trainable_variables)
     return model
 
 

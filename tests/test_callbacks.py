@@ -69,7 +69,7 @@ class Recorder(keras.callbacks.Callback):
 
 # ---------------------------------------------------------------- ValidationPages
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once per worker process, whatever ran in between
 def two_epochs(tmp_path_factory):
     """A tiny model fitted 2 epochs with the recorder and the checkpoint placed BEFORE ValidationPages."""
     tmp = tmp_path_factory.mktemp("two_epochs")
@@ -86,6 +86,7 @@ def two_epochs(tmp_path_factory):
     return tmp, model, history.history, recorder.seen, images, labels, calls
 
 
+@pytest.mark.xdist_group("two_epochs")  # with the other tests of its module fixture
 def test_scores_reach_history_and_the_checkpoint_whatever_the_callback_order(two_epochs):
     tmp, _, history, seen, _, _, _ = two_epochs
     for key in ("val_v_rand", "val_v_info", "val_v_rand_threshold", "val_v_info_threshold", "val_uniform"):
@@ -96,6 +97,7 @@ def test_scores_reach_history_and_the_checkpoint_whatever_the_callback_order(two
     assert (tmp / "best.keras").is_file() and (tmp / "last.keras").is_file()
 
 
+@pytest.mark.xdist_group("two_epochs")  # with the other tests of its module fixture
 def test_validation_pages_are_predicted_once_per_epoch_and_once_per_picture(two_epochs):
     tmp, *_, calls = two_epochs
     batch_pictures = len(pictures(tmp / "logs" / "images", "batch"))  # steps 2 and 4 of 2 x 2
@@ -103,6 +105,7 @@ def test_validation_pages_are_predicted_once_per_epoch_and_once_per_picture(two_
     assert len(calls) == 2 + batch_pictures
 
 
+@pytest.mark.xdist_group("two_epochs")  # with the other tests of its module fixture
 def test_scores_equal_challenge_scores_of_the_final_predictions(two_epochs):
     _, model, history, _, images, labels, _ = two_epochs
     predictions = np.asarray(model.predict_on_batch(images))[..., 0]  # the last epoch ended on these weights
@@ -111,6 +114,7 @@ def test_scores_equal_challenge_scores_of_the_final_predictions(two_epochs):
         assert history[f"val_{key}"][-1] == pytest.approx(np.mean([scores[key] for scores in direct]), rel=1e-6)
 
 
+@pytest.mark.xdist_group("two_epochs")  # with the other tests of its module fixture
 def test_scores_in_tensorboard_at_keras_epoch_steps(two_epochs):
     tmp, _, history, *_ = two_epochs
     for tag, key in (("epoch_v_rand", "val_v_rand"), ("epoch_v_info", "val_v_info")):
@@ -119,6 +123,7 @@ def test_scores_in_tensorboard_at_keras_epoch_steps(two_epochs):
         np.testing.assert_allclose([value for _, value in written], history[key], rtol=1e-6)
 
 
+@pytest.mark.xdist_group("two_epochs")  # with the other tests of its module fixture
 def test_epoch_pictures_show_predictions_above_labels(two_epochs):
     tmp, model, _, _, images, labels, _ = two_epochs
     epoch = pictures(tmp / "logs" / "images", "epoch")

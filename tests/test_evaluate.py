@@ -84,11 +84,12 @@ def test_results_come_from_the_runs_best_model_or_else_the_shipped_one(tmp_path)
 CARD = runtimes.DEFAULT_MODEL.with_suffix(".json")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once per worker process, whatever ran in between
 def shipped_scores(isbi_dir):
     return evaluate.evaluate(runtimes.DEFAULT_MODEL, isbi_dir, pages=data.TEST_PAGES)
 
 
+@pytest.mark.xdist_group("shipped_scores")  # with the other tests of its module fixture
 def test_the_shipped_model_segments_the_test_pages_well(shipped_scores):
     # Floors below what it reaches (README: V_rand 0.973 / 0.985 / 0.663 on pages 0 / 10 / 20, mean 0.874;
     # accuracy 0.916), far above an untrained network's (V_rand 0.06-0.09 on these pages, 16 filters, seed 0).
@@ -98,6 +99,7 @@ def test_the_shipped_model_segments_the_test_pages_well(shipped_scores):
     assert shipped_scores["mean"]["accuracy"] > 0.905
 
 
+@pytest.mark.xdist_group("shipped_scores")  # with the other tests of its module fixture
 def test_the_shipped_model_reproduces_the_scores_on_its_card(shipped_scores):
     card = json.loads(CARD.read_text())
     assert card["sha256"] == files.sha256(runtimes.DEFAULT_MODEL)

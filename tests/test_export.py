@@ -3,6 +3,7 @@ checked against the Keras model."""
 
 import contextlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -42,12 +43,7 @@ def test_export_of_a_run_without_model_is_a_clear_error(tmp_path, capsys):
 PAGE = 128  # pixels: a crop of an ISBI test page, a valid size (multiple of 16, at least export.MIN_SIZE)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(unet_path):
-    return unet_path
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once per worker process, whatever ran in between
 def test_page(tmp_path_factory, isbi_dir):
     """Return the path of a one-page TIFF: the top left PAGE x PAGE pixels of ISBI test page 0."""
     path = tmp_path_factory.mktemp("page") / "page.tif"
@@ -55,10 +51,12 @@ def test_page(tmp_path_factory, isbi_dir):
     return path
 
 
-@pytest.fixture(scope="module")
-def package(tiny_model, test_page, tmp_path_factory):
+@pytest.fixture(scope="session")  # built once per worker process, whatever ran in between
+def package(unet_path, test_page, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "tiny.zip"
-    result = export.export_model(tiny_model, "bioimageio", out, test_image=test_page)
+    before = dict(os.environ)
+    result = export.export_model(unet_path, "bioimageio", out, test_image=test_page)
+    result["environment_changes"] = {k: v for k, v in os.environ.items() if before.get(k) != v}
     return out, result
 
 
@@ -68,12 +66,15 @@ def keras_prediction(model_path, page_path):
     return tiling.predict_stack(model, files.read_stack(page_path))[0]
 
 
+@pytest.mark.xdist_group("package")  # with the other tests of its module fixture
 def test_bioimageio_package_passes_spec_validation_and_the_core_model_test(package, test_page, tmp_path):
     from bioimageio.core import test_model
     from bioimageio.spec import load_model_description
 
     out, result = package
     assert result["model_test"] == "passed" and result["largest_difference"] <= export.TOLERANCE
+    # bioimageio.core and tf2onnx set TensorFlow's variables for the process; the export puts them back
+    assert set(result["environment_changes"]) <= {"KERAS_BACKEND"}, result["environment_changes"]
     assert result["weight_formats_tested"] == ["keras_v3", "onnx", "tensorflow_saved_model_bundle"]
     assert not list(out.parent.glob("*.tmp*"))
 
@@ -95,12 +96,12 @@ def test_bioimageio_package_passes_spec_validation_and_the_core_model_test(packa
 
 
 @pytest.mark.parametrize("fmt, name", [("onnx", "tiny.onnx"), ("savedmodel", "tiny-savedmodel")])
-def test_onnx_and_savedmodel_exports_predict_like_keras(fmt, name, tiny_model, test_page, tmp_path):
+def test_onnx_and_savedmodel_exports_predict_like_keras(fmt, name, unet_path, test_page, tmp_path):
     out = tmp_path / name
-    result = export.export_model(tiny_model, fmt, out, test_image=test_page)
+    result = export.export_model(unet_path, fmt, out, test_image=test_page)
     assert result["largest_difference"] <= export.TOLERANCE
     x = np.random.default_rng(0).random((2, 96, 160, 1), dtype=np.float32)  # another size than the test page
-    expected = runtimes.load_model(tiny_model).predict_on_batch(x)
+    expected = runtimes.load_model(unet_path).predict_on_batch(x)
     exported = runtimes.load_model(out).predict_on_batch(x)
     assert exported.shape == expected.shape
     np.testing.assert_allclose(exported, expected, atol=export.TOLERANCE)
@@ -123,28 +124,29 @@ def test_package_whose_test_input_does_not_fit_the_model_is_refused_before_writi
     assert not (tmp_path / "dist").exists()
 
 
-def test_unwritable_output_path_is_one_clear_error(tiny_model, test_page, tmp_path, capsys):
+def test_unwritable_output_path_is_one_clear_error(unet_path, test_page, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     out = blocker / "tiny.onnx"
-    assert export.main(["--format", "onnx", "--model", str(tiny_model), "--out", str(out),
+    assert export.main(["--format", "onnx", "--model", str(unet_path), "--out", str(out),
                         "--test-image", str(test_page)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {out}: cannot write here") and len(err.splitlines()) == 1
 
 
-def test_savedmodel_export_never_replaces_a_folder_of_other_files(tiny_model, test_page, tmp_path, capsys):
+def test_savedmodel_export_never_replaces_a_folder_of_other_files(unet_path, test_page, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
-    assert export.main(["--format", "savedmodel", "--model", str(tiny_model), "--out", str(tmp_path),
+    assert export.main(["--format", "savedmodel", "--model", str(unet_path), "--out", str(tmp_path),
                         "--test-image", str(test_page)]) == 1
     assert "is not a SavedModel folder" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
-def test_predict_with_exported_onnx_or_package_matches_keras_to_tiff_and_zarr(package, tiny_model, test_page, tmp_path):
+@pytest.mark.xdist_group("package")  # with the other tests of its module fixture
+def test_predict_with_exported_onnx_or_package_matches_keras_to_tiff_and_zarr(package, unet_path, test_page, tmp_path):
     onnx = tmp_path / "tiny.onnx"
-    export.export_model(tiny_model, "onnx", onnx, test_image=test_page)
-    expected = keras_prediction(tiny_model, test_page)
+    export.export_model(unet_path, "onnx", onnx, test_image=test_page)
+    expected = keras_prediction(unet_path, test_page)
     for model in (onnx, package[0]):
         target = tmp_path / f"{model.suffix[1:]}.tif"
         assert predict.main([str(test_page), "--model", str(model), "--out", str(target)]) == 0

@@ -32,7 +32,7 @@ def test_mixed_float16_training_scales_its_loss_and_resumes(isbi_dir, tmp_path):
     import keras
 
     settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=1,
-                            precision="mixed_float16")
+                            steps_per_epoch=1, precision="mixed_float16")  # float16 is slow on a CPU
     result = train.train(settings)
     assert all(math.isfinite(loss) for loss in result["history"]["loss"])
     model = train.load_checkpoint(result["last"])
@@ -40,5 +40,5 @@ def test_mixed_float16_training_scales_its_loss_and_resumes(isbi_dir, tmp_path):
     assert model.get_layer("CNT_1_conv_1").compute_dtype == "float16"
     assert model.get_layer("OUT").compute_dtype == "float32"
     resumed = train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=settings.run_dir, epochs=2,
-                                       precision="mixed_float16"))
+                                       steps_per_epoch=1, precision="mixed_float16"))
     assert len(resumed["history"]["loss"]) == 1

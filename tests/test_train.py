@@ -209,7 +209,7 @@ def run_driver(tmp, runs, data_dir, kill_while_writing=None):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once per worker process, whatever ran in between
 def interrupted_runs(tmp_path_factory, isbi_dir):
     """An uninterrupted run; and the same run Ctrl-C'd after step 2, rerun, SIGKILLed after step 7, rerun
     (then SIGKILLed while it writes other weights over its last.keras)."""
@@ -240,6 +240,7 @@ def batch_losses(log_dir):
     return {event.step: tensor_util.make_ndarray(event.tensor_proto).item() for event in events.Tensors("batch_loss")}
 
 
+@pytest.mark.xdist_group("interrupted_runs")  # with the other tests of its module fixture
 def test_ctrl_c_saves_a_backup_and_says_how_to_resume_and_the_rerun_resumes(interrupted_runs):
     first = interrupted_runs["first"]
     assert "exit code 130" in first.stdout, first.stderr[-3000:]
@@ -249,6 +250,7 @@ def test_ctrl_c_saves_a_backup_and_says_how_to_resume_and_the_rerun_resumes(inte
     assert "Traceback" not in first.stderr
 
 
+@pytest.mark.xdist_group("interrupted_runs")  # with the other tests of its module fixture
 def test_sigkilled_run_resumes_mid_epoch_and_ends_with_the_uninterrupted_weights(interrupted_runs):
     tmp, first, second = interrupted_runs["tmp"], interrupted_runs["first"], interrupted_runs["second"]
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
@@ -262,6 +264,7 @@ def test_sigkilled_run_resumes_mid_epoch_and_ends_with_the_uninterrupted_weights
     assert json.loads((tmp / "run" / "state.json").read_text())["epochs_done"] == 2
 
 
+@pytest.mark.xdist_group("interrupted_runs")  # with the other tests of its module fixture
 def test_a_process_killed_while_writing_a_model_leaves_the_previous_file(interrupted_runs):
     tmp, second = interrupted_runs["tmp"], interrupted_runs["second"]
     assert second.returncode == -signal.SIGKILL
@@ -270,6 +273,7 @@ def test_a_process_killed_while_writing_a_model_leaves_the_previous_file(interru
     assert [p.name for p in (tmp / "run").glob(".last.*.part.keras")]  # the half-written one kept its own name
 
 
+@pytest.mark.xdist_group("interrupted_runs")  # with the other tests of its module fixture
 def test_resumed_curves_have_every_step_once_and_deterministic_runs_give_identical_losses(interrupted_runs):
     tmp = interrupted_runs["tmp"]
     reference = batch_losses(tmp / "ref" / "logs" / "train")
@@ -327,7 +331,7 @@ def readme_commands() -> list[list[str]]:
     return [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.split("#", 1)[0].strip()]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once per worker process, whatever ran in between
 def example(tmp_path_factory, isbi_dir):
     """Run the README example (train.py with the tiny preset, 256x256 crops) in a fresh folder; return the folder."""
     folder = tmp_path_factory.mktemp("own_data")
@@ -344,6 +348,7 @@ def example(tmp_path_factory, isbi_dir):
     return folder
 
 
+@pytest.mark.xdist_group("example")  # with the other tests of its module fixture
 def test_readme_example_trains_on_700x900_pages_with_256_crops_and_predicts(example):
     report = json.loads((example / "runs" / "my_data" / "data_report.json").read_text())
     assert report["parts"]["train"]["sizes"] == {"700x900": 5}
@@ -372,6 +377,7 @@ def run_python(code: str, cwd: Path, pythonpath: str | None) -> subprocess.Compl
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.xdist_group("example")  # with the other tests of its module fixture
 def test_saved_models_with_the_project_metrics_load_with_plain_load_model_in_a_fresh_process(example, tmp_path):
     run = example / "runs" / "my_data"
     # best.keras: in a process that never imports the project (its folder is not even on the path).
