@@ -50,20 +50,20 @@ def test_command_line_overrides_preset_fields():
 
 def test_short_training_on_real_crops_lowers_the_loss(isbi_dir, tmp_path):
     settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), filters=8, crop=128,
-                            batch_size=4, steps_per_epoch=15, epochs=3, learning_rate=3e-3, precision="float32")
+                            batch_size=4, steps_per_epoch=10, epochs=2, learning_rate=3e-3, precision="float32")
     result = train.train(settings)
     losses = result["history"]["loss"]
     assert losses[-1] < losses[0] - 0.05
     assert result["best"].is_file() and result["last"].is_file()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["epochs_done"] == 3 and summary["precision"] == "float32"
+    assert summary["epochs_done"] == 2 and summary["precision"] == "float32"
     assert summary["final_logs"]["loss"] == pytest.approx(losses[-1])
 
 
 def test_rerun_resumes_from_last_epoch_and_clear_all_starts_afresh(isbi_dir, tmp_path, capsys):
-    settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=1)
+    settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=1, steps_per_epoch=1)
     train.train(settings)
-    result = train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=settings.run_dir, epochs=2), say=print)
+    result = train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=settings.run_dir, epochs=2, steps_per_epoch=1), say=print)
     assert "resuming from" in capsys.readouterr().out
     assert len(result["history"]["loss"]) == 1  # only epoch 2 was trained
     state = json.loads((tmp_path / "run" / "state.json").read_text())
@@ -72,7 +72,7 @@ def test_rerun_resumes_from_last_epoch_and_clear_all_starts_afresh(isbi_dir, tmp
     assert int(model.optimizer.iterations.numpy()) == 2 * settings.steps_per_epoch
 
     result = train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=settings.run_dir, epochs=1,
-                                      clear_all=True), say=print)
+                                      steps_per_epoch=1, clear_all=True), say=print)
     out = capsys.readouterr().out
     assert "resuming" not in out and "starting training" in out
     assert json.loads((tmp_path / "run" / "state.json").read_text())["epochs_done"] == 1
@@ -152,7 +152,7 @@ def test_augmenting_in_worker_processes_trains_on_the_same_batches(isbi_dir, tmp
     histories = []
     for workers in (0, 2):
         settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / f"w{workers}"), epochs=2,
-                                precision="float32", data_workers=workers)
+                                steps_per_epoch=2, precision="float32", data_workers=workers)
         histories.append(train.train(settings)["history"])
     for key in ("loss", "val_loss"):
         np.testing.assert_allclose(histories[1][key], histories[0][key], rtol=1e-5)
