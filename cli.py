@@ -14,7 +14,8 @@
   TensorFlow binary is optimized ...") are dropped from stderr unless the user
   asks for them with --tf-logs or UNET_ISBI_VERBOSE=1. TensorFlow prints them
   before its own log level applies (TF_CPP_MIN_LOG_LEVEL does not stop them),
-  so they are filtered where they are written: file descriptor 2.
+  so they are filtered where they are written: file descriptor 2, through a
+  small forked process that also sees what TensorFlow logs at shutdown.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import argparse
 import atexit
 import os
 import re
+import signal
 import sys
-import threading
+import time
 import warnings
 from collections.abc import Callable
 
@@ -61,46 +63,62 @@ def _may_become_native(partial: str) -> bool:
         partial.startswith(start) or start.startswith(partial) for start in NATIVE_STARTS)
 
 
-class _StderrFilter:
-    """Forwards what is written to file descriptor 2 to the real stderr, less the native log lines.
+def _forward(read_fd: int, write_fd: int) -> None:
+    """Copy what arrives on `read_fd` to `write_fd` until end of file, less the native log lines.
 
     Partial lines that cannot be log lines (progress bars redrawn with '\\r')
-    are forwarded at once; the others wait for their end of line.
+    are passed on at once; the others wait for their end of line. A line that
+    starts with white space right after a dropped one (its continuation) is
+    dropped too.
     """
+    pending, passing, dropping = "", False, False  # the line's start; passed on already; after a dropped line
+    while chunk := os.read(read_fd, 65536):
+        pending += chunk.decode(errors="replace")
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            dropping = not passing and (not keep(line) or (dropping and line[:1].isspace()))
+            if not dropping:
+                os.write(write_fd, (line + "\n").encode(errors="replace"))
+            passing = False
+        if pending and (passing or not _may_become_native(pending)):
+            os.write(write_fd, pending.encode(errors="replace"))
+            pending, passing, dropping = "", True, False
+    if pending and (passing or keep(pending)):
+        os.write(write_fd, pending.encode(errors="replace"))
+
+
+class _StderrFilter:
+    """File descriptor 2 of this process, as a pipe to a small forked process that passes on what is written
+    to the real stderr, less the native log lines. The filter outlives the interpreter's shutdown (when
+    TensorFlow still logs) and ends at end of file, when this process and its children have exited."""
 
     def __init__(self):
         read_fd, write_fd = os.pipe()
-        self.target = os.dup(2)
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:  # the filter: Ctrl-C is for the job, not for it
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                os.close(write_fd)
+                _forward(read_fd, 2)
+            finally:
+                os._exit(0)
+        os.close(read_fd)
         os.dup2(write_fd, 2)
         os.close(write_fd)
-        self.reader = os.fdopen(read_fd, "rb", buffering=0)
-        self.thread = threading.Thread(target=self._forward, name="stderr-filter", daemon=True)
-        self.thread.start()
         atexit.register(self.close)
 
-    def _write(self, text: str) -> None:
-        os.write(self.target, text.encode(errors="replace"))
-
-    def _forward(self) -> None:
-        pending, passing = "", False  # the start of the current line; whether it is being passed on already
-        while chunk := self.reader.read(65536):
-            pending += chunk.decode(errors="replace")
-            *lines, pending = pending.split("\n")
-            for line in lines:
-                if passing or keep(line):
-                    self._write(line + "\n")
-                passing = False
-            if pending and (passing or not _may_become_native(pending)):
-                self._write(pending)
-                pending, passing = "", True
-        if pending and (passing or keep(pending)):
-            self._write(pending)
-
-    def close(self) -> None:
-        """Restore file descriptor 2 and pass on what is left (children may hold the pipe: wait 1 s at most)."""
+    def close(self, wait: float = 2.0) -> None:
+        """At exit: hand the filter its last lines and wait for it (`wait` seconds at most), so that they come
+        before the shell's prompt. What TensorFlow logs while the interpreter shuts down goes nowhere."""
         sys.stderr.flush()
-        os.dup2(self.target, 2)
-        self.thread.join(timeout=1.0)
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)  # the pipe's last write end here: the filter reads its end of file
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if os.waitpid(self.pid, os.WNOHANG) != (0, 0):
+                return
+            time.sleep(0.01)
 
 
 _filter: _StderrFilter | None = None
