@@ -207,13 +207,16 @@ def weight_maps(settings: TrainSettings, labels: np.ndarray) -> np.ndarray | Non
     return np.stack([losses.border_weight_map(label[..., 0]) for label in labels])
 
 
-def load_data(settings: TrainSettings) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+def load_data(settings: TrainSettings, fetch: bool = False) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
     """Return ({part: (images, labels)} float32 NHWC, the data report) of the data `settings` name.
 
     Pages of each part are brought to one shape (`data.part_shapes`):
     training pages reflect-padded up to the crop (larger ones are sampled by
     random crops), validation pages, predicted whole, cut to a multiple of SIZE_MULTIPLE.
+    With `fetch`, missing ISBI stacks are downloaded first (`data.ensure_data`).
     """
+    if fetch and settings.images is None:
+        data.ensure_data(settings.data_dir)
     pages, report = data.load_pages(settings.images, settings.labels, settings.val_images, settings.val_labels,
                                     settings.split, settings.membrane_value, settings.allow_unpaired,
                                     settings.data_dir, settings.seed)

@@ -21,6 +21,7 @@ from conftest import ROOT
 from PIL import Image
 
 import data
+import files
 import runtimes
 import train
 
@@ -417,3 +418,24 @@ def test_make_run_writes_into_its_run_folder_and_leaves_the_checkout_as_it_was(i
         assert status() == before
     finally:
         shutil.rmtree(ROOT / run, ignore_errors=True)
+
+
+def test_load_data_fetches_missing_isbi_stacks_only_when_asked(tmp_path, isbi_dir, monkeypatch):
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(isbi_dir))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv(data.URL_ENV, f"http://127.0.0.1:{server.server_address[1]}/")
+        settings = train.preset("tiny", data_dir=str(tmp_path / "data"))
+        with pytest.raises(files.DataError, match="data not found"):
+            train.load_data(settings)
+        parts, report = train.load_data(settings, fetch=True)  # what the notebook does
+        assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(data.FILES)
+        assert parts["train"][0].shape == (24, 512, 512, 1) and report["split"] == "isbi"
+    finally:
+        server.shutdown()
