@@ -376,8 +376,10 @@ def process_options(base: list[str], variants: dict[str, tuple[list[str], dict]]
 OPTIONS = ("threads", "batch", "layout", "onednn", "jit", "upsampling")
 
 
-def options(names: list[str], filters: int, size: int, batch: int, precision: str = "auto", rounds: int = 5) -> dict:
-    """Return the timings of the options tried, each measured against the default in turn (see OPTIONS)."""
+def options(names: list[str], filters: int, size: int, batch: int, precision: str = "auto", rounds: int = 5,
+            say=None) -> dict:
+    """Return the timings of the options tried, each measured against the default in turn (see OPTIONS);
+    `say` receives each option's table as it is measured."""
     policy = hardware.choose_precision(precision)
     base = ["--filters", str(filters), "--size", str(size), "--batch", str(batch), "--precision", policy]
     found = {}
@@ -404,7 +406,8 @@ def options(names: list[str], filters: int, size: int, batch: int, precision: st
             found[name] = layout_probe(size // 2, filters * 4, batch, policy, rounds=rounds)
         else:
             raise ValueError(f"unknown option {name!r}; choose from all, {', '.join(OPTIONS)}")
-        print(options_table(name, found[name]), flush=True)
+        if say is not None:
+            say(options_table(name, found[name]))
     return found
 
 
@@ -521,7 +524,8 @@ def run(args: argparse.Namespace) -> None:
         print(profile_table(report["profile"]))
     if args.options:
         names = OPTIONS if "all" in args.options else args.options
-        report["options"] = options(names, args.filters, args.size, args.batch, precision, args.rounds)
+        report["options"] = options(names, args.filters, args.size, args.batch, precision, args.rounds,
+                                    say=lambda text: print(text, flush=True))
     report["load_average_1min"]["end"] = os.getloadavg()[0]
     write_json(report, args.out)
 

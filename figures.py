@@ -1,7 +1,8 @@
 """Pictures of a run for the notebook and the README: curves and snapshots from TensorBoard logs, result grids.
 
-    python figures.py runs/cpu/logs              # writes images/loss.png, acc.png, pixel_difference.png,
+    python figures.py runs/cpu/logs              # writes runs/cpu/images/loss.png, acc.png, pixel_difference.png,
                                                  # labels.png and step{N}.png
+    python figures.py runs/cpu/logs --out images # the README's pictures (make figures RUN=runs/cpu)
     python figures.py runs/cpu/logs --out /tmp/pictures --steps 200 400 4200
 
 Figures are built with matplotlib's object API (`matplotlib.figure.Figure`,
@@ -345,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Return figures.py's command line."""
     parser = cli.parser(__doc__)
     parser.add_argument("log_dir", help="a run's TensorBoard folder, e.g. runs/cpu/logs")
-    parser.add_argument("--out", default="images", help="folder for the pictures (default: images)")
+    parser.add_argument("--out", help="folder for the pictures (default: the run's images/, beside its logs)")
     parser.add_argument("--steps", type=int, nargs="+", help="'batch' steps to snapshot (default: about 5)")
     return parser
 
@@ -354,7 +355,8 @@ def run(args: argparse.Namespace) -> None:
     """Draw the pictures of the run the parsed command line names; print their paths."""
     if not (Path(args.log_dir) / "train").is_dir():
         raise ValueError(f"{args.log_dir} holds no train/ folder of TensorBoard logs")
-    for path in plot_curves(args.log_dir, args.out) + save_snapshots(args.log_dir, args.out, args.steps):
+    out = args.out if args.out is not None else Path(args.log_dir).resolve().parent / "images"
+    for path in plot_curves(args.log_dir, out) + save_snapshots(args.log_dir, out, args.steps):
         print(path)
 
 

@@ -163,7 +163,8 @@ def test_the_blocks_run_on_a_dask_cluster(unet_path, source, expected, tmp_path)
         assert sorted(loads.values()) in ([1, 1], [0, 1])  # at most once per worker
         with pytest.raises(ValueError, match="path"):
             blocks.predict_volume(unet_path, np.zeros((1, 8, 8)), tmp_path / "x.zarr", client=client, **SETTINGS)
-    np.testing.assert_allclose(read(target), expected, atol=1e-5)
+    # Other processes, other thread counts: in bfloat16 oneDNN's sums round differently (seen: 1.4e-4).
+    np.testing.assert_allclose(read(target), expected, atol=1e-3)
 
 
 # ---------------------------------------------------------------- inputs

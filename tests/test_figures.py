@@ -107,3 +107,12 @@ def test_masks_grid_shows_each_page_with_its_predicted_mask_and_membrane_dice():
     figure = figures.masks_grid(label[None], label[None], (1.0 - label)[None], titles=["inverted"])
     titles = [ax.get_title() for ax in figure.axes]
     assert titles == ["image", "mask", "predicted mask, membrane Dice 0.000"]
+
+
+def test_command_line_draws_into_the_runs_own_folder_by_default(tiny_run, capsys):
+    assert figures.main([str(tiny_run["logs"])]) == 0
+    folder = tiny_run["logs"].parent / "images"
+    assert {"loss.png", "acc.png", "pixel_difference.png", "labels.png"} <= {p.name for p in folder.iterdir()}
+    assert str(folder / "loss.png") in capsys.readouterr().out
+    assert figures.main([str(folder)]) == 1  # not a log folder: one error line
+    assert "holds no train/ folder" in capsys.readouterr().err
