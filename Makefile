@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PRESET ?= auto
 RUN    ?= runs/$(PRESET)
-# Quiet TensorFlow's C++ INFO lines; warnings and errors still show.
+# TensorFlow's own log level; the tools also keep its native lines off the screen (cli.py: --tf-logs shows them).
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
 .PHONY: setup data run train evaluate figures submission benchmark export test notebook clean

@@ -130,7 +130,7 @@ def quiet_native_logs(argv: list[str] | None = None) -> None:
     Call it in a tool's main module before TensorFlow loads; calling it again does nothing.
     """
     global _filter  # one filter per process: it owns file descriptor 2
-    if _filter is None and not verbose_requested(argv):
+    if _filter is None and not verbose_requested(argv) and hasattr(os, "fork"):  # no fork (Windows): unfiltered
         _filter = _StderrFilter()
 
 
