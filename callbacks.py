@@ -3,7 +3,7 @@
 The validation pages are predicted once per epoch, by `ValidationPages`, right
 after Keras's own validation pass (`on_test_end`, which runs before any
 callback's `on_epoch_end`). That one prediction gives the challenge scores,
-the uniform-prediction check and the epoch's ImageHistory picture. One
+the uniform-prediction check and the epoch's picture (the original's image history). One
 callback, `Checkpoints`, owns "best": it reads the monitored value from the
 epoch's logs, or from `ValidationPages` when the monitor is one of its scores,
 so the order of the callback list does not matter.

@@ -153,7 +153,7 @@ def _decode_image(value: np.ndarray) -> np.ndarray:
 
 
 def read_images(log_dir: str | os.PathLike) -> dict[str, list[tuple[int, np.ndarray]]]:
-    """Return {tag: [(step, uint8 (H, W) image)]} of the ImageHistory pictures in `log_dir`/images."""
+    """Return {tag: [(step, uint8 (H, W) image)]} of the pictures `callbacks.ValidationPages` drew in `log_dir`/images."""
     merged = _merge(_read_event_files(Path(log_dir) / "images", "images"))
     return {tag: [(step, _decode_image(value)) for step, value in events] for tag, events in merged.items()}
 
@@ -208,7 +208,7 @@ def plot_curves(log_dir: str | os.PathLike, out_dir: str | os.PathLike = "images
     return [save_figure(figure, Path(out_dir) / CURVES[metric][0]) for metric, figure in curve_figures(log_dir).items()]
 
 
-# ---------------------------------------------------------------- ImageHistory snapshots
+# ---------------------------------------------------------------- snapshots of the validation pictures
 
 def snapshot_steps(available: Sequence[int], count: int = SNAPSHOT_COUNT) -> list[int]:
     """Return about `count` of the `available` steps, spaced geometrically: dense early, where most changes."""
@@ -220,7 +220,7 @@ def snapshot_steps(available: Sequence[int], count: int = SNAPSHOT_COUNT) -> lis
 
 
 def _rows(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return the (predictions, labels) rows of an ImageHistory picture."""
+    """Return the (predictions, labels) rows of a validation picture."""
     half = grid.shape[0] // 2
     return grid[:half], grid[half:]
 
@@ -229,7 +229,7 @@ def _chosen_snapshots(log_dir, steps: Sequence[int] | None) -> list[tuple[int, n
     """Return [(step, picture)] of the 'batch' pictures at `steps` (default: snapshot_steps of all)."""
     pictures = dict(read_images(log_dir).get("batch", []))
     if not pictures:
-        raise ValueError(f"no 'batch' pictures in {Path(log_dir) / 'images'}; was the run trained with ImageHistory?")
+        raise ValueError(f"no 'batch' pictures in {Path(log_dir) / 'images'}; was it trained with a draw_interval?")
     steps = snapshot_steps(list(pictures)) if steps is None else list(steps)
     missing = [step for step in steps if step not in pictures]
     if missing:
@@ -240,7 +240,7 @@ def _chosen_snapshots(log_dir, steps: Sequence[int] | None) -> list[tuple[int, n
 def save_snapshots(log_dir: str | os.PathLike, out_dir: str | os.PathLike = "images", steps=None) -> list[Path]:
     """Write labels.png (the label row) and step{N}.png (the prediction row at step N) to `out_dir`; return the paths.
 
-    The pictures are ImageHistory's: the validation pages side by side, pixel
+    The pictures are those `callbacks.ValidationPages` draws: the validation pages side by side, pixel
     for pixel. Only the top (prediction) row is kept for each step since the
     labels, the same at every step, are written once.
     """

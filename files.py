@@ -25,6 +25,7 @@ def is_zarr(path: PathLike) -> bool:
     """Return whether `path` names a zarr store: it, or a folder above it, ends in .zarr."""
     return any(part.lower().endswith(ZARR_SUFFIX) for part in Path(path).parts)
 
+
 # Pixels a TIFF may claim beyond 64 times its size (compressed data expand) before it counts as corrupt.
 MAX_EXPANSION_BYTES = 1 << 30
 
@@ -74,6 +75,8 @@ def write_atomic(path: str | os.PathLike, content) -> Path:
             raise IsADirectoryError(f"{path}: cannot write it (it is a folder)")
         os.replace(tmp, path)
     except OSError as err:
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # the previous folder goes back
         raise OSError(err.errno, f"{path}: cannot write it ({err.strerror or err})") from err
     finally:
         _remove(tmp)
@@ -105,11 +108,17 @@ def sha256(path: str | os.PathLike) -> str:
 
 # ---------------------------------------------------------------- reading
 
-def read_stack(path: str | os.PathLike) -> np.ndarray:
-    """Return the grey pages of a TIFF (or its single 2-D page) as an array (pages, height, width)."""
+def _existing_file(path: str | os.PathLike) -> Path:
+    """Return `path` as a Path; DataError if it is not a file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    return path
+
+
+def read_stack(path: str | os.PathLike) -> np.ndarray:
+    """Return the grey pages of a TIFF (or its single 2-D page) as an array (pages, height, width)."""
+    path = _existing_file(path)
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
@@ -163,9 +172,7 @@ def read_picture(path: str | os.PathLike) -> np.ndarray:
     """Return the frames of a grey image that PIL reads (PNG, JPEG, BMP, ...) as (frames, H, W) in its dtype."""
     from PIL import Image, ImageSequence
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    path = _existing_file(path)
     try:
         with Image.open(path) as image:
             frames = []

@@ -83,7 +83,7 @@ class TrainSettings:
     cpu_devices: int = 1  # split the CPU into this many logical devices (the mirrored strategy without GPUs)
     monitor: str = "val_loss"  # what best.keras is chosen by (the original used training loss)
     challenge_every: int = 1  # epochs between validation V_rand / V_info (0: never)
-    draw_interval: int = 100  # optimizer steps between ImageHistory pictures
+    draw_interval: int = 100  # optimizer steps between validation pictures (callbacks.ValidationPages)
     histogram_freq: int = 1
     update_freq: int = 100
     time_limit: float | None = None  # seconds; stops before an epoch that would end after it (callbacks.TimeLimit)
@@ -272,8 +272,7 @@ def banner(settings: TrainSettings, model: keras.Model, policy: str, start: runs
         parts.append(f"strategy {settings.strategy} ({distribute.replicas(strategy)} replicas{writer})")
     if settings.time_limit:
         parts.append(f"time limit {settings.time_limit / 60:.0f} min")
-    return (f"starting training: {', '.join(parts)}\n  on {hardware.describe()}\n"
-            f"  run folder {runs.RunFolder(settings.run_dir).path}")
+    return f"starting training: {', '.join(parts)}\n  on {hardware.describe()}\n  run folder {settings.run_dir}"
 
 
 def build_model(settings: TrainSettings, policy: str) -> keras.Model:
