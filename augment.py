@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -177,6 +178,8 @@ class AugmentedBatches(keras.utils.PyDataset):
     own random transform and crops it to `crop` pixels. With `weights` (per-pixel
     loss weights of each page, N x H x W) it yields (images, labels, weights),
     the weights moved with their labels, which Keras applies as sample weights.
+    With `target` (a picklable function of one augmented (H, W) label page, such
+    as `affinities.label_affinities`) the labels yielded are its (H, W, K) outputs.
     The random stream is a function of (seed, epoch, index) only, so a resumed
     run sees the batches it would have seen; `first_index` > 0 leaves out the
     first batches of every epoch (those trained before an interruption).
@@ -193,6 +196,7 @@ class AugmentedBatches(keras.utils.PyDataset):
         seed: int = 0,
         weights: np.ndarray | None = None,
         first_index: int = 0,
+        target: Callable[[np.ndarray], np.ndarray] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -205,6 +209,7 @@ class AugmentedBatches(keras.utils.PyDataset):
         self.images = images[..., 0]
         self.labels = labels[..., 0]
         self.weights = weights
+        self.target = target
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
         self.augmentation = augmentation if augmentation is not None else Augmentation()
@@ -225,7 +230,8 @@ class AugmentedBatches(keras.utils.PyDataset):
             for p in pages
         ]
         x, y, *w = (np.stack(parts).astype(np.float32) for parts in zip(*samples))
-        return (x[..., np.newaxis], y[..., np.newaxis], *w)
+        y = y[..., np.newaxis] if self.target is None else np.stack([self.target(page) for page in y])
+        return (x[..., np.newaxis], y.astype(np.float32), *w)
 
     def on_epoch_end(self) -> None:
         self.epoch += 1

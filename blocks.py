@@ -33,6 +33,7 @@ import tifffile
 import zarr
 from tqdm import tqdm
 
+import affinities
 import files
 import runtimes
 import tiling
@@ -154,6 +155,8 @@ def predict_block(model, volume, out: zarr.Array, target: PathLike, index: Block
     rows = (by * block, min((by + 1) * block, height))
     cols = (bx * block, min((bx + 1) * block, width))
     probabilities = tiling.predict_region(model, PageView(volume, z), (rows, cols), tile, overlap, batch_size, tta)
+    if probabilities.ndim == 3:  # an affinity model: its cell map
+        probabilities = affinities.cell_map(probabilities)
     out[z, slice(*rows), slice(*cols)] = tiling.to_uint8(probabilities) if out.dtype == np.uint8 else probabilities
     _marker(Path(target), index).touch()  # only after the data: an interrupted write leaves no marker
     return index

@@ -14,12 +14,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+import affinities
 import files
 import metrics
 import runs
@@ -44,6 +47,12 @@ def stretch_to_uint8(image: np.ndarray) -> np.ndarray:
     if hi <= lo:
         return np.zeros(image.shape, dtype=np.uint8)
     return np.round((image - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def cell_maps(outputs: np.ndarray) -> np.ndarray:
+    """Return (N, H, W) cell probabilities of (N, H, W, C) model outputs: the one channel, or the cell map
+    of the affinities (`affinities.cell_map`)."""
+    return outputs[..., 0] if outputs.shape[-1] == 1 else affinities.cell_map(outputs)
 
 
 def prediction_grid(predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -84,6 +93,8 @@ class ValidationPages(SummaryCallback):
       challenge's V_rand and V_info (`metrics.challenge_scores`, best over the
       threshold sweep, mean over the pages): 'val_v_rand', 'val_v_info',
       'val_v_rand_threshold', 'val_v_info_threshold' (1 is a perfect score);
+      and with a `segmenter` the same scores of its cells (`metrics.cell_scores`):
+      'val_cell_v_rand', 'val_cell_v_info';
     - writes the 'epoch' picture to TensorBoard at step epoch + 1.
     These values are `scores` until the next epoch, are added to the epoch's
     logs (so Keras's History and TensorBoard record them) and are written to
@@ -93,7 +104,9 @@ class ValidationPages(SummaryCallback):
     Every `draw_interval` optimizer steps (0: never) it also predicts the pages
     and writes a 'batch' picture at the optimizer's step (so a resumed run
     carries on its history). Pictures go to `log_dir`/images: predictions side
-    by side on top, `labels` below, min-max stretched to uint8.
+    by side on top, `labels` below, min-max stretched to uint8. A model with
+    several output channels (affinities) is drawn, thresholded and checked by
+    its cell map (`affinities.cell_map`).
 
     Args:
         images: float (N, H, W, 1) validation images, as the model takes them.
@@ -102,12 +115,14 @@ class ValidationPages(SummaryCallback):
         challenge_every: epochs between two challenge scorings (due when (epoch + 1) % every == 0).
         draw_interval: optimizer steps between two 'batch' pictures.
         batch_size: images predicted at a time.
+        segmenter: a function that cuts one predicted page ((H, W) or (H, W, K)) into cells (segment.py).
     """
 
     SCORE_KEYS = ("v_rand", "v_info", "v_rand_threshold", "v_info_threshold")
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, log_dir: str | os.PathLike, challenge_every: int = 1,
-                 draw_interval: int = 100, batch_size: int = 1):
+                 draw_interval: int = 100, batch_size: int = 1,
+                 segmenter: Callable[[np.ndarray], np.ndarray] | None = None):
         super().__init__(Path(log_dir) / "images")
         images, labels = np.asarray(images, dtype=np.float32), np.asarray(labels, dtype=np.float32)
         if images.ndim != 4 or images.shape[-1] != 1 or images.shape != labels.shape:
@@ -117,7 +132,7 @@ class ValidationPages(SummaryCallback):
         if challenge_every < 0 or draw_interval < 0 or batch_size < 1:
             raise ValueError(f"challenge_every and draw_interval must be >= 0 and batch_size positive, got "
                              f"{challenge_every!r}, {draw_interval!r} and {batch_size!r}")
-        self.images, self.labels = images, labels
+        self.images, self.labels, self.segmenter = images, labels, segmenter
         self.challenge_every, self.draw_interval, self.batch_size = challenge_every, draw_interval, batch_size
         self.scalar_dir = Path(log_dir) / "validation"
         self._scalar_writer = None
@@ -126,40 +141,53 @@ class ValidationPages(SummaryCallback):
         self._done_epoch = None  # the epoch whose scores are in `scores`
 
     def predict(self) -> np.ndarray:
-        """Return the model's (N, H, W, 1) float32 probabilities of the validation images."""
+        """Return the model's (N, H, W, C) float32 outputs for the validation images."""
         predictions = np.concatenate([predict_batch(self.model, self.images[i : i + self.batch_size])
                                       for i in range(0, len(self.images), self.batch_size)])
-        if predictions.shape != self.images.shape:
+        if predictions.shape[:3] != self.images.shape[:3]:
             raise ValueError(f"predictions are {predictions.shape} but the images {self.images.shape} "
                              "('same' padding needed)")
         return predictions
 
     def _picture(self, tag: str, step: int, predictions: np.ndarray) -> None:
-        grid = stretch_to_uint8(prediction_grid(predictions, self.labels))
+        grid = stretch_to_uint8(prediction_grid(cell_maps(predictions)[..., np.newaxis], self.labels))
         with self.writer.as_default():
             tf.summary.image(tag, grid[np.newaxis], step=step)
         self.writer.flush()
 
     def _score(self, epoch: int) -> None:
         """Predict once and set `scores` for `epoch`; write its picture and scalars."""
-        predictions = self.predict()
+        outputs = self.predict()
+        predictions = cell_maps(outputs)
         problem = metrics.uniform_prediction(predictions)
         if problem:
             print(f"warning: epoch {epoch + 1}: the validation prediction is (nearly) uniform: {problem}; "
                   f"{metrics.UNIFORM_CAUSES}", file=sys.stderr, flush=True)
         scores = {"val_uniform": float(problem is not None)}
         if self.challenge_every and (epoch + 1) % self.challenge_every == 0:
-            per_page = [metrics.challenge_scores(p, y > 0.5) for p, y in zip(predictions[..., 0], self.labels[..., 0])]
+            labels = self.labels[..., 0] > 0.5
+            per_page = [metrics.challenge_scores(p, y) for p, y in zip(predictions, labels)]
             scores.update({f"val_{key}": float(np.mean([page[key] for page in per_page])) for key in self.SCORE_KEYS})
+            if self.segmenter is not None:
+                with warnings.catch_warnings():  # an untrained network's uniform output is reported above
+                    warnings.simplefilter("ignore", UserWarning)
+                    cells = [metrics.cell_scores(self.segmenter(o), y) for o, y in zip(self._pages(outputs), labels)]
+                scores.update({f"val_cell_{key}": float(np.mean([page[key] for page in cells]))
+                               for key in ("v_rand", "v_info")})
         self.scores, self._done_epoch = scores, epoch
-        self._picture("epoch", epoch + 1, predictions)
+        self._picture("epoch", epoch + 1, outputs)
         if self._scalar_writer is None:
             self._scalar_writer = tf.summary.create_file_writer(str(self.scalar_dir))
         with self._scalar_writer.as_default():
-            for key in ("v_rand", "v_info", "uniform"):
+            for key in ("v_rand", "v_info", "cell_v_rand", "cell_v_info", "uniform"):
                 if f"val_{key}" in scores:
                     tf.summary.scalar(f"epoch_{key}", scores[f"val_{key}"], step=epoch)
         self._scalar_writer.flush()
+
+    @staticmethod
+    def _pages(outputs: np.ndarray) -> list[np.ndarray]:
+        """Return each page's output as the segmenter takes it: (H, W) for one channel, else (H, W, K)."""
+        return [page[..., 0] if page.shape[-1] == 1 else page for page in outputs]
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch

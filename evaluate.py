@@ -20,49 +20,79 @@ from pathlib import Path
 
 import numpy as np
 
+import affinities
 import data
 import files
 import metrics
 import runs
 import runtimes
+import segment
 import tiling
 
 
-def score_page(label: np.ndarray, prediction: np.ndarray) -> dict:
-    """Return one page's scores: pixel difference (percent), accuracy (fraction), and the
-    challenge's V_rand and V_info (best over the threshold sweep, with their thresholds)."""
-    label, prediction = np.squeeze(label), np.squeeze(prediction)
-    challenge = metrics.challenge_scores(prediction, label)
-    return {
-        "pixel_difference": metrics.pixel_difference_np(label, prediction),
-        "accuracy": metrics.accuracy_np(label, prediction),
-        "pixel_error": metrics.pixel_error(prediction, label),
-        "v_rand": challenge["v_rand"],
-        "v_rand_threshold": challenge["v_rand_threshold"],
-        "v_info": challenge["v_info"],
-        "v_info_threshold": challenge["v_info_threshold"],
-    }
+CELL_KEYS = ("v_rand", "rand_split", "rand_merge", "v_info", "info_split", "info_merge", "cells", "true_cells")
 
 
-def score_pages(labels: np.ndarray, predictions: np.ndarray) -> list[dict]:
-    """Return `score_page` for each (label, prediction) pair of two (N, H, W, 1) stacks."""
-    return [score_page(y, p) for y, p in zip(labels, predictions)]
+def score_page(label: np.ndarray, prediction: np.ndarray | None = None, cells: np.ndarray | None = None) -> dict:
+    """Return one page's scores. Of a probability map (1 = cell): pixel difference (percent), accuracy
+    (fraction), pixel error and the challenge's V_rand and V_info (best over the threshold sweep, with their
+    thresholds). Of a cell label image: 'cell_v_rand', 'cell_v_info' with their split and merge parts
+    (`metrics.cell_scores`), 'cell_cells' predicted and 'cell_true_cells'."""
+    label = np.squeeze(label)
+    scores = {}
+    if prediction is not None:
+        prediction = np.squeeze(prediction)
+        challenge = metrics.challenge_scores(prediction, label)
+        scores.update({
+            "pixel_difference": metrics.pixel_difference_np(label, prediction),
+            "accuracy": metrics.accuracy_np(label, prediction),
+            "pixel_error": metrics.pixel_error(prediction, label),
+            "v_rand": challenge["v_rand"],
+            "v_rand_threshold": challenge["v_rand_threshold"],
+            "v_info": challenge["v_info"],
+            "v_info_threshold": challenge["v_info_threshold"],
+        })
+    if cells is not None:
+        found = metrics.cell_scores(cells, label)
+        scores.update({f"cell_{key}": float(found[key]) for key in CELL_KEYS})
+    return scores
 
 
-def probabilities_for(source: str | Path, images: np.ndarray, pages: list[int], tta: bool = False) -> np.ndarray:
-    """Return cell probabilities (len(pages), H, W) for `pages`: predicted by a .keras model, or read
-    from a probability TIFF holding either every page of the stack or exactly the pages asked for."""
+def score_pages(labels: np.ndarray, predictions: np.ndarray | None = None, cells: np.ndarray | None = None) -> list[dict]:
+    """Return `score_page` for each page of (N, H, W[, 1]) stacks of labels, probabilities and cells (either may be None)."""
+    none = [None] * len(labels)
+    return [score_page(y, p, c) for y, p, c in zip(labels, none if predictions is None else predictions,
+                                                    none if cells is None else cells)]
+
+
+def outputs_for(source: str | Path, images: np.ndarray, pages: list[int], tta: bool = False) -> np.ndarray:
+    """Return the model's outputs for `pages`: (len(pages), H, W) cell probabilities, or (len(pages), H, W, K)
+    affinities; or a TIFF's pages, holding either every page of the stack or exactly the pages asked for
+    (probabilities as float, cells as integer labels)."""
     source = Path(source)
     if source.suffix.lower() in (".tif", ".tiff"):
-        stack = files.read_stack(source).astype(np.float32)
+        stack = files.read_stack(source)
         if stack.shape[1:] != images.shape[1:]:
             raise files.DataError(f"{source}: pages of {stack.shape[1:]} pixels, the labels have {images.shape[1:]}")
         if len(stack) == len(images):
-            return stack[pages]
-        if len(stack) == len(pages):
-            return stack
-        raise files.DataError(f"{source}: {len(stack)} pages; expected {len(images)} (the stack) or {len(pages)}")
+            stack = stack[pages]
+        elif len(stack) != len(pages):
+            raise files.DataError(f"{source}: {len(stack)} pages; expected {len(images)} (the stack) or {len(pages)}")
+        return stack if np.issubdtype(stack.dtype, np.integer) and stack.dtype != np.uint8 else stack.astype(np.float32)
     return tiling.predict_stack(runtimes.load_model(source, precision="auto"), images[pages], tta=tta, desc="predicting")
+
+
+def probabilities_for(source: str | Path, images: np.ndarray, pages: list[int], tta: bool = False) -> np.ndarray:
+    """Return (len(pages), H, W) cell probabilities for `pages` (`outputs_for`, an affinity model's as its cell map)."""
+    outputs = outputs_for(source, images, pages, tta)
+    return outputs if outputs.ndim == 3 else affinities.cell_map(outputs)
+
+
+def cells_for(source: str | Path, outputs: np.ndarray, method: str | None = None) -> tuple[np.ndarray, str]:
+    """Return ((N, H, W) uint32 cells, the method) of a model's outputs, cut as its card says (`runtimes.segmentation_for`)."""
+    channels = 1 if outputs.ndim == 3 else outputs.shape[-1]
+    how, params, offsets = runtimes.segmentation_for(source, channels, method)
+    return segment.segment_stack(outputs, how, params, offsets), how
 
 
 def model_for_results(run_dir: str | Path) -> Path:
@@ -77,10 +107,11 @@ def model_for_results(run_dir: str | Path) -> Path:
     return runtimes.DEFAULT_MODEL
 
 
-def scores_of(source: str | Path, pages: list, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
-              part: str = "test") -> dict:
-    """Return {'source', 'part', 'pages', 'per_page', 'mean', 'images', 'labels', 'predictions'} of (N, H, W) stacks."""
-    per_page = score_pages(labels, predictions)
+def scores_of(source: str | Path, pages: list, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray | None,
+              part: str = "test", cells: np.ndarray | None = None, method: str | None = None) -> dict:
+    """Return {'source', 'part', 'pages', 'per_page', 'mean', 'images', 'labels', 'predictions', 'cells', 'method'}
+    of (N, H, W) stacks; `predictions` (probabilities) or `cells` (labels) may be None."""
+    per_page = score_pages(labels, predictions, cells)
     mean = {key: float(np.mean([page[key] for page in per_page])) for key in per_page[0] if "threshold" not in key}
     return {
         "source": str(source),
@@ -88,59 +119,110 @@ def scores_of(source: str | Path, pages: list, images: np.ndarray, labels: np.nd
         "pages": list(pages),
         "per_page": per_page,
         "mean": mean,
+        "method": method,
         "images": images,
         "labels": labels,
         "predictions": predictions,
+        "cells": cells,
     }
 
 
-def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.TEST_PAGES, tta: bool = False) -> dict:
-    """Return `scores_of` a model (.keras) or probability TIFF against the labelled ISBI stack's `pages`
-    (default: the test pages 0, 10, 20)."""
+def _scores_of_outputs(source, pages, images, labels, outputs, part, method, with_cells) -> dict:
+    """Return `scores_of` a model's or a TIFF's outputs: its probabilities, and its cells (cut here unless it is cells)."""
+    if np.issubdtype(outputs.dtype, np.integer):  # a label image: cells only
+        return scores_of(source, pages, images, labels, None, part, outputs, "given")
+    predictions = outputs if outputs.ndim == 3 else affinities.cell_map(outputs)
+    cells, how = cells_for(source, outputs, method) if with_cells else (None, None)
+    return scores_of(source, pages, images, labels, predictions, part, cells, how)
+
+
+def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.TEST_PAGES, tta: bool = False,
+             method: str | None = None, cells: bool = True) -> dict:
+    """Return `scores_of` a model (.keras ...), a probability TIFF or a cell label TIFF against the labelled ISBI
+    stack's `pages` (default: the test pages 0, 10, 20); with `cells` the model's cells are cut and scored too
+    (by `method`, default the model card's)."""
     raw_images, raw_labels = data.load_isbi(data_dir)
     pages = [int(p) for p in pages]
     if not pages or min(pages) < 0 or max(pages) >= len(raw_images):
         raise files.DataError(f"pages must lie in 0..{len(raw_images) - 1}, got {pages}")
     images = data.normalize_images(raw_images)
     labels = data.binarize_labels(raw_labels)[pages]
-    predictions = probabilities_for(source, raw_images, pages, tta)
-    return scores_of(source, pages, images[pages], labels, predictions)
+    outputs = outputs_for(source, raw_images, pages, tta)
+    return _scores_of_outputs(source, pages, images[pages], labels, outputs, "test", method, cells)
 
 
-def evaluate_held_out(source: str | Path, parts: dict, report: dict, tta: bool = False) -> dict:
+def evaluate_held_out(source: str | Path, parts: dict, report: dict, tta: bool = False, method: str | None = None,
+                      cells: bool = True) -> dict:
     """Return `scores_of` a model on the pages held out of training by `train.load_data`: its 'test' part
     (the ISBI test pages) if there is one, else the 'validation' part (a lab's own data)."""
     part = "test" if "test" in parts else "validation"
     images, labels = (stack[..., 0] for stack in parts[part])
-    predictions = tiling.predict_stack(runtimes.load_model(source, precision="auto"), images, tta=tta, desc="predicting")
-    return scores_of(source, report["split_pages"][part], images, labels, predictions, part)
+    outputs = tiling.predict_stack(runtimes.load_model(source, precision="auto"), images, tta=tta, desc="predicting")
+    return _scores_of_outputs(source, report["split_pages"][part], images, labels, outputs, part, method, cells)
+
+
+def tune(source: str | Path, data_dir: str | Path | None = None, pages=data.VALIDATION_PAGES,
+         method: str | None = None) -> dict:
+    """Choose the segmentation parameters of a model on the validation `pages` (`segment.tune`, never the test
+    pages) and record them in its card (`runtimes.card_path`); return the card's 'segmentation' entry."""
+    raw_images, raw_labels = data.load_isbi(data_dir)
+    pages = [int(p) for p in pages]
+    outputs = outputs_for(source, raw_images, pages)
+    channels = 1 if outputs.ndim == 3 else outputs.shape[-1]
+    how, _, offsets = runtimes.segmentation_for(source, channels, method)
+    labels = data.binarize_labels(raw_labels)[pages]
+    params, table = segment.tune(outputs, labels, how, offsets=offsets)
+    best = max(table, key=lambda row: row["v_rand"])
+    chosen = {"method": how, "params": params.as_dict(), "tuned_on": {"pages": pages, "v_rand": best["v_rand"],
+                                                                      "v_info": best["v_info"]},
+              "offsets": None if offsets is None else [list(o) for o in offsets]}
+    card = runtimes.model_card(source) if runtimes.card_path(source).is_file() else {}
+    card["segmentation"] = chosen
+    files.write_atomic(runtimes.card_path(source), json.dumps(card, indent=2) + "\n")
+    return chosen
 
 
 def report(result: dict) -> str:
-    """Return a small text table of the per-page and mean scores."""
-    lines = [f"{result['source']} on pages {result['pages']}:",
-             f"{'page':>6} {'pixel diff %':>13} {'accuracy':>9} {'pixel error':>11} {'V_rand':>7} {'(thr)':>5} "
-             f"{'V_info':>7} {'(thr)':>5}"]
+    """Return a small text table of the per-page and mean scores (of the probabilities and of the cells)."""
+    lines = [f"{result['source']} on pages {result['pages']}:"]
     rows = list(zip(result["pages"], result["per_page"])) + [("mean", result["mean"])]
-    for page, s in rows:
-        thresholds = [f"{s[k]:>5.1f}" if k in s else " " * 5 for k in ("v_rand_threshold", "v_info_threshold")]
-        lines.append(
-            f"{page:>6} {s['pixel_difference']:>13.2f} {s['accuracy']:>9.4f} {s['pixel_error']:>11.4f} "
-            f"{s['v_rand']:>7.4f} {thresholds[0]} {s['v_info']:>7.4f} {thresholds[1]}"
-        )
+    if result.get("predictions") is not None:
+        lines.append(f"{'page':>6} {'pixel diff %':>13} {'accuracy':>9} {'pixel error':>11} {'V_rand':>7} {'(thr)':>5} "
+                     f"{'V_info':>7} {'(thr)':>5}")
+        for page, s in rows:
+            thresholds = [f"{s[k]:>5.1f}" if k in s else " " * 5 for k in ("v_rand_threshold", "v_info_threshold")]
+            lines.append(
+                f"{page:>6} {s['pixel_difference']:>13.2f} {s['accuracy']:>9.4f} {s['pixel_error']:>11.4f} "
+                f"{s['v_rand']:>7.4f} {thresholds[0]} {s['v_info']:>7.4f} {thresholds[1]}"
+            )
+    if result.get("cells") is not None:
+        lines.append(f"cells ({result.get('method')}):")
+        lines.append(f"{'page':>6} {'V_rand':>7} {'split':>7} {'merge':>7} {'V_info':>7} {'split':>7} {'merge':>7} "
+                     f"{'cells':>6} {'truth':>6}")
+        for page, s in rows:
+            lines.append(f"{page:>6} " + " ".join(f"{s['cell_' + k]:>7.4f}" for k in CELL_KEYS[:6])
+                         + f" {s['cell_cells']:>6.0f} {s['cell_true_cells']:>6.0f}")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return evaluate.py's command line."""
     parser = cli.parser(__doc__)
-    parser.add_argument("source", help="a .keras model saved by train.py, or a probability TIFF (1 = cell)")
+    parser.add_argument("source", help="a .keras model saved by train.py (or an export of one), a probability TIFF "
+                                       "(float, 1 = cell) or a cell label TIFF (uint16/uint32 labels)")
     parser.add_argument("--data-dir")
     parser.add_argument("--pages", type=int, nargs="+", default=list(data.TEST_PAGES),
                         help="page indices of the labelled stack (default: the test pages 0 10 20)")
     parser.add_argument("--tta", action="store_true", help="predict with the 8 flips and quarter turns averaged")
     parser.add_argument("--out", help="write the scores to this JSON file")
     parser.add_argument("--grid", help="write the images / labels / predictions grid to this PNG")
+    parser.add_argument("--method", choices=segment.METHODS,
+                        help="how the model's output is cut into cells (default: its card's, else multicut for a "
+                             "membrane model, mws for an affinity model)")
+    parser.add_argument("--no-cells", dest="cells", action="store_false", help="score the probabilities only")
+    parser.add_argument("--tune", action="store_true",
+                        help="choose the segmentation parameters on the validation pages 5 15 25 (never the test "
+                             "pages) and keep them in the model's card (<model>.json), then score")
     return parser
 
 
@@ -150,16 +232,22 @@ def run(args: argparse.Namespace) -> None:
         raise files.DataError(f"{args.source}: no such model or TIFF file (train a model with `python train.py`)")
     for output in filter(None, (args.out, args.grid)):
         files.prepare_output(output)  # before the slow part
-    result = evaluate(args.source, args.data_dir, args.pages, args.tta)
+    if args.tune:
+        chosen = tune(args.source, args.data_dir, method=args.method)
+        print(f"segmentation chosen on validation pages {chosen['tuned_on']['pages']}: {chosen['method']} "
+              f"{chosen['params']} (V_rand {chosen['tuned_on']['v_rand']:.4f}); kept in "
+              f"{runtimes.card_path(args.source)}")
+    result = evaluate(args.source, args.data_dir, args.pages, args.tta, args.method, args.cells)
     print(report(result))
     if args.out:
-        keep = {k: result[k] for k in ("source", "pages", "per_page", "mean")}
+        keep = {k: result[k] for k in ("source", "pages", "per_page", "mean", "method")}
         files.write_atomic(args.out, json.dumps(keep, indent=2))
     if args.grid:
         import figures
 
         titles = [f"page {page}" for page in result["pages"]]
-        figures.save_results_grid(result["images"], result["labels"], result["predictions"], args.grid, titles)
+        figures.save_results_grid(result["images"], result["labels"], result["predictions"], args.grid, titles,
+                                  cells=result["cells"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from tensorboard.util import tensor_util
 import files
 import metrics
 import runs
+import segment
 
 # metric -> (file name, title, y-axis label); the file names are the original write-up's.
 CURVES = {
@@ -278,8 +279,9 @@ def _pages(stack: np.ndarray) -> np.ndarray:
 
 
 def image_grid(rows: Sequence[np.ndarray], row_names: Sequence[str], titles=None, size: float = 3.0) -> Figure:
-    """Return a figure of len(rows) x N grey images, values 0 (black) to 1 (white); titles per cell or per column."""
-    rows = [_pages(row) for row in rows]
+    """Return a figure of len(rows) x N images: grey, values 0 (black) to 1 (white), or RGB uint8 (N, H, W, 3);
+    titles per cell or per column."""
+    rows = [row if np.ndim(row) == 4 and np.shape(row)[-1] == 3 else _pages(row) for row in rows]
     n = len(rows[0])
     if any(len(row) != n for row in rows):
         raise ValueError(f"every row needs the same number of images, got {[len(row) for row in rows]}")
@@ -308,18 +310,28 @@ def pixel_differences(labels: np.ndarray, predictions: np.ndarray) -> list[float
     return [metrics.pixel_difference_np(label, prediction) for label, prediction in zip(labels, predictions)]
 
 
-def results_grid(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, titles=None) -> Figure:
-    """Return a 3 x N figure: test images, their labels, the predicted masks titled with their pixel difference."""
+def results_grid(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, titles=None,
+                 cells: np.ndarray | None = None) -> Figure:
+    """Return a 3 x N figure: test images, their labels, the predicted masks titled with their pixel difference;
+    with `cells` (N, H, W labels) a fourth row of the cells in colour over the image, titled with their V_rand."""
     if not len(images) == len(labels) == len(predictions):
         raise ValueError(f"got {len(images)} images, {len(labels)} labels and {len(predictions)} predictions")
     titles = titles or [f"image {i}" for i in range(len(images))]
     differences = [f"pixel difference {d:.1f}%" for d in pixel_differences(labels, predictions)]
-    return image_grid([images, labels, predictions], ["image", "label", "prediction"], [titles, None, differences])
+    rows, names, row_titles = [images, labels, predictions], ["image", "label", "prediction"], [titles, None, differences]
+    if cells is not None:
+        pages, truths = _pages(images), _pages(labels)
+        rows.append(np.stack([segment.overlay(image, page) for image, page in zip(pages, cells)]))
+        names.append("cells")
+        scores = [metrics.cell_scores(page, truth > 0.5) for page, truth in zip(cells, truths)]
+        row_titles.append([f"{s['cells']} cells ({s['true_cells']} true), V_rand {s['v_rand']:.3f}" for s in scores])
+    return image_grid(rows, names, row_titles)
 
 
-def save_results_grid(images, labels, predictions, path: str | os.PathLike, titles=None) -> Path:
+def save_results_grid(images, labels, predictions, path: str | os.PathLike, titles=None,
+                      cells: np.ndarray | None = None) -> Path:
     """Write results_grid(...) as a PNG at `path` (the README's images/unet_results.png); return the path."""
-    return save_figure(results_grid(images, labels, predictions, titles), path)
+    return save_figure(results_grid(images, labels, predictions, titles, cells), path)
 
 
 def masks_grid(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, titles=None) -> Figure:

@@ -125,9 +125,9 @@ def border_weight_map(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0, b
 
 # ---------------------------------------------------------------- Keras losses
 
-def _label_channel(y_true):
-    """Return channel 0 (the label) of a 1- or 2-channel target, as float32 (batch, H, W, 1)."""
-    return ops.cast(y_true[..., :1], "float32")
+def _label_channel(y_true, y_pred):
+    """Return the target channels that `y_pred` predicts (the label; or the affinities), as float32 (batch, H, W, C)."""
+    return ops.cast(y_true[..., : y_pred.shape[-1]], "float32")
 
 
 def _per_sample_mean(values):
@@ -148,22 +148,24 @@ def dice_loss(y_true, y_pred, smooth: float = 1.0):
     Membrane (the minority class) is 1 - label and 1 - prediction:
     dice = (2 sum(m_true m_pred) + smooth) / (sum m_true + sum m_pred + smooth).
     0 for a perfect prediction (also when there is no membrane), near 1 for
-    the inverted one. Uses channel 0 of a 1- or 2-channel y_true.
+    the inverted one. With C > 1 channels (affinities: 1 - affinity is a cut)
+    it is computed per channel and averaged over the channels.
     """
-    membrane_true = 1.0 - _label_channel(y_true)
+    channels = y_pred.shape[-1]
+    membrane_true = 1.0 - _label_channel(y_true, y_pred)
     membrane_pred = 1.0 - ops.cast(y_pred, "float32")
     batch = ops.shape(membrane_true)[0]
-    membrane_true = ops.reshape(membrane_true, (batch, -1))
-    membrane_pred = ops.reshape(membrane_pred, (batch, -1))
-    overlap = ops.sum(membrane_true * membrane_pred, axis=-1)
-    total = ops.sum(membrane_true, axis=-1) + ops.sum(membrane_pred, axis=-1)
-    return 1.0 - (2.0 * overlap + smooth) / (total + smooth)
+    membrane_true = ops.reshape(membrane_true, (batch, -1, channels))
+    membrane_pred = ops.reshape(membrane_pred, (batch, -1, channels))
+    overlap = ops.sum(membrane_true * membrane_pred, axis=1)
+    total = ops.sum(membrane_true, axis=1) + ops.sum(membrane_pred, axis=1)
+    return ops.mean(1.0 - (2.0 * overlap + smooth) / (total + smooth), axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="unet_isbi")
 def bce_dice_loss(y_true, y_pred):
     """Return binary cross-entropy (unweighted, channel 0) + `dice_loss` per sample, shape (batch,)."""
-    bce = _per_sample_mean(_pixel_bce(_label_channel(y_true), y_pred))
+    bce = _per_sample_mean(_pixel_bce(_label_channel(y_true, y_pred), y_pred))
     return bce + dice_loss(y_true, y_pred)
 
 
@@ -174,7 +176,7 @@ def bce_dice_l1_loss(y_true, y_pred):
     The last term is the pixel difference (as a fraction): it pulls pixels the network is unsure
     of towards 0 or 1, which is what the original's pixel difference rewards.
     """
-    l1 = _per_sample_mean(ops.abs(_label_channel(y_true) - ops.cast(y_pred, "float32")))
+    l1 = _per_sample_mean(ops.abs(_label_channel(y_true, y_pred) - ops.cast(y_pred, "float32")))
     return bce_dice_loss(y_true, y_pred) + l1
 
 
@@ -213,9 +215,9 @@ def needs_weight_map(name: str) -> bool:
 
 # ---------------------------------------------------------------- numpy twins (per sample, shape (batch,))
 
-def _label_channel_np(y_true: np.ndarray) -> np.ndarray:
-    """Return channel 0 (the label) of a 1- or 2-channel target as float64."""
-    return np.asarray(y_true, dtype=np.float64)[..., :1]
+def _label_channel_np(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Return the target channels that `y_pred` predicts, as float64."""
+    return np.asarray(y_true, dtype=np.float64)[..., : np.shape(y_pred)[-1]]
 
 
 def _per_sample_mean_np(values: np.ndarray) -> np.ndarray:
@@ -231,27 +233,28 @@ def _pixel_bce_np(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
 
 def weighted_binary_crossentropy_np(y_true: np.ndarray, y_pred: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Return the per-sample mean of weights * BCE in float64 numpy, shape (batch,); `weights` (batch, H, W)."""
-    bce = _pixel_bce_np(_label_channel_np(y_true), y_pred)[..., 0]
+    bce = _pixel_bce_np(_label_channel_np(y_true, y_pred), y_pred)[..., 0]
     return _per_sample_mean_np(np.asarray(weights, dtype=np.float64) * bce)
 
 
 def dice_loss_np(y_true: np.ndarray, y_pred: np.ndarray, smooth: float = 1.0) -> np.ndarray:
     """Return `dice_loss` in float64 numpy, shape (batch,)."""
-    membrane_true = 1.0 - _label_channel_np(y_true)
+    membrane_true = 1.0 - _label_channel_np(y_true, y_pred)
     membrane_pred = 1.0 - np.asarray(y_pred, dtype=np.float64)
-    batch = len(membrane_true)
-    membrane_true, membrane_pred = membrane_true.reshape(batch, -1), membrane_pred.reshape(batch, -1)
-    overlap = np.sum(membrane_true * membrane_pred, axis=-1)
-    total = membrane_true.sum(axis=-1) + membrane_pred.sum(axis=-1)
-    return 1.0 - (2.0 * overlap + smooth) / (total + smooth)
+    batch, channels = len(membrane_true), membrane_pred.shape[-1]
+    membrane_true = membrane_true.reshape(batch, -1, channels)
+    membrane_pred = membrane_pred.reshape(batch, -1, channels)
+    overlap = np.sum(membrane_true * membrane_pred, axis=1)
+    total = membrane_true.sum(axis=1) + membrane_pred.sum(axis=1)
+    return np.mean(1.0 - (2.0 * overlap + smooth) / (total + smooth), axis=-1)
 
 
 def bce_dice_loss_np(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """Return `bce_dice_loss` in float64 numpy, shape (batch,)."""
-    return _per_sample_mean_np(_pixel_bce_np(_label_channel_np(y_true), y_pred)) + dice_loss_np(y_true, y_pred)
+    return _per_sample_mean_np(_pixel_bce_np(_label_channel_np(y_true, y_pred), y_pred)) + dice_loss_np(y_true, y_pred)
 
 
 def bce_dice_l1_loss_np(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """Return `bce_dice_l1_loss` in float64 numpy, shape (batch,)."""
-    l1 = _per_sample_mean_np(np.abs(_label_channel_np(y_true) - np.asarray(y_pred, dtype=np.float64)))
+    l1 = _per_sample_mean_np(np.abs(_label_channel_np(y_true, y_pred) - np.asarray(y_pred, dtype=np.float64)))
     return bce_dice_loss_np(y_true, y_pred) + l1

@@ -436,3 +436,60 @@ def rand_error(probability: np.ndarray, label: np.ndarray, threshold: float = 0.
     n = float(seg.size)
     disagreements = pairs(s_i) + pairs(t_j) - 2.0 * pairs(n_ij)
     return disagreements / (n * (n - 1.0) / 2.0)
+
+
+# ------------------------------------------------- label images (segment.py)
+
+def label_boundaries(labels: np.ndarray) -> np.ndarray:
+    """Return an (H, W) bool map, True where a pixel is 0 or its label differs from a nonzero 4-neighbour's.
+
+    Both sides of a boundary between two labels are marked (a band two pixels wide; `cell_scores` thins it).
+    A cell pixel beside a 0 pixel is not marked: the 0 pixels already separate it, and widening such a border
+    would let thinning move it off the membrane where it meets the image edge.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be 2-D (H, W), got shape {labels.shape}")
+    boundary = labels == 0
+    vertical = (labels[1:] != labels[:-1]) & (labels[1:] != 0) & (labels[:-1] != 0)
+    horizontal = (labels[:, 1:] != labels[:, :-1]) & (labels[:, 1:] != 0) & (labels[:, :-1] != 0)
+    boundary[1:] |= vertical
+    boundary[:-1] |= vertical
+    boundary[:, 1:] |= horizontal
+    boundary[:, :-1] |= horizontal
+    return boundary
+
+
+def cell_scores(labels: np.ndarray, label: np.ndarray) -> dict:
+    """Return the challenge's scores of a label image of cells, as it scores a submitted segmentation.
+
+    The submission's border is `label_boundaries(labels)`, thinned to one pixel wide; its cells are the
+    4-connected components of the rest (`segment_cells(..., thin_borders=True)`), so two segments count as
+    one cell only where they are one connected region. The ground truth's cells are
+    `segment_cells(label != 0)`. Scores as in `challenge_scores` at one threshold.
+
+    Args:
+        labels: (H, W) integer labels of the proposal; 0 = no cell.
+        label: (H, W) binary ground truth; nonzero (255 or 1) = cell, 0 = membrane.
+
+    Returns:
+        {"v_rand", "rand_split", "rand_merge", "v_info", "info_split", "info_merge"} (0..1, 1 is perfect),
+        "cells" (distinct nonzero labels in `labels`) and "true_cells" (cells of the ground truth).
+    """
+    labels, label = np.asarray(labels), np.asarray(label)
+    if labels.ndim != 2 or labels.shape != label.shape:
+        raise ValueError(f"labels and label must be 2-D of one shape, got {labels.shape}, {label.shape}")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise ValueError(f"labels must hold integer labels, got dtype {labels.dtype}")
+    values = np.unique(label)
+    if values.min() < 0 or np.count_nonzero(values) > 1:
+        raise ValueError(f"label must be binary (0 = membrane, one positive value = cell), got {values[:5]}...")
+    seg = segment_cells(~label_boundaries(labels), thin_borders=True)
+    gt = segment_cells(label != 0)
+    counts = _foreground_contingency(seg, gt)  # shared by both scores
+    rand, info = _rand_from_counts(*counts), _info_from_counts(*counts)
+    return {
+        "v_rand": rand["v_rand"], "rand_split": rand["split"], "rand_merge": rand["merge"],
+        "v_info": info["v_info"], "info_split": info["split"], "info_merge": info["merge"],
+        "cells": int(np.count_nonzero(np.unique(labels))), "true_cells": int(gt.max()),
+    }

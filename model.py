@@ -83,6 +83,7 @@ def build_unet(
     name: str = "unet",
     upsampling: str = "upsample",
     batch_norm: bool = False,
+    out_channels: int = 1,
 ) -> keras.Model:
     """Return the original notebook's U-Net (31,031,685 parameters at the defaults).
 
@@ -103,15 +104,18 @@ def build_unet(
         batch_norm: batch normalisation between every 3x3 (and 2x2 up-)
             convolution and its ReLU, the convolutions without bias (not in
             the original; faster convergence for short runs).
+        out_channels: sigmoid outputs; 1 is the original's membrane map, more
+            are affinities (affinities.py); the layer before has twice as many.
 
-    Output: per-pixel probability of "cell" (1) against membrane (0), float32.
+    Output: per-pixel probability of "cell" (1) against membrane (0), float32,
+    or of "same cell" per affinity channel.
     """
     if padding not in ("same", "valid"):
         raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
     if upsampling not in ("upsample", "transpose"):
         raise ValueError(f"upsampling must be 'upsample' or 'transpose', got {upsampling!r}")
-    if filters < 1:
-        raise ValueError(f"filters must be a positive integer, got {filters!r}")
+    if filters < 1 or out_channels < 1:
+        raise ValueError(f"filters and out_channels must be positive integers, got {filters!r}, {out_channels!r}")
     if padding == "same":
         for size in input_shape[:2]:
             if size is not None and size % SIZE_MULTIPLE:
@@ -128,8 +132,8 @@ def build_unet(
     for step, level in enumerate(reversed(range(DEPTH))):
         x = expanding_block(x, skips[level], filters * 2**level, padding, f"EXP_{step + 1}", dtype=dtype_policy,
                             upsampling=upsampling, batch_norm=batch_norm)
-    x = layers.Conv2D(2, 3, activation="relu", padding=padding, name="OUT_3", dtype=dtype_policy)(x)
-    outputs = layers.Conv2D(1, 1, activation="sigmoid", name="OUT", dtype="float32")(x)
+    x = layers.Conv2D(2 * out_channels, 3, activation="relu", padding=padding, name="OUT_3", dtype=dtype_policy)(x)
+    outputs = layers.Conv2D(out_channels, 1, activation="sigmoid", name="OUT", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
 

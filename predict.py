@@ -7,12 +7,16 @@
     python predict.py page.png --png                         # also page-prediction.png, a 0/255 mask
     python predict.py stack.tif --mask-tiff                  # also stack-prediction-mask.tif, 0/255 masks
     python predict.py big.zarr --block 1024 --workers 4      # block by block into big-prediction.zarr (blocks.py)
+    python predict.py stack.tif --cells --overlay            # also stack-cells.tif (uint32 labels) and a picture
 
 Images are cut into overlapping tiles as in the U-Net paper (Ronneberger et
 al. 2015, Fig. 2): the borders are extrapolated by mirroring, each tile is
 predicted on its own, and the tile predictions are blended with a smooth
 window so that no seams show. The output is a multipage TIFF of float32
 probabilities of "cell" (1) against membrane (0), the size of the input.
+With --cells the cells themselves are written too, as a uint32 label image
+(segment.py: multicut on a membrane map, mutex watershed on affinities,
+with the parameters tuned for the model and kept in its card).
 A .zarr input or output (larger than memory, resumable, optionally on a Dask
 cluster) is predicted block by block into a zarr array: see blocks.py.
 """
@@ -33,14 +37,17 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+import affinities
 import data
 import files
 import metrics
 import runtimes
+import segment
 from files import TIFF_SUFFIXES, ZARR_SUFFIX, PathLike, is_zarr
 from tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE, predict_stack, tile_grid, to_uint8
 
 PREDICTION_SUFFIX = "-prediction"
+CELLS_SUFFIX = "-cells"
 IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
@@ -124,6 +131,28 @@ def write_mask_tiff(target: PathLike, probabilities: np.ndarray, threshold: floa
     return files.write_atomic(path, lambda part: tifffile.imwrite(part, pages, photometric="minisblack"))
 
 
+def write_cells(target: PathLike, cells: np.ndarray) -> Path:
+    """Write (pages, H, W) cell labels as a uint32 TIFF `<target stem minus -prediction>-cells.tif` beside
+    `target`, atomically; return its path."""
+    target = Path(target)
+    stem = target.stem.removesuffix(PREDICTION_SUFFIX)
+    path = target.with_name(f"{stem}{CELLS_SUFFIX}.tif")
+    pages = np.asarray(cells, dtype=np.uint32)
+    pages = pages if len(pages) > 1 else pages[0]
+    return files.write_atomic(path, lambda part: tifffile.imwrite(part, pages, photometric="minisblack"))
+
+
+def write_overlay(target: PathLike, image: np.ndarray, cells: np.ndarray) -> Path:
+    """Write a PNG of the cells in random colours over the grey `image` (one page) as
+    `<target stem minus -prediction>-cells.png`; return its path."""
+    from PIL import Image
+
+    target = Path(target)
+    path = target.with_name(f"{target.stem.removesuffix(PREDICTION_SUFFIX)}{CELLS_SUFFIX}.png")
+    picture = Image.fromarray(segment.overlay(image, cells))
+    return files.write_atomic(path, lambda part: picture.save(part, format="PNG"))
+
+
 def warn_if_uniform(name: str, probabilities: np.ndarray) -> str | None:
     """Warn (UserWarning) naming the likely causes if a prediction is empty or uniform; return the message or None."""
     problem = metrics.uniform_prediction(probabilities)
@@ -165,12 +194,18 @@ def predict_files(
     uint8: bool = False,
     png: bool = False,
     mask_tiff: bool = False,
+    cells: bool = False,
+    method: str | None = None,
+    overlay: bool = False,
     say: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Predict every image named by `inputs` (files or folders) and write one TIFF each; return their paths.
 
     With `png` / `mask_tiff` also the 0/255 masks (threshold 0.5) as PNGs /
-    one `-mask.tif` beside each prediction. A prediction that is (nearly)
+    one `-mask.tif` beside each prediction. With `cells` also the cells, a
+    uint32 `-cells.tif` (`segment.segment` by `method`, default the model
+    card's), and with `overlay` a `-cells.png` picture of the first page's.
+    An affinity model's prediction TIFF holds its cell map (`affinities.cell_map`). A prediction that is (nearly)
     uniform gets a warning naming the likely causes. `say` receives a line
     per step and per file written (the command line prints them).
 
@@ -179,6 +214,10 @@ def predict_files(
     """
     model_path = runtimes.resolve_model(model_path)
     tile_grid((1, 1), tile, overlap)  # check the settings before the slow part
+    if method is not None and method not in segment.METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(segment.METHODS)}")
+    if overlay and not cells:
+        raise ValueError("--overlay draws the cells: add --cells")
     images = read_images(inputs)
     if out is not None and Path(out).suffix.lower() in TIFF_SUFFIXES:
         if len(images) != 1:
@@ -193,7 +232,8 @@ def predict_files(
     say(f"predicting {len(images)} image(s) with {model_path}: tiles {tile}, overlap {overlap}, "
         f"batch {batch_size}" + (", 8-fold test-time augmentation" if tta else ""))
     for (name, pages), target in zip(images, targets):
-        probabilities = predict_stack(model, pages, tile, overlap, batch_size, tta, desc=Path(name).name)
+        outputs = predict_stack(model, pages, tile, overlap, batch_size, tta, desc=Path(name).name)
+        probabilities = outputs if outputs.ndim == 3 else affinities.cell_map(outputs)
         pages_out = probabilities if len(probabilities) > 1 else probabilities[0]  # one page: a 2-D TIFF
         write_prediction(target, pages_out, uint8)
         warn_if_uniform(name, probabilities)
@@ -202,6 +242,15 @@ def predict_files(
                 say(f"wrote {path}")
         if mask_tiff:
             say(f"wrote {write_mask_tiff(target, pages_out)}")
+        if cells:
+            channels = 1 if outputs.ndim == 3 else outputs.shape[-1]
+            how, params, offsets = runtimes.segmentation_for(model_path, channels, method)
+            labels = segment.segment_stack(outputs, how, params, offsets)
+            count = ", ".join(str(len(np.unique(page[page > 0]))) for page in labels[:5])
+            say(f"wrote {write_cells(target, labels)} ({how}; cells per page: {count}"
+                + (", ..." if len(labels) > 5 else "") + ")")
+            if overlay:
+                say(f"wrote {write_overlay(target, pages[0], labels[0])}")
         say(f"wrote {target} ({len(pages)} page(s) of {pages.shape[1]}x{pages.shape[2]}, "
             f"{'uint8 0-255' if uint8 else 'float32 probabilities'})")
     return targets
@@ -277,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--uint8", action="store_true", help="write 0-255 uint8 instead of float32 probabilities")
     add("--png", action="store_true", help="also write a 0/255 PNG mask per page (threshold 0.5)")
     add("--mask-tiff", action="store_true", help="also write the 0/255 masks (threshold 0.5) as <name>-mask.tif")
+    add("--cells", action="store_true", help="also write the cells as a uint32 label image <name>-cells.tif")
+    add("--method", choices=segment.METHODS,
+        help="with --cells: how to cut the prediction into cells (default: the model card's, else multicut for "
+             "a membrane model and mws for an affinity model)")
+    add("--overlay", action="store_true", help="with --cells: also <name>-cells.png, the first page's cells in colour")
     volumes = parser.add_argument_group("zarr output, block by block (a .zarr input or --out NAME.zarr)")
     volumes.add_argument("--block", type=int, help="block side in pixels, also the output's chunks (default 1024)")
     volumes.add_argument("--workers", type=int, metavar="N",
@@ -294,8 +348,9 @@ def run(args: argparse.Namespace) -> None:
     if not args.inputs:
         raise ValueError("no input: name image files or folders, or use --challenge")
     if any(is_zarr(path) for path in [*args.inputs, args.out or ""]):
-        if args.png or args.mask_tiff:
-            raise ValueError("--png and --mask-tiff are for TIFF output; a zarr output can be thresholded later")
+        if args.png or args.mask_tiff or args.cells:
+            raise ValueError("--png, --mask-tiff and --cells are for TIFF output; segment a zarr output with "
+                             "segment.py page by page")
         predict_volumes(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta,
                         args.uint8, args.block, args.workers, args.dask, say=print)
         return
@@ -305,7 +360,7 @@ def run(args: argparse.Namespace) -> None:
     if args.out and Path(args.out).suffix.lower() in TIFF_SUFFIXES:
         files.prepare_output(args.out)
     predict_files(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta, args.uint8,
-                  args.png, args.mask_tiff, say=print)
+                  args.png, args.mask_tiff, args.cells, args.method, args.overlay, say=print)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ preprocessing (divide by 255) is checked, not applied.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import zipfile
@@ -154,3 +155,43 @@ def load_model(path: str | os.PathLike, precision: str | None = None):
     from model import load_model as load_keras  # Keras and TensorFlow load here
 
     return load_keras(path, precision=precision)
+
+
+# ---------------------------------------------------------------- the model card
+
+CARD_SUFFIX = ".json"  # a model's card sits beside it: models/unet-isbi-cpu.json, runs/cpu/best.json
+
+
+def card_path(path: str | os.PathLike) -> Path:
+    """Return where the card of the model at `path` is (it may not exist yet)."""
+    path = Path(path)
+    return path.with_suffix(CARD_SUFFIX) if path.suffix else path.parent / (path.name + CARD_SUFFIX)
+
+
+def model_card(path: str | os.PathLike) -> dict:
+    """Return the card of the model at `path` ({} if it has none); a model in a run folder without a card
+    of its own gets {'training': {'settings': the run's settings.json}}."""
+    card = card_path(path)
+    if card.is_file():
+        return json.loads(card.read_text())
+    settings = Path(path).parent / "settings.json"
+    return {"training": {"settings": json.loads(settings.read_text())}} if settings.is_file() else {}
+
+
+def segmentation_for(path: str | os.PathLike, channels: int, method: str | None = None):
+    """Return (method, segment.SegmentParams, offsets or None) to cut the model's `channels`-channel outputs
+    into cells: the card's tuned choice (segment.tune via evaluate.py --tune), else the defaults (mws on
+    affinities, multicut on a membrane map); `method` overrides the card's method."""
+    import affinities
+    import segment
+
+    card = model_card(path)
+    chosen = card.get("segmentation", {})
+    settings = card.get("training", {}).get("settings", {})
+    offsets = None
+    if channels > 1:
+        distances = settings.get("offsets") if settings.get("target") == "affinities" else None
+        offsets = affinities.offsets_for(channels, affinities.parse_offsets(distances) if distances else None)
+    method = method or chosen.get("method") or ("mws" if channels > 1 else "multicut")
+    params = chosen.get("params") if chosen.get("method") == method else None
+    return method, segment.SegmentParams.from_dict(params or {}), offsets

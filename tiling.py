@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+import affinities
 from data import normalize_images
 from model import SIZE_MULTIPLE
 
@@ -136,21 +137,31 @@ def _predictor(model) -> Callable[[np.ndarray], np.ndarray]:
     return getattr(model, "predict_on_batch", model)
 
 
-def _predict_tiles(model, tiles: np.ndarray, tta: bool) -> np.ndarray:
-    """Return the model's (N, H, W) probabilities for (N, H, W, 1) tiles, averaged over the 8 flips if `tta`."""
+def _predict_tiles(model, tiles: np.ndarray, tta: bool, offsets: Sequence | None = None) -> np.ndarray:
+    """Return the model's (N, H, W, C) outputs for (N, H, W, 1) tiles, averaged over the 8 flips if `tta`.
+
+    With C > 1 the channels are affinities along `offsets` (affinities.py), which a flip or turn permutes
+    and negates: each view's answer is mapped back channel by channel (`affinities.undo_moved_affinities`).
+    """
     transforms = range(8) if tta else (0,)
     predict = _predictor(model)
-    total = np.zeros(tiles.shape[:3], np.float32)
+    total = weight = None
     for k in transforms:
         moved = np.ascontiguousarray(_dihedral(tiles, k))
         out = np.asarray(predict(moved), dtype=np.float32)
-        if out.shape[:3] != moved.shape[:3] or out.ndim != 4 or out.shape[3] != 1:
+        if out.shape[:3] != moved.shape[:3] or out.ndim != 4:
             raise ValueError(
-                f"the model turned tiles of shape {moved.shape} into {out.shape}; tiled prediction needs one "
-                "output channel of the input's size (a U-Net with padding='same')"
+                f"the model turned tiles of shape {moved.shape} into {out.shape}; tiled prediction needs outputs "
+                "of the input's size (a U-Net with padding='same')"
             )
-        total += _undo_dihedral(out, k)[..., 0]
-    return total / len(transforms)
+        out = _undo_dihedral(out, k)
+        if out.shape[3] > 1 and tta:
+            out, seen = affinities.undo_moved_affinities(out, k, affinities.offsets_for(out.shape[3], offsets))
+        else:
+            seen = np.ones(out.shape, np.float32)
+        total = out * seen if total is None else total + out * seen
+        weight = seen if weight is None else weight + seen
+    return total / weight
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -178,8 +189,10 @@ def predict_region(
     batch_size: int = DEFAULT_BATCH_SIZE,
     tta: bool = False,
     progress=None,
+    offsets: Sequence | None = None,
 ) -> np.ndarray:
-    """Return the probabilities of "cell" in `region` of one grey page, float32 (bottom - top, right - left).
+    """Return the probabilities of "cell" in `region` of one grey page, float32 (bottom - top, right - left),
+    or of a model with C > 1 output channels (affinities along `offsets`) float32 (bottom - top, right - left, C).
 
     The tiles are those of the whole page (`tile_grid(page.shape)`), so a
     region gets the values that `predict_image` gives the whole page there:
@@ -187,7 +200,7 @@ def predict_region(
     size. Only the pixels that the tiles touching the region need are read.
 
     Args:
-        model, tile, overlap, batch_size, tta, progress: as for `predict_image`.
+        model, tile, overlap, batch_size, tta, progress, offsets: as for `predict_image`.
         page: a (height, width) array, or anything with `shape` and
             ``page[rows, cols]`` slicing (e.g. a lazily read page of a zarr array).
         region: ((top, bottom), (left, right)) in page pixels, ends exclusive.
@@ -219,20 +232,24 @@ def predict_region(
     read = np.asarray(page[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1])
     padded = normalize_images(read)[np.ix_(rows - rows.min(), cols - cols.min())]
 
-    window = blend_window(grid.tile, overlap)
-    total = np.zeros(padded.shape, np.float32)
-    weight = np.zeros(padded.shape, np.float32)
+    window = blend_window(grid.tile, overlap)[..., np.newaxis]
+    total = None
+    weight = np.zeros(padded.shape + (1,), np.float32)
     for batch in _batches(origins, batch_size):
         boxes = [(y - box_y0, x - box_x0) for y, x in batch]
         tiles = np.stack([padded[y : y + tile_h, x : x + tile_w] for y, x in boxes])[..., np.newaxis]
-        for (y, x), probabilities in zip(boxes, _predict_tiles(model, tiles, tta)):
+        outputs = _predict_tiles(model, tiles, tta, offsets)
+        if total is None:
+            total = np.zeros(padded.shape + outputs.shape[3:], np.float32)
+        for (y, x), probabilities in zip(boxes, outputs):
             total[y : y + tile_h, x : x + tile_w] += window * probabilities
             weight[y : y + tile_h, x : x + tile_w] += window
         if progress is not None:
             progress.update(len(batch))
     rows_out = slice(y0 + top - box_y0, y1 + top - box_y0)
     cols_out = slice(x0 + left - box_x0, x1 + left - box_x0)
-    return total[rows_out, cols_out] / weight[rows_out, cols_out]
+    result = total[rows_out, cols_out] / weight[rows_out, cols_out]
+    return result[..., 0] if result.shape[-1] == 1 else result
 
 
 def predict_image(
@@ -243,8 +260,10 @@ def predict_image(
     batch_size: int = DEFAULT_BATCH_SIZE,
     tta: bool = False,
     progress=None,
+    offsets: Sequence | None = None,
 ) -> np.ndarray:
-    """Return the model's probability of "cell" for every pixel of one grey image, float32 (H, W).
+    """Return the model's probability of "cell" for every pixel of one grey image, float32 (H, W), or its
+    C > 1 affinity channels, float32 (H, W, C).
 
     Args:
         model: a predictor (module docstring) mapping (N, H, W, 1) images in [0, 1] to
@@ -257,6 +276,7 @@ def predict_image(
         batch_size: tiles per model call.
         tta: average the predictions of the 8 flips and quarter turns of each tile.
         progress: a tqdm bar (or anything with `update(n)`) advanced by the tiles done.
+        offsets: of an affinity model's channels, needed for `tta` when they are not `affinities.OFFSETS`.
 
     Example: ``predict_image(model.load_model("runs/cpu/best.keras", precision="auto"), page, tile=256)``.
     """
@@ -266,7 +286,7 @@ def predict_image(
     if image.ndim != 2 or image.size == 0:
         raise ValueError(f"expected one grey image of shape (height, width), got shape {image.shape}")
     whole = ((0, image.shape[0]), (0, image.shape[1]))
-    return predict_region(model, image, whole, tile, overlap, batch_size, tta, progress)
+    return predict_region(model, image, whole, tile, overlap, batch_size, tta, progress, offsets)
 
 
 def predict_stack(
@@ -278,15 +298,17 @@ def predict_stack(
     tta: bool = False,
     desc: str | None = None,
     progress: bool = True,
+    offsets: Sequence | None = None,
 ) -> np.ndarray:
-    """Return `predict_image` of each page of a (pages, H, W) stack, float32 (pages, H, W); shows a progress bar over tiles."""
+    """Return `predict_image` of each page of a (pages, H, W) stack, float32 (pages, H, W) or (pages, H, W, C);
+    shows a progress bar over tiles."""
     stack = np.asarray(stack)
     if stack.ndim != 3:
         raise ValueError(f"expected a stack of grey pages (pages, height, width), got shape {stack.shape}")
     fixed = _fixed_input_size(model)
     tiles = len(tile_grid(stack.shape[1:], tile, overlap, fit=fixed is None).origins) * len(stack)
     with tqdm(total=tiles, desc=desc, unit="tile", disable=not progress) as bar:
-        return np.stack([predict_image(model, page, tile, overlap, batch_size, tta, bar) for page in stack])
+        return np.stack([predict_image(model, page, tile, overlap, batch_size, tta, bar, offsets) for page in stack])
 
 
 def to_uint8(probabilities: np.ndarray) -> np.ndarray:

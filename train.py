@@ -23,6 +23,7 @@ if __name__ == "__main__":
 import argparse
 import contextlib
 import dataclasses
+import functools
 import signal
 import sys
 import threading
@@ -33,6 +34,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import affinities
 import augment
 import data
 import distribute
@@ -40,6 +42,7 @@ import files
 import hardware
 import losses
 import runs
+import segment
 from callbacks import Checkpoints, ResumableTensorBoard, StepBackup, StopOnNaN, TimeLimit, ValidationPages
 from metrics import MembraneDice, membrane_iou, pixel_difference
 from model import SIZE_MULTIPLE, build_unet, load_model
@@ -77,6 +80,8 @@ class TrainSettings:
     learning_rate: float = 1e-4
     lr_schedule: str = "constant"  # or "cosine": from learning_rate down to 1 % of it over epochs x steps_per_epoch
     loss: str = "binary_crossentropy"  # or weighted_bce (U-Net paper's border weights), dice, bce_dice
+    target: str = "membranes"  # what the network predicts: the original's membrane map, or affinities (affinities.py)
+    offsets: str = "1,3,9,27"  # affinity distances in pixels, each taken in y and in x (target affinities only)
     precision: str = "auto"  # see hardware.choose_precision
     data_workers: int = 0  # processes augmenting batches ahead of training (0: a thread of the training process)
     strategy: str = "default"  # or mirrored / multiworker, see distribute.py; batch_size is the global batch
@@ -182,6 +187,38 @@ def state_settings(settings: TrainSettings) -> dict:
 
 
 LR_SCHEDULES = ("constant", "cosine")
+TARGETS = ("membranes", "affinities")
+
+
+def target_offsets(settings: TrainSettings) -> tuple | None:
+    """Return the affinity offsets the network predicts, or None for the membrane map."""
+    if settings.target not in TARGETS:
+        raise ValueError(f"unknown target {settings.target!r}; choose from {', '.join(TARGETS)}")
+    if settings.target != "membranes" and losses.needs_weight_map(settings.loss):
+        raise ValueError(f"loss {settings.loss!r} weighs membrane pixels; with target {settings.target!r} use "
+                         "binary_crossentropy, dice or bce_dice")
+    return affinities.parse_offsets(settings.offsets) if settings.target == "affinities" else None
+
+
+def label_target(settings: TrainSettings) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Return the function that turns one (H, W) label page into the network's (H, W, K) targets, or None
+    when the label itself is the target."""
+    offsets = target_offsets(settings)
+    return None if offsets is None else functools.partial(affinities.label_affinities, offsets=offsets)
+
+
+def cell_segmenter(settings: TrainSettings) -> Callable[[np.ndarray], np.ndarray]:
+    """Return the function that cuts one predicted validation page into cells: the mutex watershed on
+    affinities, the multicut on a membrane map (segment.py, default parameters)."""
+    offsets = target_offsets(settings)
+    method = "multicut" if offsets is None else "mws"
+    return functools.partial(segment.segment, method=method, offsets=offsets)
+
+
+def validation_targets(settings: TrainSettings, labels: np.ndarray) -> np.ndarray:
+    """Return what the network is scored against on (N, H, W, 1) validation labels: themselves, or their affinities."""
+    target = label_target(settings)
+    return labels if target is None else np.stack([target(label[..., 0]) for label in labels])
 
 
 def learning_rate(settings: TrainSettings):
@@ -242,7 +279,7 @@ def training_batches(
         # Worker processes augment outside the training process's GIL; each epoch starts a fresh pool
         # that sees the dataset's current epoch. Without them tf.data prefetches from a thread.
         workers=max(settings.data_workers, 1), use_multiprocessing=settings.data_workers > 0,
-        max_queue_size=4 * settings.data_workers or 10, first_index=first_index,
+        max_queue_size=4 * settings.data_workers or 10, first_index=first_index, target=label_target(settings),
     )
     batches.epoch = epoch
     return batches
@@ -277,7 +314,9 @@ def banner(settings: TrainSettings, model: keras.Model, policy: str, start: runs
 
 def build_model(settings: TrainSettings, policy: str) -> keras.Model:
     """Return a new U-Net for `settings`, compiled with its optimizer, loss and metrics."""
-    model = build_unet((None, None, 1), filters=settings.filters, dtype_policy=policy, batch_norm=settings.batch_norm)
+    offsets = target_offsets(settings)
+    model = build_unet((None, None, 1), filters=settings.filters, dtype_policy=policy, batch_norm=settings.batch_norm,
+                       out_channels=1 if offsets is None else len(offsets))
     model.compile(
         optimizer=make_optimizer(learning_rate(settings), policy),
         loss=losses.get_loss(settings.loss),
@@ -293,7 +332,7 @@ def make_callbacks(settings: TrainSettings, run: runs.RunFolder, validation: tup
     """Return the run's callbacks; their order does not matter (callbacks.py)."""
     val_x, val_y = validation
     pages = ValidationPages(val_x, val_y, run.logs, challenge_every=settings.challenge_every,
-                            draw_interval=settings.draw_interval)
+                            draw_interval=settings.draw_interval, segmenter=cell_segmenter(settings))
     return [
         # A NaN loss raises before anything saves the broken weights.
         StopOnNaN(settings.steps_per_epoch, f"the checkpoints in {run.path}"),
@@ -311,6 +350,7 @@ def fit(model: keras.Model, settings: TrainSettings, split: dict, start: runs.Re
     """Train `model` from `start` to the last epoch; return the per-epoch logs (Keras's History)."""
     val_x, val_y = split["validation"]
     val_w = weight_maps(settings, val_y)
+    val_y = validation_targets(settings, val_y)
     arrays = (val_x, val_y) if val_w is None else (val_x, val_y, val_w)
     kwargs = dict(
         validation_data=distribute.replicate_pages(*arrays, count=replicas),
@@ -372,6 +412,7 @@ def train(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
     run.path.mkdir(parents=True, exist_ok=True)
     policy = hardware.choose_precision(settings.precision)
     losses.get_loss(settings.loss)  # unknown names fail here, before the data load
+    target_offsets(settings)  # and unknown targets or offsets
     learning_rate(settings)  # and unknown schedules
     keras.utils.set_random_seed(settings.seed)
     if settings.deterministic:

@@ -285,3 +285,26 @@ def test_resumed_batch_curves_count_on_from_the_optimizer_step(tmp_path):
         model.fit(images, labels, batch_size=2, epochs=epochs, initial_epoch=initial, verbose=0, callbacks=[board])
     steps = sorted({step for file in (tmp_path / "train").iterdir() for step, _ in events(file, "batch_loss")})
     assert steps == [1, 2, 3, 4]
+
+
+def test_cell_scores_of_the_segmenter_reach_the_logs_and_an_affinity_model_is_drawn_by_its_cell_map(tmp_path):
+    import affinities
+    import segment
+
+    images, labels = cell_images(n=2)
+    labels[:, 1::16], labels[:, :, 1::16] = 0, 0  # membranes two pixels wide: their cut is not a tie
+    exact = np.stack([affinities.label_affinities(label[..., 0] > 0.5) for label in labels])
+
+    class PerfectAffinities(keras.Model):  # answers the labels' own affinities, whatever the input
+        def predict_on_batch(self, x):
+            return exact[: len(x)] if len(x) == len(exact) else exact[:1]
+
+    pages = ValidationPages(images, labels, tmp_path / "logs", challenge_every=1, draw_interval=0,
+                            batch_size=2, segmenter=lambda page: segment.segment(page, "mws"))
+    pages.set_model(PerfectAffinities())
+    logs = {}
+    pages.on_epoch_end(0, logs)
+    assert logs["val_cell_v_rand"] == pytest.approx(1.0) and logs["val_cell_v_info"] == pytest.approx(1.0)
+    assert logs["val_uniform"] == 0.0
+    (step, grid), = pictures(tmp_path / "logs" / "images", "epoch")
+    assert grid.shape[:2] == (2 * images.shape[1], 2 * images.shape[2])

@@ -12,6 +12,7 @@ import evaluate
 import files
 import metrics
 import runtimes
+import segment
 import tiling
 
 
@@ -46,7 +47,7 @@ def test_evaluate_scores_the_three_test_pages(tiny_model_path, isbi_dir, tmp_pat
         assert page["pixel_difference"] == pytest.approx(metrics.pixel_difference_np(label, prediction))
         assert page["v_rand"] == pytest.approx(metrics.challenge_scores(prediction, label)["v_rand"])
     assert saved["mean"]["v_info"] == pytest.approx(np.mean([page["v_info"] for page in saved["per_page"]]))
-    mean_row = capsys.readouterr().out.splitlines()[-1].split()
+    mean_row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  mean"))
     assert mean_row[0] == "mean" and float(mean_row[1]) == pytest.approx(saved["mean"]["pixel_difference"], abs=0.005)
 
 
@@ -107,3 +108,45 @@ def test_the_shipped_model_reproduces_the_scores_on_its_card(shipped_scores):
     for key, value in card["test_scores"]["mean"].items():
         # The card was measured on the machine that trained it; another CPU's rounding moves the last digits.
         assert shipped_scores["mean"][key] == pytest.approx(value, rel=0.01, abs=0.002), key
+
+
+# ---------------------------------------------------------------- cells
+
+def test_a_label_tiff_of_the_true_cells_scores_one_and_reports_the_cell_counts(isbi_dir, tmp_path, capsys):
+    _, labels = data.load_isbi(isbi_dir)
+    truth = np.stack([metrics.segment_cells(page > 0) for page in labels]).astype(np.uint32)
+    source = tmp_path / "cells.tif"
+    tifffile.imwrite(source, truth, photometric="minisblack")
+    assert evaluate.main([str(source), "--data-dir", str(isbi_dir), "--pages", "0", "10"]) == 0
+    result = evaluate.evaluate(source, isbi_dir, pages=[0, 10])
+    assert result["predictions"] is None and result["method"] == "given"
+    for page, scores in zip([0, 10], result["per_page"]):
+        assert scores["cell_v_rand"] == pytest.approx(1.0) and scores["cell_v_info"] == pytest.approx(1.0)
+        assert scores["cell_cells"] == scores["cell_true_cells"] == truth[page].max()
+    assert "cells (given):" in capsys.readouterr().out
+
+
+@pytest.mark.xdist_group("shipped_scores")  # with the other tests of its module fixture
+def test_the_shipped_models_cells_score_better_than_its_best_threshold(shipped_scores):
+    mean = shipped_scores["mean"]
+    assert shipped_scores["method"] == "multicut"
+    assert mean["cell_v_rand"] > mean["v_rand"] + 0.03  # the merges of page 20 are cut apart
+    worst = min(page["cell_v_rand"] for page in shipped_scores["per_page"])
+    assert worst > 0.85
+    for page in shipped_scores["per_page"]:  # V_rand is the harmonic mean of its split and merge parts
+        split, merge = page["cell_rand_split"], page["cell_rand_merge"]
+        assert page["cell_v_rand"] == pytest.approx(2 * split * merge / (split + merge))
+
+
+def test_tuning_on_the_validation_pages_goes_into_the_card_that_prediction_reads(isbi_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model.keras"
+    shutil.copy(runtimes.DEFAULT_MODEL, model)
+    chosen = evaluate.tune(model, isbi_dir)
+    card = json.loads((tmp_path / "model.json").read_text())
+    assert card["segmentation"] == chosen and chosen["tuned_on"]["pages"] == list(data.VALIDATION_PAGES)
+    assert chosen["method"] == "multicut" and 0.9 < chosen["tuned_on"]["v_rand"] <= 1
+    method, params, offsets = runtimes.segmentation_for(model, channels=1)
+    assert (method, params.as_dict(), offsets) == ("multicut", chosen["params"], None)
+    assert runtimes.segmentation_for(model, channels=1, method="threshold")[1] == segment.SegmentParams()

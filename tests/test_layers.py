@@ -12,7 +12,7 @@ from conftest import ROOT
 MODULES = sorted(path.stem for path in ROOT.glob("*.py"))
 TRAINING = {"train", "callbacks", "losses", "distribute"}
 INFERENCE = ["tiling", "runtimes", "predict", "blocks", "export", "figures", "evaluate"]
-LEAVES = ["files", "data", "augment", "model", "metrics", "hardware", "cli"]
+LEAVES = ["files", "data", "augment", "model", "metrics", "hardware", "cli", "affinities", "segment"]
 
 
 def project_imports(module: str) -> set[str]:

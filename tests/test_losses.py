@@ -226,3 +226,15 @@ def test_model_compiled_with_dice_saves_and_loads_with_custom_objects(tmp_path):
     loaded = keras.models.load_model(path, custom_objects=losses.CUSTOM_OBJECTS)
     assert loaded.loss is losses.bce_dice_loss
     assert np.isfinite(loaded.train_on_batch(x, y_true))
+
+
+@pytest.mark.parametrize("fn, twin", [(dice_loss, dice_loss_np), (bce_dice_loss, bce_dice_loss_np)])
+def test_affinity_losses_average_the_per_channel_losses(fn, twin):
+    rng = np.random.default_rng(7)
+    y_true = (rng.random((2, 16, 24, 8)) > 0.2).astype("float32")
+    y_pred = rng.uniform(0.01, 0.99, (2, 16, 24, 8)).astype("float32")
+    got = np.asarray(fn(y_true, y_pred))
+    np.testing.assert_allclose(got, twin(y_true, y_pred), rtol=1e-5)
+    per_channel = [twin(y_true[..., c : c + 1], y_pred[..., c : c + 1]) for c in range(8)]
+    if fn is dice_loss:  # the Dice of each channel on its own, averaged; the cross-entropy is a plain mean anyway
+        np.testing.assert_allclose(got, np.mean(per_channel, axis=0), rtol=1e-5)

@@ -12,8 +12,10 @@ from skimage.metrics import (
 from metrics import (
     CHALLENGE_THRESHOLDS,
     accuracy_np,
+    cell_scores,
     challenge_scores,
     info_scores,
+    label_boundaries,
     pixel_difference,
     pixel_difference_np,
     pixel_error,
@@ -309,3 +311,100 @@ def test_rand_error_counts_disagreeing_pixel_pairs():
     # the proposal puts all 4 pixels in one cell: of the 6 pairs only (0, 1) agrees
     assert rand_error(np.ones((1, 4)), label) == pytest.approx(5 / 6)
     assert rand_error(label.astype(float), label) == 0.0
+
+
+# ------------------------------------------------------- label images: cell_scores
+
+def touching_cells(label: np.ndarray) -> np.ndarray:
+    """Return the cells of a binary label with every membrane pixel given to its nearest cell (touching cells)."""
+    from affinities import cells_of
+
+    return cells_of(label)
+
+
+def test_label_boundaries_mark_zero_and_both_sides_of_a_change_between_cells():
+    labels = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [0, 3, 3, 3], [4, 0, 0, 4]])
+    expected = np.array([[0, 1, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]], bool)  # 1 | 0 is no change
+    assert np.array_equal(label_boundaries(labels), expected)
+    assert not label_boundaries(np.full((3, 4), 7)).any()
+
+
+@pytest.mark.parametrize("cells_of", [lambda label: segment_cells(label != 0), touching_cells])
+def test_cell_scores_of_the_ground_truths_own_cells_are_one(cells_of):
+    label = cell_label()
+    scores = cell_scores(cells_of(label), label)
+    for key in ("v_rand", "rand_split", "rand_merge", "v_info", "info_split", "info_merge"):
+        assert scores[key] == pytest.approx(1.0), key
+    assert scores["cells"] == scores["true_cells"] == segment_cells(label).max()
+
+
+def test_cell_scores_of_merged_cells_lower_merge_only():
+    label = cell_label()
+    cells = touching_cells(label)
+    merged = np.where(cells == 2, 1, cells)  # cells 1 and 2 touch (no membrane pixel between touching cells)
+    scores = cell_scores(merged, label)
+    assert scores["cells"] == scores["true_cells"] - 1
+    assert scores["rand_merge"] < 1.0 and scores["info_merge"] < 1.0
+    assert scores["rand_split"] == pytest.approx(1.0) and scores["info_split"] == pytest.approx(1.0)
+
+
+def test_cell_scores_of_a_split_cell_lower_split_only():
+    label = cell_label()
+    cells = touching_cells(label).copy()
+    cells[:, :12][cells[:, :12] == 1] = cells.max() + 1  # cell 1 cut in two along a column
+    scores = cell_scores(cells, label)
+    assert scores["cells"] == scores["true_cells"] + 1
+    assert scores["rand_split"] < 1.0 and scores["info_split"] < 1.0
+    assert scores["rand_merge"] == pytest.approx(1.0) and scores["info_merge"] == pytest.approx(1.0)
+
+
+def blocky(seed, shape=(12, 12), block=3, values=4) -> np.ndarray:
+    """Return labels 1..values constant on random blocks (so that they hold cells bigger than a pixel)."""
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(1, values + 1, (shape[0] // block, shape[1] // block))
+    return np.kron(grid, np.ones((block, block), int))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_cell_scores_match_a_brute_force_oracle_over_pixel_pairs(seed):
+    from sklearn.metrics.cluster import contingency_matrix
+
+    labels = blocky(seed)
+    label = np.where(blocky(seed + 10, block=4, values=2) == 1, 255, 0).astype(np.uint8)
+    label[5, :] = 0  # a membrane line through the truth
+    # the proposal's cells as cell_scores takes them, border pixels as one-pixel segments
+    seg = segment_cells(~label_boundaries(labels), thin_borders=True).ravel()
+    seg = np.where(seg == 0, 1000 + np.arange(seg.size), seg)
+    gt = segment_cells(label != 0).ravel()
+    seg, gt = seg[gt != 0], gt[gt != 0]
+    # every ordered pair of foreground pixels, a pixel with itself included
+    same_seg, same_gt = seg[:, None] == seg[None, :], gt[:, None] == gt[None, :]
+    split = np.sum(same_seg & same_gt) / np.sum(same_gt)
+    merge = np.sum(same_seg & same_gt) / np.sum(same_seg)
+    # entropies from an independent contingency table
+    p = contingency_matrix(seg, gt).astype(float) / seg.size
+
+    def entropy(q):
+        q = q[q > 0]
+        return -np.sum(q * np.log(q))
+
+    h_s, h_t, h_st = entropy(p.sum(axis=1)), entropy(p.sum(axis=0)), entropy(p.ravel())
+    info_split = 1.0 if h_s == 0 else (h_s + h_t - h_st) / h_s
+    info_merge = 1.0 if h_t == 0 else (h_s + h_t - h_st) / h_t
+    scores = cell_scores(labels, label)
+    assert scores["rand_split"] == pytest.approx(split, rel=1e-12)
+    assert scores["rand_merge"] == pytest.approx(merge, rel=1e-12)
+    assert scores["v_rand"] == pytest.approx(2 * split * merge / (split + merge), rel=1e-12)
+    assert scores["info_split"] == pytest.approx(info_split, rel=1e-9, abs=1e-12)
+    assert scores["info_merge"] == pytest.approx(info_merge, rel=1e-9, abs=1e-12)
+    assert scores["cells"] == len(np.unique(labels))
+
+
+def test_cell_scores_check_their_inputs():
+    label = cell_label()
+    with pytest.raises(ValueError, match="shape"):
+        cell_scores(np.zeros((4, 4), int), label)
+    with pytest.raises(ValueError, match="integer"):
+        cell_scores(label / 255.0, label)
+    with pytest.raises(ValueError, match="binary"):
+        cell_scores(segment_cells(label), segment_cells(label))

@@ -126,3 +126,11 @@ def test_each_precision_policy_builds_trains_a_step_and_predicts(policy):
     assert np.isfinite(loss)
     out = model.predict_on_batch(x)
     assert out.dtype == np.float32 and out.shape == x.shape
+
+
+def test_an_affinity_head_has_one_sigmoid_channel_per_offset():
+    model = build_unet((32, 32, 1), filters=2, out_channels=8)
+    assert model.output_shape == (None, 32, 32, 8)
+    assert model.get_layer("OUT_3").filters == 16 and model.get_layer("OUT").activation.__name__ == "sigmoid"
+    with pytest.raises(ValueError, match="out_channels"):
+        build_unet((32, 32, 1), filters=2, out_channels=0)

@@ -147,3 +147,30 @@ def test_read_images_reads_a_multipage_tiff_a_png_and_a_folder(tmp_path):
     assert images[str(folder / "page.png")].shape == (1, 25, 35)
     assert images[str(folder / "page.png")].dtype == np.uint16
     assert images[str(single)].dtype == np.uint8
+
+
+# ---------------------------------------------------------------- cells
+
+def test_cells_of_the_shipped_model_on_a_test_page_are_about_as_many_as_the_true_ones(isbi_dir, tmp_path, capsys):
+    import metrics
+
+    images, labels = data.load_isbi(isbi_dir)
+    source = tiff(tmp_path / "page0.tif", images[0])
+    assert predict.main([str(source), "--cells", "--overlay"]) == 0
+    cells = tifffile.imread(tmp_path / "page0-cells.tif")
+    assert cells.shape == (512, 512) and cells.dtype == np.uint32
+    found, true = len(np.unique(cells[cells > 0])), int(metrics.segment_cells(labels[0] > 0).max())
+    assert 0.7 * true < found < 1.3 * true, (found, true)
+    overlay = np.asarray(Image.open(tmp_path / "page0-cells.png"))
+    assert overlay.shape == (512, 512, 3)
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'page0-cells.tif'} (multicut; cells per page: {found})" in out
+
+
+def test_cell_options_without_cells_or_on_zarr_are_refused(tmp_path, unet_path, capsys):
+    source = tiff(tmp_path / "page.tif", picture((32, 32)))
+    assert predict.main([str(source), "--model", str(unet_path), "--overlay"]) == 1
+    assert "--overlay draws the cells: add --cells" in capsys.readouterr().err
+    assert predict.main([str(source), "--model", str(unet_path), "--cells", "--out", str(tmp_path / "x.zarr")]) == 1
+    assert "--cells are for TIFF output" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*-cells*")) and not (tmp_path / "x.zarr").exists()

@@ -163,3 +163,17 @@ def test_tiled_prediction_of_a_real_page_matches_whole_page_prediction(shipped_m
 def test_no_seams_on_a_constant_image(shipped_model):
     flat = tiling.predict_image(shipped_model, np.full((700, 900), 0.6, np.float32), tile=256, overlap=64)
     assert flat.std() < 0.01
+
+
+def test_an_affinity_model_comes_back_with_its_channels_and_without_seams():
+    model = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Conv2D(8, 1, activation="sigmoid")])
+    model.set_weights([np.linspace(-3, 3, 8, dtype=np.float32).reshape(1, 1, 1, 8), np.zeros(8, np.float32)])
+    image = picture((100, 130))
+    tiled = tiling.predict_image(model, image, tile=64, overlap=16)
+    whole = model.predict_on_batch(data.normalize_images(image)[np.newaxis, ..., np.newaxis])[0]
+    assert tiled.shape == (100, 130, 8)
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+    assert tiling.predict_stack(model, np.stack([image, image]), tile=64, overlap=16, progress=False).shape == \
+        (2, 100, 130, 8)
+    with pytest.raises(ValueError, match="8 channels but 4 offsets"):
+        tiling.predict_image(model, image, tile=64, overlap=16, tta=True, offsets=[(-1, 0), (0, -1), (-3, 0), (0, -3)])

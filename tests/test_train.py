@@ -125,6 +125,30 @@ def test_weighted_loss_trains_with_border_weight_maps_as_sample_weights(isbi_dir
     assert np.isfinite(result["history"]["val_loss"][0])
 
 
+def test_an_affinity_run_learns_the_label_affinities_and_keeps_the_best_cells(isbi_dir, tmp_path):
+    settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=2,
+                            challenge_every=1, target="affinities", offsets="1,3", monitor="val_cell_v_rand")
+    split = data.load_split(isbi_dir)
+    x, y = train.training_batches(settings, split)[0]
+    assert y.shape == x.shape[:3] + (4,)
+    # the targets are the affinities of the augmented label: nearest-neighbour cuts sit on membranes
+    assert 0 < (y[..., :2] == 0).mean() < 0.3 and set(np.unique(y)) <= {0.0, 1.0}
+    result = train.train(settings)
+    assert runtimes.load_model(result["best"]).output_shape[-1] == 4
+    scores = result["history"]["val_cell_v_rand"]
+    assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["best"] == pytest.approx(max(scores)) and state["settings"]["target"] == "affinities"
+
+
+@pytest.mark.parametrize("changes, message", [({"target": "boundaries"}, "unknown target"),
+                                              ({"target": "affinities", "offsets": "3,9"}, "start at 1"),
+                                              ({"target": "affinities", "loss": "weighted_bce"}, "weighs membrane")])
+def test_bad_targets_are_refused_before_training(tmp_path, isbi_dir, changes, message):
+    with pytest.raises(ValueError, match=message):
+        train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), **changes))
+
+
 def test_unknown_loss_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="unknown loss"):
         train.train(train.preset("tiny", run_dir=str(tmp_path / "run"), loss="hinge"))

@@ -1,0 +1,319 @@
+"""Segmentation: probability maps (1 = cell) or affinity maps (1 = same cell) to label images of cells.
+
+    python segment.py probabilities.tif --out cells.tif                       # multicut, default parameters
+    python segment.py probabilities.tif --method threshold --out cells.tif    # connected components at 0.5
+    python segment.py probabilities.tif --params tuned.json --out cells.tif   # SegmentParams fields as JSON
+
+Three methods, on python-elf (Beier et al. 2017, "Multicut brings automated neurite segmentation closer to
+human performance"; Wolf et al. 2020, "The Mutex Watershed and its Objective"):
+- threshold: the 4-connected components of probability > threshold, what the challenge's scoring does;
+- multicut: superpixels from a distance-transform watershed of the boundary map, merged by a multicut;
+- mws: the mutex watershed of affinities, whose long-range channels keep apart what a gap would join.
+The parameters are tuned on validation pages (`tune`), never on the pages a score is reported for.
+"""
+
+from __future__ import annotations
+
+import cli
+
+if __name__ == "__main__":
+    cli.quiet_native_logs()  # metrics imports Keras, which loads TensorFlow
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from elf.segmentation import features, multicut, mutex_watershed, watershed
+from skimage.segmentation import relabel_sequential
+from tqdm import tqdm
+
+import affinities
+import files
+import metrics
+
+METHODS = ("threshold", "multicut", "mws")
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """The parameters of the three methods; each method reads only its own.
+
+    threshold: cell where probability > threshold (threshold and multicut: the watershed's seeds grow from
+        the distance to the pixels at or below it). sigma_seeds, sigma_weights: Gaussian smoothing (pixels)
+        of the distance transform (seeds) and of the boundary map (watershed heights). min_size: superpixels
+        (multicut) or segments (mws) smaller than this many pixels are merged into a neighbour.
+        beta: the multicut's boundary bias, higher cuts more. strides: (y, x) subsampling of the mutex
+        watershed's long-range edges.
+    """
+
+    threshold: float = 0.5
+    sigma_seeds: float = 2.0
+    sigma_weights: float = 2.0
+    min_size: int = 50
+    beta: float = 0.4
+    strides: tuple = (2, 2)
+
+    def __post_init__(self):
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
+        for name in ("sigma_seeds", "sigma_weights"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be >= 0 (pixels), got {getattr(self, name)}")
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, (int, np.integer)) or self.min_size < 0:
+            raise ValueError(f"min_size must be a whole number of pixels >= 0, got {self.min_size!r}")
+        if not 0.0 < self.beta < 1.0:
+            raise ValueError(f"beta must lie in (0, 1), got {self.beta}")
+        strides = tuple(self.strides) if isinstance(self.strides, Sequence) else ()
+        if len(strides) != 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0
+                                        for s in strides):
+            raise ValueError(f"strides must be two positive whole numbers (y, x), got {self.strides!r}")
+        object.__setattr__(self, "strides", tuple(int(s) for s in strides))  # a JSON list becomes a tuple
+
+    def as_dict(self) -> dict:
+        """Return the parameters as a JSON-ready dict."""
+        return {**dataclasses.asdict(self), "strides": list(self.strides)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> SegmentParams:
+        """Return the parameters of a dict such as `as_dict` gives (missing fields take their defaults)."""
+        _check_fields(values)
+        return cls(**values)
+
+
+def _check_fields(names) -> None:
+    """Raise ValueError naming any of `names` that is not a field of SegmentParams."""
+    known = [field.name for field in dataclasses.fields(SegmentParams)]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"unknown segmentation parameters {unknown}; known: {known}")
+
+
+# Small grids (at most a few dozen combinations) for `tune`.
+GRIDS = {
+    "threshold": {"threshold": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)},
+    "multicut": {"beta": (0.3, 0.4, 0.5, 0.6), "sigma_seeds": (1.0, 2.0, 3.0), "threshold": (0.3, 0.5)},
+    "mws": {"min_size": (0, 25, 50, 100), "strides": ((1, 1), (2, 2))},
+}
+
+
+def _renumbered(labels: np.ndarray) -> np.ndarray:
+    """Return `labels` renumbered 1..n in order of their values (0 stays 0), as uint32."""
+    return relabel_sequential(labels)[0].astype(np.uint32)
+
+
+def threshold_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
+    """Return the (H, W) uint32 cells of a probability map: 4-connected components of prob > threshold, 0 = membrane."""
+    return metrics.segment_cells(prob > params.threshold).astype(np.uint32)
+
+
+def multicut_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
+    """Return the (H, W) uint32 cells of a probability map by watershed superpixels and a multicut (0 nowhere,
+    unless no pixel reaches the threshold: then 0 everywhere)."""
+    boundary = (1.0 - prob).astype(np.float32)
+    # elf thresholds the boundary map: membrane where 1 - p > 1 - threshold, so threshold means what it means for
+    # the threshold method (cell where p > threshold, up to p == threshold)
+    membrane_level = 1.0 - params.threshold
+    if not (boundary <= membrane_level).any():
+        return np.zeros(prob.shape, np.uint32)  # no cell pixel: nothing to grow seeds from
+    superpixels, _ = watershed.distance_transform_watershed(
+        boundary, membrane_level, params.sigma_seeds, sigma_weights=params.sigma_weights, min_size=params.min_size)
+    rag = features.compute_rag(superpixels)
+    if rag.number_of_edges == 0:
+        return _renumbered(superpixels)
+    edge_features = features.compute_boundary_mean_and_length(rag, superpixels, boundary)
+    costs = multicut.compute_edge_costs(edge_features[:, 0], edge_sizes=edge_features[:, 1], beta=params.beta)
+    nodes = multicut.multicut_kernighan_lin(rag, costs)
+    # + 1: the solver may call a component 0, which would read as "no cell"
+    return _renumbered(features.project_node_labels_to_pixels(rag, superpixels, np.asarray(nodes) + 1))
+
+
+def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSETS) -> np.ndarray:
+    """Return the (H, W) uint32 cells of (H, W, K) affinities (1 = same cell) by the mutex watershed; no 0 label."""
+    offsets = affinities.check_offsets(offsets)
+    # elf takes channels first in the boundary convention (1 = cut), and overwrites them
+    cuts = np.ascontiguousarray(1.0 - affs.transpose(2, 0, 1), dtype=np.float32)
+    seg = mutex_watershed.mutex_watershed(cuts, [list(o) for o in offsets], list(params.strides))
+    seg = _renumbered(seg + 1)  # + 1: a segment may be numbered 0
+    if params.min_size > 0:
+        heights = (1.0 - affinities.cell_map(affs)).astype(np.float32)
+        seg, _ = watershed.apply_size_filter(seg, heights, params.min_size)
+    return _renumbered(seg)
+
+
+def _check_prediction(prediction: np.ndarray, method: str, offsets) -> tuple[np.ndarray, tuple | None]:
+    """Return (prediction as float32, offsets checked or None) after checking values, method and channels."""
+    if method not in METHODS:
+        raise ValueError(f"unknown segmentation method {method!r}; choose one of {METHODS}")
+    prediction = np.asarray(prediction, dtype=np.float32)
+    if prediction.ndim not in (2, 3) or prediction.size == 0:
+        raise ValueError(f"expected an (H, W) probability map or (H, W, K) affinities, got shape {prediction.shape}")
+    if not np.isfinite(prediction).all():
+        raise ValueError(f"prediction must lie in [0, 1], found {np.count_nonzero(~np.isfinite(prediction)):,} "
+                         "NaN or infinite values")
+    low, high = float(prediction.min()), float(prediction.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"prediction must lie in [0, 1] (1 = cell, or 1 = same cell), got values in [{low:g}, "
+                         f"{high:g}]; divide 8-bit maps by 255")
+    if prediction.ndim == 2:
+        if method == "mws":
+            raise ValueError(f"mws needs (H, W, K) affinities, one channel per offset; got an (H, W) map of shape "
+                             f"{prediction.shape}")
+        return prediction, None
+    if offsets is None and method != "mws":
+        if prediction.shape[-1] < 2:
+            raise ValueError(f"affinities need at least the 2 nearest-neighbour channels, got shape {prediction.shape}")
+        return prediction, None
+    offsets = affinities.check_offsets(affinities.OFFSETS if offsets is None else offsets)
+    if prediction.shape[-1] != len(offsets):
+        raise ValueError(f"the affinities have {prediction.shape[-1]} channels but there are {len(offsets)} offsets "
+                         f"({offsets})")
+    return prediction, offsets
+
+
+def _warn_if_uniform(prediction: np.ndarray) -> None:
+    """Warn (UserWarning) when the page's map is uniform: there are no cells to separate in it."""
+    cell_map = prediction if prediction.ndim == 2 else affinities.cell_map(prediction)
+    cause = metrics.uniform_prediction(cell_map)
+    if cause:
+        warnings.warn(f"the map is uniform ({cause}): there are no cells to separate in it; "
+                      f"{metrics.UNIFORM_CAUSES}", UserWarning, stacklevel=3)
+
+
+def _segment_checked(prediction: np.ndarray, method: str, params: SegmentParams, offsets) -> np.ndarray:
+    """Return `segment` of an already checked prediction."""
+    if method == "mws":
+        return mws_cells(prediction, params, offsets)
+    prob = prediction if prediction.ndim == 2 else affinities.cell_map(prediction)
+    return threshold_cells(prob, params) if method == "threshold" else multicut_cells(prob, params)
+
+
+def segment(prediction: np.ndarray, method: str = "multicut", params: SegmentParams | None = None,
+            offsets: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """Return the (H, W) uint32 cells of one page, numbered 1..n (0 = membrane: threshold method, or no cell at all).
+
+    Args:
+        prediction: (H, W) probabilities, 1 = cell, or (H, W, K) affinities, 1 = same cell, in [0, 1].
+            threshold and multicut reduce affinities to their cell map (`affinities.cell_map`).
+        method: one of METHODS; mws needs affinities.
+        params: SegmentParams (the defaults if None).
+        offsets: the affinities' offsets (dy, dx), one per channel; affinities.OFFSETS if None.
+
+    A uniform map (all cell, all membrane, one grey value) gives a UserWarning and still a label image.
+    """
+    params = SegmentParams() if params is None else params
+    prediction, offsets = _check_prediction(prediction, method, offsets)
+    _warn_if_uniform(prediction)
+    return _segment_checked(prediction, method, params, offsets)
+
+
+def segment_stack(predictions: np.ndarray, method: str = "multicut", params: SegmentParams | None = None,
+                  offsets: Sequence[Sequence[int]] | None = None, progress: bool = False) -> np.ndarray:
+    """Return the (N, H, W) uint32 cells of N pages, (N, H, W) probabilities or (N, H, W, K) affinities."""
+    predictions = np.asarray(predictions)
+    if predictions.ndim not in (3, 4):
+        raise ValueError(f"expected (N, H, W) probabilities or (N, H, W, K) affinities, got shape {predictions.shape}")
+    for page in predictions:
+        _check_prediction(page, method, offsets)  # every page before the slow part
+    pages = tqdm(predictions, desc=f"segment ({method})", unit="page", disable=not progress)
+    return np.stack([segment(page, method, params, offsets) for page in pages])
+
+
+def tune(predictions: np.ndarray, labels: np.ndarray, method: str = "multicut",
+         grid: Mapping[str, Sequence] | None = None, offsets: Sequence[Sequence[int]] | None = None,
+         progress: bool = False) -> tuple[SegmentParams, list[dict]]:
+    """Return (the best SegmentParams, the table) of a grid search on labelled VALIDATION pages.
+
+    Every combination of `grid` ({field: values}; GRIDS[method] if None; other fields keep their defaults)
+    segments every page and is scored by `metrics.cell_scores`. The table has one row per combination,
+    its parameters and the mean "v_rand" and "v_info" over the pages, best mean V_rand first (ties keep the
+    grid's order); the best is its first row.
+    """
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if predictions.ndim not in (3, 4) or labels.shape != predictions.shape[:3] or len(labels) == 0:
+        raise ValueError(f"expected (N, H, W[, K]) predictions and (N, H, W) labels, N >= 1, got shapes "
+                         f"{predictions.shape}, {labels.shape}")
+    grid = dict(GRIDS.get(method, {}) if grid is None else grid)
+    _check_fields(grid)
+    if not grid or any(len(values) == 0 for values in grid.values()):
+        raise ValueError(f"grid must give at least one value to each field, got {grid}")
+    checked = [_check_prediction(page, method, offsets) for page in predictions]
+    for page, _ in checked:
+        _warn_if_uniform(page)
+    combinations = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    rows = []
+    for values in tqdm(combinations, desc=f"tune ({method})", unit="setting", disable=not progress):
+        params = SegmentParams(**values)
+        scores = [metrics.cell_scores(_segment_checked(page, method, params, page_offsets), label)
+                  for (page, page_offsets), label in zip(checked, labels)]
+        rows.append({**params.as_dict(), "v_rand": float(np.mean([s["v_rand"] for s in scores])),
+                     "v_info": float(np.mean([s["v_info"] for s in scores]))})
+    rows.sort(key=lambda row: -row["v_rand"])
+    best = {field.name: rows[0][field.name] for field in dataclasses.fields(SegmentParams)}
+    return SegmentParams.from_dict(best), rows
+
+
+def overlay(image: np.ndarray, cells: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """Return an (H, W, 3) uint8 picture of the cells in random colours (seeded) over the grey (H, W) `image`
+    (integers scaled by their type's maximum, floats taken in [0, 1]), their outlines dark; label 0 stays grey."""
+    image, cells = np.asarray(image), np.asarray(cells)
+    if image.shape != cells.shape or image.ndim != 2:
+        raise ValueError(f"image and cells must be 2-D of one shape, got {image.shape}, {cells.shape}")
+    grey = image / np.iinfo(image.dtype).max if image.dtype.kind in "ui" else image.astype(np.float64)
+    rgb = np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=-1)
+    ids, inverse = np.unique(cells, return_inverse=True)
+    colour = np.random.default_rng(0).uniform(0.2, 1.0, (len(ids), 3))[inverse.reshape(cells.shape)]
+    rgb = np.where((cells > 0)[..., None], (1.0 - alpha) * rgb + alpha * colour, rgb)
+    rgb[metrics.label_boundaries(cells) & (cells > 0)] *= 0.3  # outlines: where touching cells meet
+    return np.round(255 * rgb).astype(np.uint8)
+
+
+# ------------------------------------------------------------------ command line
+
+def read_probabilities(path: str | Path) -> np.ndarray:
+    """Return a probability TIFF's pages as float32 (N, H, W); integer pages are divided by their type's maximum."""
+    stack = files.read_stack(path)
+    if stack.dtype.kind in "ui":
+        return (stack / np.iinfo(stack.dtype).max).astype(np.float32)
+    return stack.astype(np.float32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return segment.py's command line."""
+    parser = cli.parser(__doc__)
+    parser.add_argument("source", help="a probability TIFF (1 = cell), one page or a stack, as predict.py writes")
+    parser.add_argument("--out", required=True, help="the uint32 label TIFF to write (0 = membrane)")
+    parser.add_argument("--method", choices=("threshold", "multicut"), default="multicut",
+                        help="mws needs affinity maps: call segment.segment from Python")
+    parser.add_argument("--params", help="a JSON file of SegmentParams fields (e.g. tuned on validation pages)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Segment the TIFF the parsed command line names and write the label TIFF."""
+    params = SegmentParams()
+    if args.params:
+        values = json.loads(Path(args.params).read_text())
+        if not isinstance(values, dict):
+            raise ValueError(f"{args.params}: expected a JSON object of SegmentParams fields")
+        params = SegmentParams.from_dict(values)
+    files.prepare_output(args.out)  # before the slow part
+    labels = segment_stack(read_probabilities(args.source), args.method, params, progress=True)
+    files.write_atomic(args.out, lambda part: tifffile.imwrite(part, labels, photometric="minisblack"))
+    cells = [len(np.unique(page[page > 0])) for page in labels]
+    print(f"wrote {args.out}: {len(labels)} page(s), {np.mean(cells):.0f} cells per page ({args.method})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
