@@ -8,7 +8,7 @@ RUN    ?= runs/$(PRESET)
 # TensorFlow's own log level; the tools also keep its native lines off the screen (cli.py: --tf-logs shows them).
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
-.PHONY: setup data run train evaluate figures submission benchmark export test notebook clean
+.PHONY: setup data run train evaluate figures submission benchmark export test notebook lab clean
 
 setup: $(VENV)/.installed
 
@@ -24,9 +24,10 @@ data: setup
 	$(PY) data.py fetch
 
 # A user's run writes its figures and scores into its own folder; the checkout stays as it was.
+# evaluate.py --tune chooses how to cut the output into cells on the validation pages and keeps it in $(RUN)/best.json.
 run: data
 	$(PY) train.py --preset $(PRESET) --run-dir $(RUN)
-	$(PY) evaluate.py $(RUN)/best.keras --out $(RUN)/evaluation.json --grid $(RUN)/images/unet_results.png
+	$(PY) evaluate.py $(RUN)/best.keras --tune --out $(RUN)/evaluation.json --grid $(RUN)/images/unet_results.png
 	$(PY) figures.py $(RUN)/logs --out $(RUN)/images
 	@echo "this run's model, scores and figures: $(RUN)/best.keras, $(RUN)/evaluation.json, $(RUN)/images/"
 
@@ -49,15 +50,20 @@ train: data
 	$(PY) train.py --preset $(PRESET) --run-dir $(RUN)
 
 evaluate: data
-	$(PY) evaluate.py $(RUN)/best.keras --out $(RUN)/evaluation.json --grid $(RUN)/images/unet_results.png
+	$(PY) evaluate.py $(RUN)/best.keras --tune --out $(RUN)/evaluation.json --grid $(RUN)/images/unet_results.png
 
 # Maintainers: redraw the README's pictures in images/ from a run, e.g. make figures RUN=runs/cpu
 figures: data
-	$(PY) evaluate.py $(RUN)/best.keras --out $(RUN)/evaluation.json --grid images/unet_results.png
+	$(PY) evaluate.py $(RUN)/best.keras --tune --out $(RUN)/evaluation.json --grid images/unet_results.png
 	$(PY) figures.py $(RUN)/logs --out images
 
 notebook: data
-	$(PY) -m papermill unet-isbi.ipynb $(RUN)-notebook.ipynb -p preset $(PRESET) -p run_dir $(RUN)
+	$(PY) -m papermill unet-isbi.ipynb $(RUN)-notebook.ipynb -p preset $(PRESET) -p run_dir $(RUN) -p tensorboard False
+
+# The notebook in JupyterLab, on this project's venv (kernel "Python 3 (unet-isbi)"); JupyterLab comes from requirements-lab.txt.
+lab: setup
+	$(PY) -m pip install --quiet -r requirements-lab.txt
+	$(PY) -m jupyter lab unet-isbi.ipynb
 
 test: setup
 	$(PY) -m pytest -q

@@ -26,6 +26,7 @@ if __name__ == "__main__":
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -40,6 +41,7 @@ import keras
 import augment
 import files
 import hardware
+import model as model_module
 from model import build_unet
 
 
@@ -111,16 +113,51 @@ def volume_prediction(model_path, volume_path, precision: str = "auto") -> dict:
 
 
 def training_model(filters: int, size: int, batch: int, precision: str = "auto", upsampling: str = "upsample",
-                   jit: bool = False, batch_norm: bool = False) -> tuple[keras.Model, np.ndarray, np.ndarray]:
-    """Return a compiled U-Net (Adam, cross-entropy) and one random batch (x, y) of `batch` size x size images."""
+                   jit: bool = False, batch_norm: bool | str = False) -> tuple[keras.Model, np.ndarray, np.ndarray]:
+    """Return a compiled U-Net (Adam, cross-entropy) and one random batch (x, y) of `batch` size x size images;
+    `batch_norm` 'keras' builds it with Keras's own BatchNormalization instead of the fused one."""
     policy = hardware.choose_precision(precision)
-    model = build_unet((size, size, 1), filters=filters, dtype_policy=policy, upsampling=upsampling,
-                       batch_norm=batch_norm)
+    with _keras_normalisation(batch_norm == "keras"):
+        model = build_unet((size, size, 1), filters=filters, dtype_policy=policy, upsampling=upsampling,
+                           batch_norm=bool(batch_norm))
     model.compile(keras.optimizers.Adam(1e-4), "binary_crossentropy", jit_compile=jit)
     rng = np.random.default_rng(0)
     x = rng.random((batch, size, size, 1), dtype=np.float32)
     y = (rng.random((batch, size, size, 1)) > 0.5).astype(np.float32)
     return model, x, y
+
+
+@contextlib.contextmanager
+def _keras_normalisation(active: bool):
+    """Within the block (if `active`), model.build_unet normalises with Keras's BatchNormalization layer."""
+    original = model_module.FusedBatchNormalization
+    if active:
+        model_module.FusedBatchNormalization = keras.layers.BatchNormalization
+    try:
+        yield
+    finally:
+        model_module.FusedBatchNormalization = original
+
+
+def runtime_timings(model_path: str, side: int = 576, rounds: int = 5) -> dict:
+    """Return the seconds per (1, side, side, 1) tile of a .keras model in Keras (precision auto and float32) and
+    in onnxruntime (its cached ONNX conversion), alternating, with the largest difference from Keras float32."""
+    import runtimes
+
+    variants = {"keras (auto precision)": runtimes.load_model(model_path, precision="auto"),
+                "keras float32": runtimes.load_model(model_path, precision="float32"),
+                "onnxruntime": runtimes.load_for_prediction(model_path, "onnx")[0]}
+    x = np.random.default_rng(0).random((1, side, side, 1), dtype=np.float32)
+    reference = np.asarray(variants["keras float32"].predict_on_batch(x))
+    times = collections.defaultdict(list)
+    for model in variants.values():
+        model.predict_on_batch(x)
+    for _ in range(rounds):
+        for label, model in variants.items():
+            times[label] += time_calls(lambda: model.predict_on_batch(x), 0, 1)
+    return {label: {"infer_s_per_tile": float(np.median(times[label])),
+                    "max_difference": float(np.abs(np.asarray(model.predict_on_batch(x)) - reference).max())}
+            for label, model in variants.items()}
 
 
 def benchmark(filters: int = 64, size: int = 512, batch: int = 5, precision: str = "auto",
@@ -373,11 +410,11 @@ def process_options(base: list[str], variants: dict[str, tuple[list[str], dict]]
     return result
 
 
-OPTIONS = ("threads", "batch", "layout", "onednn", "jit", "upsampling")
+OPTIONS = ("threads", "batch", "layout", "onednn", "jit", "upsampling", "normalisation", "runtime")
 
 
 def options(names: list[str], filters: int, size: int, batch: int, precision: str = "auto", rounds: int = 5,
-            say=None) -> dict:
+            say=None, model_path: str = "models/unet-isbi-cpu.keras") -> dict:
     """Return the timings of the options tried, each measured against the default in turn (see OPTIONS);
     `say` receives each option's table as it is measured."""
     policy = hardware.choose_precision(precision)
@@ -402,6 +439,14 @@ def options(names: list[str], filters: int, size: int, batch: int, precision: st
         elif name == "upsampling":
             found[name] = alternate({u: training_model(filters, size, batch, policy, u)
                                      for u in ("upsample", "transpose")}, rounds=rounds)
+        elif name == "normalisation":
+            found[name] = alternate({"none": training_model(filters, size, batch, policy),
+                                     "keras BatchNormalization": training_model(filters, size, batch, policy,
+                                                                                batch_norm="keras"),
+                                     "fused (model.py)": training_model(filters, size, batch, policy, batch_norm=True)},
+                                    rounds=rounds)
+        elif name == "runtime":
+            found[name] = runtime_timings(model_path, rounds=rounds)
         elif name == "layout":
             found[name] = layout_probe(size // 2, filters * 4, batch, policy, rounds=rounds)
         else:
@@ -419,6 +464,9 @@ def options_table(name: str, rows: dict) -> str:
             continue
         if "error" in r:
             lines.append(f"{label:>24} fails: {r['error']}")
+        elif "infer_s_per_tile" in r:
+            lines.append(f"{label:>24} {'':>26} {'':>13} {r['infer_s_per_tile']:>13.4f}  per 576x576 tile, "
+                         f"max difference {r['max_difference']:.1e}")
         elif "train_s_per_step" in r:
             t = r["train_s_per_step"]
             lines.append(f"{label:>24} {t['median']:>10.4f} ({t['min']:.4f}-{t['max']:.4f}) "
@@ -525,7 +573,7 @@ def run(args: argparse.Namespace) -> None:
     if args.options:
         names = OPTIONS if "all" in args.options else args.options
         report["options"] = options(names, args.filters, args.size, args.batch, precision, args.rounds,
-                                    say=lambda text: print(text, flush=True))
+                                    say=lambda text: print(text, flush=True), model_path=args.model)
     report["load_average_1min"]["end"] = os.getloadavg()[0]
     write_json(report, args.out)
 

@@ -36,11 +36,11 @@ from tqdm import tqdm
 import affinities
 import files
 import runtimes
+import segment
 import tiling
 from files import PathLike
 
 DEFAULT_BLOCK = 1024  # pixels; a block and the tiles around it fit easily in memory
-PRECISION = "auto"  # as predict.py loads models
 DONE_FOLDER = ".done"  # inside the output zarr: one empty file per finished block
 SETTINGS_KEY = "prediction"  # the output's attribute holding the settings it was made with
 
@@ -163,9 +163,10 @@ def predict_block(model, volume, out: zarr.Array, target: PathLike, index: Block
 
 
 @functools.lru_cache(maxsize=2)
-def cached_model(model_path: str, precision: str = PRECISION):
-    """Return the model at `model_path`, loaded once per process (so once per Dask worker)."""
-    return runtimes.load_model(model_path, precision=precision)
+def cached_model(model_path: str, runtime: str | None = None):
+    """Return the model at `model_path` in the fastest runtime (`runtimes.load_for_prediction`), loaded once per
+    process (so once per Dask worker)."""
+    return runtimes.load_for_prediction(model_path, runtime)[0]
 
 
 def _block_task(index: Block, *, model_path: str, source: str, target: str, settings: dict) -> Block:
@@ -234,13 +235,41 @@ def predict_volume(
             "seconds": time.perf_counter() - start}
 
 
+def segment_volume(source: PathLike, target: PathLike, method: str = "multicut",
+                   params: segment.SegmentParams | None = None, progress: bool = True) -> dict:
+    """Cut each page of a prediction zarr (`predict_volume`'s: cell probabilities, float32 or 0-255) into cells,
+    page by page, into the uint32 zarr array `target` (chunks of 1 x 1024 x 1024), skipping pages already
+    done (a marker per page, as for blocks); return {"pages", "computed", "skipped", "seconds"}.
+
+    Each page is segmented whole (`segment.segment`), so memory grows with the page, not the volume.
+    """
+    start = time.perf_counter()
+    params = segment.SegmentParams() if params is None else params
+    if method not in ("threshold", "multicut"):
+        raise ValueError(f"a prediction zarr holds cell probabilities: cut it with threshold or multicut, not {method!r}")
+    volume = open_volume(source)
+    shape = volume_shape(volume)
+    target = Path(target).resolve()
+    settings = {"source": str(Path(source).resolve()), "method": method, "params": params.as_dict(),
+                "block": min(DEFAULT_BLOCK, max(shape[1:])), "dtype": "uint32"}
+    out = open_output(target, shape, settings)
+    pending = [z for z in range(shape[0]) if not _marker(target, (z,)).exists()]
+    scale = 255.0 if volume.dtype == np.uint8 else 1.0
+    for z in tqdm(pending, desc=target.name, unit="page", disable=not progress):
+        page = np.asarray(volume[z], dtype=np.float32) / scale
+        out[z] = segment.segment(page, method, params)
+        _marker(target, (z,)).touch()  # only after the data
+    return {"pages": shape[0], "computed": len(pending), "skipped": shape[0] - len(pending),
+            "seconds": time.perf_counter() - start}
+
+
 def _run(pending: list[Block], volume, out, target: Path, model_path: Path, source, client,
          settings: dict) -> Iterator[Block]:
     """Yield the index of each pending block once written: here, or as the Dask tasks complete."""
     if not pending:
         return
     if client is None:
-        model = runtimes.load_model(model_path, precision=PRECISION)
+        model, _ = runtimes.load_for_prediction(model_path)
         for index in pending:
             yield predict_block(model, volume, out, target, index, **settings)
         return

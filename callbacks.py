@@ -26,6 +26,7 @@ import affinities
 import files
 import metrics
 import runs
+import segment
 from model import inference_model
 
 def predict_batch(model: keras.Model, images: np.ndarray) -> np.ndarray:
@@ -95,7 +96,8 @@ class ValidationPages(SummaryCallback):
       'val_v_rand_threshold', 'val_v_info_threshold' (1 is a perfect score);
       and with a `segmenter` the same scores of its cells (`metrics.cell_scores`):
       'val_cell_v_rand', 'val_cell_v_info';
-    - writes the 'epoch' picture to TensorBoard at step epoch + 1.
+    - writes the 'epoch' picture to TensorBoard at step epoch + 1, and with a
+      `segmenter` the 'cells' picture: the first page's cells in colour over it.
     These values are `scores` until the next epoch, are added to the epoch's
     logs (so Keras's History and TensorBoard record them) and are written to
     TensorBoard in `log_dir`/validation as 'epoch_v_rand' ... at step = epoch
@@ -171,9 +173,13 @@ class ValidationPages(SummaryCallback):
             if self.segmenter is not None:
                 with warnings.catch_warnings():  # an untrained network's uniform output is reported above
                     warnings.simplefilter("ignore", UserWarning)
-                    cells = [metrics.cell_scores(self.segmenter(o), y) for o, y in zip(self._pages(outputs), labels)]
-                scores.update({f"val_cell_{key}": float(np.mean([page[key] for page in cells]))
+                    cells = [self.segmenter(page) for page in self._pages(outputs)]
+                found = [metrics.cell_scores(page, y) for page, y in zip(cells, labels)]
+                scores.update({f"val_cell_{key}": float(np.mean([page[key] for page in found]))
                                for key in ("v_rand", "v_info")})
+                with self.writer.as_default():
+                    tf.summary.image("cells", segment.overlay(self.images[0, ..., 0], cells[0])[np.newaxis],
+                                     step=epoch + 1)
         self.scores, self._done_epoch = scores, epoch
         self._picture("epoch", epoch + 1, outputs)
         if self._scalar_writer is None:

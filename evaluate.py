@@ -65,7 +65,8 @@ def score_pages(labels: np.ndarray, predictions: np.ndarray | None = None, cells
                                                     none if cells is None else cells)]
 
 
-def outputs_for(source: str | Path, images: np.ndarray, pages: list[int], tta: bool = False) -> np.ndarray:
+def outputs_for(source: str | Path, images: np.ndarray, pages: list[int], tta: bool = False,
+                runtime: str | None = None) -> np.ndarray:
     """Return the model's outputs for `pages`: (len(pages), H, W) cell probabilities, or (len(pages), H, W, K)
     affinities; or a TIFF's pages, holding either every page of the stack or exactly the pages asked for
     (probabilities as float, cells as integer labels)."""
@@ -79,7 +80,8 @@ def outputs_for(source: str | Path, images: np.ndarray, pages: list[int], tta: b
         elif len(stack) != len(pages):
             raise files.DataError(f"{source}: {len(stack)} pages; expected {len(images)} (the stack) or {len(pages)}")
         return stack if np.issubdtype(stack.dtype, np.integer) and stack.dtype != np.uint8 else stack.astype(np.float32)
-    return tiling.predict_stack(runtimes.load_model(source, precision="auto"), images[pages], tta=tta, desc="predicting")
+    model, _ = runtimes.load_for_prediction(source, runtime)
+    return tiling.predict_stack(model, images[pages], tta=tta, desc="predicting")
 
 
 def probabilities_for(source: str | Path, images: np.ndarray, pages: list[int], tta: bool = False) -> np.ndarray:
@@ -137,7 +139,7 @@ def _scores_of_outputs(source, pages, images, labels, outputs, part, method, wit
 
 
 def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.TEST_PAGES, tta: bool = False,
-             method: str | None = None, cells: bool = True) -> dict:
+             method: str | None = None, cells: bool = True, runtime: str | None = None) -> dict:
     """Return `scores_of` a model (.keras ...), a probability TIFF or a cell label TIFF against the labelled ISBI
     stack's `pages` (default: the test pages 0, 10, 20); with `cells` the model's cells are cut and scored too
     (by `method`, default the model card's)."""
@@ -147,7 +149,7 @@ def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.
         raise files.DataError(f"pages must lie in 0..{len(raw_images) - 1}, got {pages}")
     images = data.normalize_images(raw_images)
     labels = data.binarize_labels(raw_labels)[pages]
-    outputs = outputs_for(source, raw_images, pages, tta)
+    outputs = outputs_for(source, raw_images, pages, tta, runtime)
     return _scores_of_outputs(source, pages, images[pages], labels, outputs, "test", method, cells)
 
 
@@ -157,7 +159,8 @@ def evaluate_held_out(source: str | Path, parts: dict, report: dict, tta: bool =
     (the ISBI test pages) if there is one, else the 'validation' part (a lab's own data)."""
     part = "test" if "test" in parts else "validation"
     images, labels = (stack[..., 0] for stack in parts[part])
-    outputs = tiling.predict_stack(runtimes.load_model(source, precision="auto"), images, tta=tta, desc="predicting")
+    model, _ = runtimes.load_for_prediction(source)
+    outputs = tiling.predict_stack(model, images, tta=tta, desc="predicting")
     return _scores_of_outputs(source, report["split_pages"][part], images, labels, outputs, part, method, cells)
 
 
@@ -220,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the model's output is cut into cells (default: its card's, else multicut for a "
                              "membrane model, mws for an affinity model)")
     parser.add_argument("--no-cells", dest="cells", action="store_false", help="score the probabilities only")
+    parser.add_argument("--runtime", choices=runtimes.RUNTIMES, help="keras, onnx or auto (see predict.py --runtime)")
     parser.add_argument("--tune", action="store_true",
                         help="choose the segmentation parameters on the validation pages 5 15 25 (never the test "
                              "pages) and keep them in the model's card (<model>.json), then score")
@@ -237,7 +241,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"segmentation chosen on validation pages {chosen['tuned_on']['pages']}: {chosen['method']} "
               f"{chosen['params']} (V_rand {chosen['tuned_on']['v_rand']:.4f}); kept in "
               f"{runtimes.card_path(args.source)}")
-    result = evaluate(args.source, args.data_dir, args.pages, args.tta, args.method, args.cells)
+    result = evaluate(args.source, args.data_dir, args.pages, args.tta, args.method, args.cells, args.runtime)
     print(report(result))
     if args.out:
         keep = {k: result[k] for k in ("source", "pages", "per_page", "mean", "method")}

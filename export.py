@@ -31,11 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+import affinities
 import data
 import files
 import runs
 import runtimes
-from model import SIZE_MULTIPLE, load_model, with_dtype_policy
+from model import SIZE_MULTIPLE, fold_batch_norm, load_model, with_dtype_policy
+from runtimes import INPUT_NAME, ONNX_OPSET, environment_kept, write_onnx
 
 PROJECT_DIR = runtimes.PROJECT_DIR
 DEFAULT_DEST = runtimes.DEFAULT_MODEL
@@ -43,11 +45,20 @@ MAX_MB = 10
 LICENSE = "MIT"  # SPDX id of the exported packages' licence, the project's own (LICENSE)
 
 
+def output_description(channels: int, offsets=None) -> str:
+    """Return the card's words for a model's output of `channels` channels (affinities along `offsets`)."""
+    if channels == 1:
+        return "probability of cell (1) against membrane (0), float32"
+    return (f"{channels} affinity channels, float32: probability that the pixel and the one at offset (dy, dx) lie "
+            f"in the same cell, offsets {offsets}")
+
+
 def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: str | Path | None = None) -> dict:
     """Write the run's best model (float32, no optimizer) to `dest` and its card to `dest`.json; return the card.
 
     The card holds how it was trained (the run's settings.json and
-    summary.json) and its scores on the test pages (from `evaluate.evaluate`).
+    summary.json), how its output is cut into cells (`evaluate.tune`, on the
+    validation pages) and its scores on the test pages (`evaluate.evaluate`).
     """
     import evaluate
 
@@ -55,12 +66,16 @@ def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: s
     if not run.best.is_file():
         raise FileNotFoundError(f"{run.best}: no best model in this run; train it first")
     dest = Path(dest)
-    model = with_dtype_policy(load_model(run.best), "float32")
+    model = with_dtype_policy(fold_batch_norm(load_model(run.best)), "float32")
     files.write_atomic(dest, model.save)
     size_mb = dest.stat().st_size / 2**20
     if size_mb > MAX_MB:
         raise ValueError(f"{dest} is {size_mb:.1f} MB, more than the {MAX_MB} MB a shipped model may take")
 
+    card_path = runtimes.card_path(dest)
+    card_path.unlink(missing_ok=True)  # a card left from an earlier model names that model's choices
+    files.write_atomic(card_path, json.dumps({"training": {"settings": run.read_json(run.settings)}}) + "\n")
+    segmentation = evaluate.tune(dest, data_dir)
     scores = evaluate.evaluate(dest, data_dir, pages=data.TEST_PAGES)
     card = {
         "model": dest.name,
@@ -68,15 +83,16 @@ def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: s
         "size_mb": round(size_mb, 2),
         "parameters": model.count_params(),
         "input": "grey EM image, any size (tiled by predict.py), scaled to [0, 1]",
-        "output": "probability of cell (1) against membrane (0), float32",
+        "output": output_description(model.output_shape[-1], segmentation.get("offsets")),
         "training": {
             "settings": run.read_json(run.settings),
             "summary": run.read_json(run.summary),
         },
+        "segmentation": segmentation,
         "test_pages": scores["pages"],
         "test_scores": {"mean": scores["mean"], "per_page": scores["per_page"]},
     }
-    files.write_atomic(dest.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
+    files.write_atomic(card_path, json.dumps(card, indent=2) + "\n")
     return card
 
 
@@ -87,8 +103,7 @@ DIST_DIR = PROJECT_DIR / "dist"
 MIN_SIZE = 96  # smallest input side a bioimage.io tool may pick, pixels: more than twice the halo
 HALO = 32  # pixels a bioimage.io tool should crop from each tile edge: predict.py's overlap / 2
 TOLERANCE = 1e-4  # largest |difference| of probabilities allowed between the Keras model and an export
-ONNX_OPSET = 17
-INPUT_NAME, OUTPUT_NAME = "raw", "prediction"
+OUTPUT_NAME = "prediction"
 CITATIONS = (
     ("Ronneberger O, Fischer P, Brox T. U-Net: Convolutional Networks for Biomedical Image Segmentation. "
      "MICCAI 2015, LNCS 9351, 234-241.", "10.1007/978-3-319-24574-4_28"),
@@ -128,8 +143,8 @@ def check_test_page(page: np.ndarray, model, name: str) -> None:
     """Raise ValueError naming `name` if the 2-D uint8 `page` is not an input the model's package may declare."""
     if page.dtype != np.uint8:
         raise ValueError(f"{name}: the test page is {page.dtype}; the package takes 8-bit pages (uint8)")
-    if model.input_shape[3] != 1 or model.output_shape[3] != 1:
-        raise ValueError(f"{name}: expected a model of one input and one output channel, got "
+    if model.input_shape[3] != 1:
+        raise ValueError(f"{name}: expected a model of one input channel, got "
                          f"{model.input_shape} -> {model.output_shape}")
     fixed = valid_input_size(model)
     if fixed is not None:
@@ -163,35 +178,6 @@ def write_savedmodel(model, dest: Path) -> Path:
     module.weights = [variable.value for variable in model.variables]
     module.serve = tf.function(lambda x: {OUTPUT_NAME: model(x, training=False)}, input_signature=spec)
     tf.saved_model.save(module, str(dest), signatures={"serving_default": module.serve})
-    return dest
-
-
-@contextlib.contextmanager
-def environment_kept():
-    """Within the block, changes to os.environ are undone at its end.
-
-    tf2onnx (TF_CPP_MIN_LOG_LEVEL=3, at import) and bioimageio.core's model
-    test (TF_ENABLE_ONEDNN_OPTS=0) set TensorFlow's variables for the whole
-    process, and so for every process it starts afterwards.
-    """
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-def write_onnx(model, dest: Path) -> Path:
-    """Write `model` as ONNX (opset ONNX_OPSET) with tf2onnx: input `raw` (batch, y, x, 1) float32 in [0, 1]."""
-    import tensorflow as tf
-
-    with environment_kept():
-        import tf2onnx
-
-        spec = [tf.TensorSpec((None, None, None, 1), tf.float32, name=INPUT_NAME)]
-        function = tf.function(lambda x: model(x, training=False), input_signature=spec)
-        tf2onnx.convert.from_function(function, input_signature=spec, opset=ONNX_OPSET, output_path=str(dest))
     return dest
 
 
@@ -254,8 +240,9 @@ def _documentation(model_path: Path, card: dict | None, dest: Path) -> Path:
         "", "## Limits", "",
         "- Trained on one stack (30 pages, 512x512, 4x4x50 nm voxels) of one tissue and one microscope: other EM",
         "  data (other resolution, contrast, staining, SEM or FIB-SEM) needs checking and likely fine-tuning.",
-        "- Gives membrane probabilities, not instance labels: split cells by thresholding and connected",
-        "  components or a watershed.",
+        "- Gives probabilities, not instance labels: cut them into cells with the project's segment.py",
+        "  (multicut on a membrane map, mutex watershed on affinities; python-elf), with the parameters in",
+        "  the model's card (`segmentation`), or with the bioimage.io tools' own watershed.",
         "- 2-D only; each page of a stack is predicted on its own.",
         "", "## Training data", "",
         "ISBI 2012 EM segmentation challenge, training and test volumes (Cardona et al. 2010; "
@@ -265,13 +252,17 @@ def _documentation(model_path: Path, card: dict | None, dest: Path) -> Path:
     return dest
 
 
-def model_description(model, parts: dict[str, Path]):
-    """Return the bioimage.io (spec 0.5) ModelDescr of `model` from the `parts` written for it."""
+def model_description(model, parts: dict[str, Path], offsets=None):
+    """Return the bioimage.io (spec 0.5) ModelDescr of `model` from the `parts` written for it; an affinity
+    model's channels are named by their `offsets` (affinities.OFFSETS if None)."""
     import keras
     import tensorflow as tf
     from bioimageio.spec.dataset.v0_3 import DatasetDescr
     from bioimageio.spec.model import v0_5
 
+    channels = model.output_shape[-1]
+    offsets = None if channels == 1 else affinities.offsets_for(channels, offsets)
+    channel_names = ["cell"] if channels == 1 else [f"same_cell_{dy}_{dx}".replace("-", "m") for dy, dx in offsets]
     size = valid_input_size(model)
     y_size, x_size = size if size else (v0_5.ParameterizedSize(min=MIN_SIZE, step=SIZE_MULTIPLE),) * 2
     input_id, output_id = v0_5.TensorId(INPUT_NAME), v0_5.TensorId(OUTPUT_NAME)
@@ -288,12 +279,12 @@ def model_description(model, parts: dict[str, Path]):
                        to_float],
     )
     outputs = v0_5.OutputTensorDescr(
-        id=output_id, description="probability of cell (1) against membrane (0)",
+        id=output_id, description=output_description(len(channel_names), offsets),
         axes=[v0_5.BatchAxis(),
               *(v0_5.SpaceOutputAxisWithHalo(id=v0_5.AxisId(axis), halo=HALO,
                                              size=v0_5.SizeReference(tensor_id=input_id, axis_id=v0_5.AxisId(axis)))
                 for axis in ("y", "x")),
-              v0_5.ChannelAxis(channel_names=[v0_5.Identifier("cell")])],
+              v0_5.ChannelAxis(channel_names=[v0_5.Identifier(name) for name in channel_names])],
         test_tensor=v0_5.FileDescr(source=parts["test_output"]),
         sample_tensor=v0_5.FileDescr(source=parts["sample_output"]),
         data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
@@ -379,10 +370,12 @@ def write_package(model, model_path: Path, page: np.ndarray, reference: np.ndarr
         np.save(parts["test_output"], reference)
         parts["sample_input"], parts["sample_output"] = folder / "sample_input.png", folder / "sample_output.tif"
         Image.fromarray(page).save(parts["sample_input"])  # images for people and viewers; the tests use the .npy
-        tifffile.imwrite(parts["sample_output"], reference[0, ..., 0])
-        parts["cover"] = _cover(page, reference[0, ..., 0], folder / "cover.png")
+        cells = reference[0, ..., 0] if reference.shape[-1] == 1 else affinities.cell_map(reference[0])
+        tifffile.imwrite(parts["sample_output"], cells)  # a picture for people: the cell map
+        parts["cover"] = _cover(page, cells, folder / "cover.png")
         parts["documentation"] = _documentation(model_path, card, folder / "README.md")
-        save_bioimageio_package(model_description(model, parts), output_path=dest)
+        offsets = (card or {}).get("segmentation", {}).get("offsets")
+        save_bioimageio_package(model_description(model, parts, offsets), output_path=dest)
     return dest
 
 def export_model(
@@ -413,7 +406,8 @@ def export_model(
     check_writable(out, fmt)
     page, name = read_test_page(test_image, data_dir)
 
-    model = with_dtype_policy(load_model(model_path), "float32")  # portable exports compute in float32
+    # Portable exports compute in float32, the normalisation folded into the convolutions.
+    model = with_dtype_policy(fold_batch_norm(load_model(model_path)), "float32")
     check_test_page(page, model, name)
     x = _with_batch(page)
     reference = np.asarray(model.predict_on_batch(x), dtype=np.float32)

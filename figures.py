@@ -35,6 +35,7 @@ import files
 import metrics
 import runs
 import segment
+from model import DEPTH
 
 # metric -> (file name, title, y-axis label); the file names are the original write-up's.
 CURVES = {
@@ -352,6 +353,52 @@ def save_masks_grid(images, labels, probabilities, path: str | os.PathLike, titl
     return save_figure(masks_grid(images, labels, probabilities, titles), path)
 
 
+def architecture_figure(filters: int = 64, depth: int = DEPTH, size: int = 512, out_channels: int = 1,
+                        batch_norm: bool = False) -> Figure:
+    """Return a diagram of `model.build_unet`'s U: a box per block with its width (filters) and side (pixels),
+    the pooling and upsampling steps, and the skip connections; the counterpart of the U-Net paper's Fig. 1."""
+    from matplotlib.patches import FancyBboxPatch
+
+    figure = Figure(figsize=(11, 5.6), layout="constrained")
+    ax = figure.subplots()
+    ax.set_axis_off()
+    width, height = 1.5, 0.62
+    conv = "2 x (3x3 conv" + (", BN" if batch_norm else "") + ", ReLU)"
+
+    def box(x, y, title, colour, wide=1.0):
+        ax.add_patch(FancyBboxPatch((x - wide * width / 2, y - height / 2), wide * width, height, boxstyle="round,pad=0.04",
+                                    facecolor=colour, edgecolor="0.25"))
+        ax.text(x, y, title, ha="center", va="center", fontsize=8.5)
+
+    def arrow(start, end, style="-|>", colour="0.2", dashed=False):
+        ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle=style, color=colour, lw=1.3,
+                                                              linestyle="--" if dashed else "-"))
+
+    for level in range(depth + 1):
+        side, width_k = size // 2**level, filters * 2**level
+        x, y = level * 1.05, -level * 1.1
+        box(x, y, f"CNT_{level + 1}: {width_k} filters\n{side} x {side}", "#cfe3f7")
+        if level < depth:
+            arrow((x + 0.25, y - height / 2 - 0.05), (x + 0.8, y - 1.1 + height / 2 + 0.05))
+            ax.text(x + 0.42, y - 0.58, "2x2 max-pool", fontsize=7.5, color="0.3", ha="right")
+    for step, level in enumerate(reversed(range(depth))):
+        side, width_k = size // 2**level, filters * 2**level
+        x, y = (2 * depth - level) * 1.05, -level * 1.1
+        box(x, y, f"EXP_{step + 1}: {width_k} filters\n{side} x {side}", "#d8efd2")
+        arrow((x - 0.8, y - 1.1 + height / 2 + 0.05), (x - 0.25, y - height / 2 - 0.05))
+        ax.text(x - 0.42, y - 0.58, "up x2, 2x2 conv", fontsize=7.5, color="0.3", ha="left")
+        arrow((level * 1.05 + width / 2 + 0.05, y), (x - width / 2 - 0.05, y), colour="#7a7a7a", dashed=True)
+    out_x = 2 * depth * 1.05 + 2.1
+    box(out_x, 0, f"OUT: 3x3 conv, 1x1 conv,\nsigmoid, {out_channels} channel" + ("s" if out_channels > 1 else ""),
+        "#f7dccf", wide=1.35)
+    arrow((2 * depth * 1.05 + width / 2 + 0.05, 0), (out_x - 1.35 * width / 2 - 0.05, 0))
+    ax.text(depth * 1.05, 0.55, f"every block: {conv}; dashed: copy and concatenate; 'same' padding keeps the "
+            "size", ha="center", fontsize=8.5)
+    ax.set_xlim(-1.0, out_x + 1.1)
+    ax.set_ylim(-depth * 1.1 - 0.6, 0.9)
+    return figure
+
+
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,6 +417,16 @@ def run(args: argparse.Namespace) -> None:
     out = args.out if args.out is not None else Path(args.log_dir).resolve().parent / "images"
     for path in plot_curves(args.log_dir, out) + save_snapshots(args.log_dir, out, args.steps):
         print(path)
+    print(save_figure(run_architecture(Path(args.log_dir).resolve().parent), Path(out) / "architecture.png"))
+
+
+def run_architecture(run_dir: str | os.PathLike) -> Figure:
+    """Return `architecture_figure` of the network a run trained (its settings.json; the original's without one)."""
+    run = runs.RunFolder(run_dir)
+    settings = run.read_json(run.settings) if run.settings.is_file() else {}
+    channels = 1 if settings.get("target", "membranes") == "membranes" else 2 * len(settings["offsets"].split(","))
+    return architecture_figure(settings.get("filters", 64), out_channels=channels,
+                               batch_norm=settings.get("batch_norm", False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers
 
 import hardware
@@ -20,15 +21,43 @@ DEPTH = 4  # pooling steps: five contracting blocks, four expanding blocks
 SIZE_MULTIPLE = 2**DEPTH  # with 'same' padding, input sides must divide by this many pixels
 
 
+@keras.saving.register_keras_serializable(package="unet_isbi")
+class FusedBatchNormalization(layers.BatchNormalization):
+    """Keras's `BatchNormalization` (the same math, weights and configuration) computed on TensorFlow by its
+    fused kernel, which oneDNN runs in one pass forwards and one backwards; Keras 3 builds it from separate
+    ops (keras-team/keras-core#225), which cost the CPU preset's train step half again. Other backends and
+    axes fall back to Keras's own computation."""
+
+    def call(self, inputs, training=None, mask=None):
+        if keras.backend.backend() != "tensorflow" or self.axis not in (-1, len(inputs.shape) - 1) or \
+                len(inputs.shape) != 4 or not (self.center and self.scale):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        if training and self.trainable:
+            outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                inputs, self.gamma, self.beta, epsilon=self.epsilon, data_format="NHWC", is_training=True)
+            # The kernel returns the unbiased variance; Keras normalises and averages with the biased one.
+            count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], tf.float32)
+            variance = variance * (count - 1.0) / count
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+            return outputs
+        outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            inputs, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
+            epsilon=self.epsilon, data_format="NHWC", is_training=False)
+        return outputs
+
+
 def conv_relu(x, filters: int, size: int, padding: str, name: str, dtype=None, batch_norm: bool = False):
     """A `size`x`size` convolution `name` + ReLU; with `batch_norm`, the convolution loses its bias
-    and `name`_bn (batch normalisation) comes before the ReLU `name`_relu."""
+    and `name`_bn (batch normalisation, `FusedBatchNormalization`) comes before the ReLU `name`_relu."""
     if not batch_norm:
         return layers.Conv2D(filters, size, activation="relu", padding=padding, name=name, dtype=dtype)(x)
     x = layers.Conv2D(filters, size, padding=padding, use_bias=False, name=name, dtype=dtype)(x)
     # Momentum 0.9, not Keras' 0.99: after a few hundred steps 0.99 still carries enough of the initial
     # moving variance (1.0) to swamp the first layers' small activation variances at inference.
-    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn", dtype=dtype)(x)
+    x = FusedBatchNormalization(momentum=0.9, name=f"{name}_bn", dtype=dtype)(x)
     return layers.ReLU(name=f"{name}_relu", dtype=dtype)(x)
 
 
@@ -165,15 +194,48 @@ def with_dtype_policy(model: keras.Model, dtype_policy: str) -> keras.Model:
     return copy
 
 
+def fold_batch_norm(model: keras.Model) -> keras.Model:
+    """Return a copy of a `build_unet(batch_norm=True)` model with each batch normalisation folded into the
+    convolution before it (inference only: the moving statistics become the kernel's scale and a bias), so that
+    it has no normalisation layers and computes the same function in fewer operations; other models unchanged.
+
+    For a convolution W (no bias) and normalisation (gamma, beta, moving mean m and variance v, epsilon e):
+    scale = gamma / sqrt(v + e), W' = W * scale per output channel, b' = beta - m * scale.
+    """
+    names = {layer.name for layer in model.layers}
+    if not any(name.endswith("_bn") for name in names):
+        return model
+    first = model.get_layer("CNT_1_conv_1")
+    folded = build_unet(
+        model.input_shape[1:], filters=first.filters, padding=first.padding, dtype_policy=first.dtype_policy.name,
+        name=model.name, upsampling="transpose" if any(name.endswith("_transpose") for name in names) else "upsample",
+        out_channels=model.get_layer("OUT").filters,
+    )
+    for layer in folded.layers:
+        if not layer.weights:
+            continue
+        source = model.get_layer(layer.name)
+        if f"{layer.name}_bn" not in names:
+            layer.set_weights(source.get_weights())
+            continue
+        norm = model.get_layer(f"{layer.name}_bn")
+        gamma, beta, mean, variance = (np.asarray(w, np.float64) for w in norm.get_weights())
+        scale = gamma / np.sqrt(variance + norm.epsilon)
+        (kernel,) = source.get_weights()
+        layer.set_weights([(kernel * scale).astype(np.float32), (beta - mean * scale).astype(np.float32)])
+    return folded
+
+
 def inference_model(model: keras.Model) -> keras.Model:
-    """Return `model`'s layers (shared, same weights) as a model with no optimizer and no compile config.
+    """Return `model` for inference: its layers as a model with no optimizer and no compile config, the
+    batch normalisation folded into the convolutions (`fold_batch_norm`).
 
     Saved, it holds Keras layers only, so it loads with plain
     `keras.models.load_model(path)` in a process that never imported this
     project (Keras 3 does not import the module of a custom loss or metric
     named in a compile config; it fails instead).
     """
-    return keras.Model(model.inputs, model.outputs, name=model.name)
+    return fold_batch_norm(keras.Model(model.inputs, model.outputs, name=model.name))
 
 
 def load_model(path: str | os.PathLike, precision: str | None = None, custom_objects: dict | None = None) -> keras.Model:

@@ -8,6 +8,7 @@
     python predict.py stack.tif --mask-tiff                  # also stack-prediction-mask.tif, 0/255 masks
     python predict.py big.zarr --block 1024 --workers 4      # block by block into big-prediction.zarr (blocks.py)
     python predict.py stack.tif --cells --overlay            # also stack-cells.tif (uint32 labels) and a picture
+    python predict.py --challenge --cells --cell-boundaries  # a submission made of the cells
 
 Images are cut into overlapping tiles as in the U-Net paper (Ronneberger et
 al. 2015, Fig. 2): the borders are extrapolated by mirroring, each tile is
@@ -142,6 +143,17 @@ def write_cells(target: PathLike, cells: np.ndarray) -> Path:
     return files.write_atomic(path, lambda part: tifffile.imwrite(part, pages, photometric="minisblack"))
 
 
+def write_cell_boundaries(target: PathLike, cells: np.ndarray) -> Path:
+    """Write the cells' boundary map, float32 1 = cell and 0 = a boundary between cells (`metrics.label_boundaries`),
+    as `<target stem minus -prediction>-cells-boundaries.tif` beside `target`: a challenge submission made of
+    the cells; return its path."""
+    target = Path(target)
+    path = target.with_name(f"{target.stem.removesuffix(PREDICTION_SUFFIX)}{CELLS_SUFFIX}-boundaries.tif")
+    pages = np.stack([~metrics.label_boundaries(page) for page in np.asarray(cells)]).astype(np.float32)
+    pages = pages if len(pages) > 1 else pages[0]
+    return files.write_atomic(path, lambda part: tifffile.imwrite(part, pages, photometric="minisblack"))
+
+
 def write_overlay(target: PathLike, image: np.ndarray, cells: np.ndarray) -> Path:
     """Write a PNG of the cells in random colours over the grey `image` (one page) as
     `<target stem minus -prediction>-cells.png`; return its path."""
@@ -172,6 +184,14 @@ def output_path(input_path: PathLike, out: PathLike | None = None, suffix: str =
 
 # ---------------------------------------------------------------- the job
 
+def runtime_line(chosen: dict) -> str:
+    """Return the line that says which runtime predicts, and why."""
+    seconds = ", ".join(f"{name} {value:.3f} s" for name, value in chosen.get("seconds", {}).items())
+    why = f" (per 576x576 tile: {seconds}{'; measured before on this machine' if chosen['cached'] else ''})" \
+        if seconds else ""
+    return f"runtime: {chosen['runtime']}{why}"
+
+
 def _silent(line: str) -> None:
     """Say nothing (the default of the jobs' `say`)."""
 
@@ -197,6 +217,8 @@ def predict_files(
     cells: bool = False,
     method: str | None = None,
     overlay: bool = False,
+    runtime: str | None = None,
+    boundaries: bool = False,
     say: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Predict every image named by `inputs` (files or folders) and write one TIFF each; return their paths.
@@ -204,8 +226,10 @@ def predict_files(
     With `png` / `mask_tiff` also the 0/255 masks (threshold 0.5) as PNGs /
     one `-mask.tif` beside each prediction. With `cells` also the cells, a
     uint32 `-cells.tif` (`segment.segment` by `method`, default the model
-    card's), and with `overlay` a `-cells.png` picture of the first page's.
-    An affinity model's prediction TIFF holds its cell map (`affinities.cell_map`). A prediction that is (nearly)
+    card's), with `overlay` a `-cells.png` picture of the first page's, and with `boundaries` their boundary map
+    `-cells-boundaries.tif` (a challenge submission of the cells).
+    An affinity model's prediction TIFF holds its cell map (`affinities.cell_map`). `runtime`: keras, onnx, or
+    auto (the faster on this machine, `runtimes.load_for_prediction`; None: its default). A prediction that is (nearly)
     uniform gets a warning naming the likely causes. `say` receives a line
     per step and per file written (the command line prints them).
 
@@ -216,8 +240,8 @@ def predict_files(
     tile_grid((1, 1), tile, overlap)  # check the settings before the slow part
     if method is not None and method not in segment.METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(segment.METHODS)}")
-    if overlay and not cells:
-        raise ValueError("--overlay draws the cells: add --cells")
+    if (overlay or boundaries) and not cells:
+        raise ValueError("--overlay and --cell-boundaries draw the cells: add --cells")
     images = read_images(inputs)
     if out is not None and Path(out).suffix.lower() in TIFF_SUFFIXES:
         if len(images) != 1:
@@ -228,7 +252,8 @@ def predict_files(
     _refuse_shared_outputs(targets, "file")
 
     say = say or _silent
-    model = runtimes.load_model(model_path, precision="auto")
+    model, chosen = runtimes.load_for_prediction(model_path, runtime)
+    say(runtime_line(chosen))
     say(f"predicting {len(images)} image(s) with {model_path}: tiles {tile}, overlap {overlap}, "
         f"batch {batch_size}" + (", 8-fold test-time augmentation" if tta else ""))
     for (name, pages), target in zip(images, targets):
@@ -251,6 +276,8 @@ def predict_files(
                 + (", ..." if len(labels) > 5 else "") + ")")
             if overlay:
                 say(f"wrote {write_overlay(target, pages[0], labels[0])}")
+            if boundaries:
+                say(f"wrote {write_cell_boundaries(target, labels)}")
         say(f"wrote {target} ({len(pages)} page(s) of {pages.shape[1]}x{pages.shape[2]}, "
             f"{'uint8 0-255' if uint8 else 'float32 probabilities'})")
     return targets
@@ -268,9 +295,14 @@ def predict_volumes(
     block: int | None = None,
     workers: int | None = None,
     dask: str | None = None,
+    cells: bool = False,
+    method: str | None = None,
     say: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Predict each .zarr or TIFF input block by block into a zarr array (`blocks.predict_volume`); return their paths.
+
+    With `cells` each prediction is then cut into cells page by page (`blocks.segment_volume`, resumable too)
+    into `<stem>-cells.zarr` beside it, by `method` (threshold or multicut on the stored cell map).
 
     `out` is a folder (default: beside each input, as `<stem>-prediction.zarr`),
     or a .zarr name when there is one input. With `workers` (a local cluster of
@@ -305,6 +337,14 @@ def predict_volumes(
                                           uint8, client=client)
             say(f"wrote {target}: {stats['computed']} blocks computed, {stats['skipped']} skipped, "
                   f"{stats['seconds']:.1f} s")
+            if cells:
+                how, params, _ = runtimes.segmentation_for(model_path, 1, method)
+                if how == "mws":  # the zarr holds the affinities' cell map, not the affinities
+                    how, params, _ = runtimes.segmentation_for(model_path, 1, "multicut")
+                labels = target.with_name(target.stem.removesuffix(PREDICTION_SUFFIX) + CELLS_SUFFIX + ZARR_SUFFIX)
+                done = blocks.segment_volume(target, labels, how, params)
+                say(f"wrote {labels} ({how}): {done['computed']} pages computed, {done['skipped']} skipped, "
+                    f"{done['seconds']:.1f} s")
     return targets
 
 
@@ -331,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --cells: how to cut the prediction into cells (default: the model card's, else multicut for "
              "a membrane model and mws for an affinity model)")
     add("--overlay", action="store_true", help="with --cells: also <name>-cells.png, the first page's cells in colour")
+    add("--cell-boundaries", action="store_true",
+        help="with --cells: also <name>-cells-boundaries.tif, float32 1 = cell, 0 = boundary (a challenge submission)")
+    add("--runtime", choices=runtimes.RUNTIMES,
+        help="what runs a .keras model: keras, onnx (onnxruntime on a cached conversion), or auto (default: the "
+             f"faster on this machine, timed once and remembered; ${runtimes.RUNTIME_ENV} sets the default)")
     volumes = parser.add_argument_group("zarr output, block by block (a .zarr input or --out NAME.zarr)")
     volumes.add_argument("--block", type=int, help="block side in pixels, also the output's chunks (default 1024)")
     volumes.add_argument("--workers", type=int, metavar="N",
@@ -348,11 +393,11 @@ def run(args: argparse.Namespace) -> None:
     if not args.inputs:
         raise ValueError("no input: name image files or folders, or use --challenge")
     if any(is_zarr(path) for path in [*args.inputs, args.out or ""]):
-        if args.png or args.mask_tiff or args.cells:
-            raise ValueError("--png, --mask-tiff and --cells are for TIFF output; segment a zarr output with "
-                             "segment.py page by page")
+        if args.png or args.mask_tiff or args.overlay or args.cell_boundaries:
+            raise ValueError("--png, --mask-tiff, --overlay and --cell-boundaries are for TIFF output; a zarr "
+                             "output can be thresholded or drawn later")
         predict_volumes(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta,
-                        args.uint8, args.block, args.workers, args.dask, say=print)
+                        args.uint8, args.block, args.workers, args.dask, args.cells, args.method, say=print)
         return
     for flag in ("block", "workers", "dask"):
         if getattr(args, flag) is not None:
@@ -360,7 +405,8 @@ def run(args: argparse.Namespace) -> None:
     if args.out and Path(args.out).suffix.lower() in TIFF_SUFFIXES:
         files.prepare_output(args.out)
     predict_files(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta, args.uint8,
-                  args.png, args.mask_tiff, args.cells, args.method, args.overlay, say=print)
+                  args.png, args.mask_tiff, args.cells, args.method, args.overlay, args.runtime,
+                  args.cell_boundaries, say=print)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,8 @@ import files
 
 PROJECT_DIR = Path(__file__).resolve().parent
 TENSORBOARD_PARTS = ("train", "validation", "images")  # the log folders a restart mark goes into
-MUST_MATCH = ("filters", "batch_norm", "precision_policy", "loss")  # settings a resumed run cannot change
+# settings a resumed run cannot change
+MUST_MATCH = ("filters", "batch_norm", "precision_policy", "loss", "target", "offsets")
 
 
 class RunFolder:

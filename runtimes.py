@@ -11,9 +11,11 @@ preprocessing (divide by 255) is checked, not applied.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -23,6 +25,8 @@ PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = PROJECT_DIR / "models" / "unet-isbi-cpu.keras"  # the shipped model
 KERAS_SUFFIX, ONNX_SUFFIX, PACKAGE_SUFFIX = ".keras", ".onnx", ".zip"
 SAVEDMODEL_FILE = "saved_model.pb"
+ONNX_OPSET = 17
+INPUT_NAME = "raw"  # the input's name in the ONNX, SavedModel and bioimage.io exports
 PACKAGE_WEIGHTS = ("onnx", "keras_v3", "tensorflow_saved_model_bundle")  # the first one a package has is used
 PACKAGE_GAIN = 1 / 255  # the scaling to [0, 1] that predict.py applies before the model
 
@@ -195,3 +199,116 @@ def segmentation_for(path: str | os.PathLike, channels: int, method: str | None 
     method = method or chosen.get("method") or ("mws" if channels > 1 else "multicut")
     params = chosen.get("params") if chosen.get("method") == method else None
     return method, segment.SegmentParams.from_dict(params or {}), offsets
+
+
+# ---------------------------------------------------------------- ONNX, and the fastest runtime
+
+@contextlib.contextmanager
+def environment_kept():
+    """Within the block, changes to os.environ are undone at its end.
+
+    tf2onnx (TF_CPP_MIN_LOG_LEVEL=3, at import) and bioimageio.core's model
+    test (TF_ENABLE_ONEDNN_OPTS=0) set TensorFlow's variables for the whole
+    process, and so for every process it starts afterwards.
+    """
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def write_onnx(model, dest: Path) -> Path:
+    """Write `model` as ONNX (opset ONNX_OPSET) with tf2onnx: input `raw` (batch, y, x, 1) float32 in [0, 1]."""
+    import tensorflow as tf
+
+    with environment_kept():
+        import tf2onnx
+
+        spec = [tf.TensorSpec((None, None, None, 1), tf.float32, name=INPUT_NAME)]
+        function = tf.function(lambda x: model(x, training=False), input_signature=spec)
+        tf2onnx.convert.from_function(function, input_signature=spec, opset=ONNX_OPSET, output_path=str(dest))
+    return dest
+
+
+RUNTIMES = ("auto", "keras", "onnx")
+RUNTIME_ENV = "UNET_ISBI_RUNTIME"  # the default runtime of predict.py, evaluate.py and blocks.py (else auto)
+CACHE_ENV = "UNET_ISBI_CACHE"  # where the ONNX conversions and the timings are kept
+TIMING_SIDE = 576  # pixels: one tile of tiling.DEFAULT_TILE, as prediction feeds the model
+
+
+def cache_dir() -> Path:
+    """Return the folder of the cached conversions and timings: $UNET_ISBI_CACHE, else ~/.cache/unet-isbi."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "unet-isbi")
+
+
+def _onnx_of(path: Path, digest: str) -> Path:
+    """Return the cached ONNX conversion (float32, normalisation folded) of the .keras model at `path`."""
+    from model import fold_batch_norm, load_model as load_keras, with_dtype_policy
+
+    dest = cache_dir() / f"{digest}.onnx"
+    if not dest.is_file():
+        import files
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        model = with_dtype_policy(fold_batch_norm(load_keras(path)), "float32")
+        files.write_atomic(dest, lambda part: write_onnx(model, Path(part)))
+    return dest
+
+
+def _seconds_per_call(model, repeats: int = 3) -> float:
+    """Return the best time (seconds) of `repeats` predictions of one tile, after a warm-up call."""
+    tile = np.random.default_rng(0).random((1, TIMING_SIDE, TIMING_SIDE, 1), dtype=np.float32)
+    model.predict_on_batch(tile)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        model.predict_on_batch(tile)
+        times.append(time.perf_counter() - began)
+    return min(times)
+
+
+def default_runtime() -> str:
+    """Return the runtime used when none is asked for: $UNET_ISBI_RUNTIME, else 'auto'."""
+    return os.environ.get(RUNTIME_ENV) or "auto"
+
+
+def load_for_prediction(path: str | os.PathLike, runtime: str | None = None):
+    """Return the model at `path` in the runtime that predicts it fastest on this machine, with what was chosen:
+    (model, {'runtime', 'seconds' per 576x576 tile by runtime, 'cached'}).
+
+    A .keras model runs in Keras (in the precision `hardware.choose_precision` picks) or, converted once to
+    ONNX (float32), in onnxruntime; 'auto' times both on one tile at first use and keeps the choice per
+    machine and model in `cache_dir()`. Other formats load as they are (`load_model`). `runtime` None:
+    `default_runtime()`.
+    """
+    import files
+    import hardware
+
+    runtime = runtime or default_runtime()
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    path = Path(path)
+    if path.suffix.lower() != KERAS_SUFFIX:
+        return load_model(path, precision="auto"), {"runtime": "as exported", "seconds": {}, "cached": False}
+    if runtime == "keras":
+        return load_model(path, precision="auto"), {"runtime": "keras", "seconds": {}, "cached": False}
+    digest = files.sha256(path)
+    if runtime == "onnx":
+        return OnnxModel(_onnx_of(path, digest)), {"runtime": "onnx", "seconds": {}, "cached": False}
+    key = f"{digest} {hardware.describe()} {hardware.choose_precision('auto')}"
+    timings_file = cache_dir() / "runtimes.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    if key in timings:
+        chosen = {**timings[key], "cached": True}
+    else:
+        candidates = {"keras": load_model(path, precision="auto"), "onnx": OnnxModel(_onnx_of(path, digest))}
+        seconds = {name: _seconds_per_call(model) for name, model in candidates.items()}
+        chosen = {"runtime": min(seconds, key=seconds.get), "seconds": seconds}
+        timings_file.parent.mkdir(parents=True, exist_ok=True)
+        files.write_atomic(timings_file, json.dumps({**timings, key: chosen}, indent=2) + "\n")
+        chosen = {**chosen, "cached": False}
+    if chosen["runtime"] == "onnx":
+        return OnnxModel(_onnx_of(path, digest)), chosen
+    return load_model(path, precision="auto"), chosen

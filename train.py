@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,9 +42,10 @@ import distribute
 import files
 import hardware
 import losses
+import metrics
 import runs
 import segment
-from callbacks import Checkpoints, ResumableTensorBoard, StepBackup, StopOnNaN, TimeLimit, ValidationPages
+from callbacks import Checkpoints, ResumableTensorBoard, StepBackup, StopOnNaN, TimeLimit, ValidationPages, cell_maps
 from metrics import MembraneDice, membrane_iou, pixel_difference
 from model import SIZE_MULTIPLE, build_unet, load_model
 
@@ -90,8 +92,10 @@ class TrainSettings:
     challenge_every: int = 1  # epochs between validation V_rand / V_info (0: never)
     draw_interval: int = 100  # optimizer steps between validation pictures (callbacks.ValidationPages)
     histogram_freq: int = 1
+    weight_images: bool = False  # TensorBoard pictures of every kernel and bias (the original's write_images=True)
     update_freq: int = 100
     time_limit: float | None = None  # seconds; stops before an epoch that would end after it (callbacks.TimeLimit)
+    budget: float | None = None  # seconds for the whole run: steps_per_epoch is sized to this machine to fit it
     seed: int = 0
     deterministic: bool = False  # identical losses step by step on a rerun (TensorFlow op determinism; slower)
     backup_every: int = 100  # optimizer steps between mid-epoch backups (backup.keras) a killed run resumes from
@@ -127,6 +131,7 @@ PRESETS = {
         loss="bce_dice",
         draw_interval=200,
         time_limit=30 * 60,
+        budget=30 * 60,
         backup_every=25,
         augmentation=augment.Augmentation(vertical_flip=True, rot90=True),
         preset="cpu",
@@ -181,9 +186,78 @@ def interrupts_raise():
             signal.signal(sig, handler)
 
 
-def state_settings(settings: TrainSettings) -> dict:
-    """Return the settings as saved beside a run, with the resolved precision policy."""
-    return {**settings.to_dict(), "precision_policy": hardware.choose_precision(settings.precision)}
+def state_settings(settings: TrainSettings, sizing: dict | None = None) -> dict:
+    """Return the settings as saved beside a run, with the resolved precision policy (and the sizing, if any)."""
+    saved = {**settings.to_dict(), "precision_policy": hardware.choose_precision(settings.precision)}
+    return {**saved, "sizing": sizing} if sizing else saved
+
+
+BUDGET_MARGIN = 0.93  # of the budget planned for: the estimate's error, checkpoints, TensorBoard and the data report
+
+
+def measure_speed(settings: TrainSettings, split: dict, policy: str, steps: int = 3) -> dict:
+    """Return {'step': seconds per train step, 'validation': seconds per epoch's validation} on this machine,
+    measured on a throwaway model after one warm-up step: `steps` train steps on the run's own batches, and
+    the validation pages predicted twice (Keras's pass and ValidationPages') and scored once."""
+    model = build_model(settings, policy)
+    batches = training_batches(settings, split)
+    prepared = [batches[i] for i in range(steps + 1)]  # augmenting is not what is timed
+    model.train_on_batch(*prepared[0][:2], sample_weight=prepared[0][2] if len(prepared[0]) > 2 else None)
+    began = time.perf_counter()
+    for batch in prepared[1:]:
+        model.train_on_batch(*batch[:2], sample_weight=batch[2] if len(batch) > 2 else None)
+    step = (time.perf_counter() - began) / steps
+    val_x, val_y = split["validation"]
+    model.predict_on_batch(val_x[:1])
+    began = time.perf_counter()
+    outputs = np.concatenate([model.predict_on_batch(val_x[i : i + 1]) for i in range(len(val_x))])
+    predicting = time.perf_counter() - began
+    began = time.perf_counter()
+    if settings.challenge_every:
+        outputs, labels, segmenter = np.asarray(outputs, np.float32), val_y[..., 0] > 0.5, cell_segmenter(settings)
+        with warnings.catch_warnings():  # an untrained network's output is uniform
+            warnings.simplefilter("ignore", UserWarning)
+            for page, cell_map, label in zip(ValidationPages._pages(outputs), cell_maps(outputs), labels):
+                metrics.challenge_scores(cell_map, label)
+                metrics.cell_scores(segmenter(page), label)
+    scoring = (time.perf_counter() - began) / max(settings.challenge_every, 1)
+    return {"step": step, "validation": 2 * predicting + scoring}
+
+
+def size_to_budget(settings: TrainSettings, split: dict, policy: str, previous: dict | None,
+                   spent: float = 0.0) -> tuple[TrainSettings, dict]:
+    """Return (settings with steps_per_epoch sized so that all `epochs` end within `budget` seconds on this
+    machine, what was measured and chosen). A resumed run keeps the sizing it started with (`previous`:
+    its saved settings), so its epochs stay the same length. `spent`: seconds already gone (the data load)."""
+    recipe = settings.steps_per_epoch
+    if previous and previous.get("sizing", {}).get("recipe_steps_per_epoch") == recipe and \
+            previous.get("budget") == settings.budget:
+        sizing = {**previous["sizing"], "resumed": True}
+        return dataclasses.replace(settings, steps_per_epoch=sizing["steps_per_epoch"]), sizing
+    began = time.perf_counter()
+    speed = measure_speed(settings, split, policy)
+    left = BUDGET_MARGIN * settings.budget - spent - (time.perf_counter() - began)
+    per_epoch = left / settings.epochs - speed["validation"]
+    steps = int(max(1, min(recipe, per_epoch // speed["step"])))
+    sizing = {"seconds_per_step": round(speed["step"], 4), "validation_seconds": round(speed["validation"], 2),
+              "recipe_steps_per_epoch": recipe, "steps_per_epoch": steps,
+              "planned_minutes": round((settings.epochs * (steps * speed["step"] + speed["validation"])) / 60, 1)}
+    return dataclasses.replace(settings, steps_per_epoch=steps), sizing
+
+
+def sizing_line(settings: TrainSettings, sizing: dict) -> str:
+    """Return the line that says how the run was sized to the machine, and why."""
+    if sizing.get("resumed"):
+        return (f"sized when this run started: {settings.epochs} epochs x {sizing['steps_per_epoch']} steps "
+                f"({sizing['seconds_per_step']:.2f} s per step then)")
+    recipe, steps = sizing["recipe_steps_per_epoch"], sizing["steps_per_epoch"]
+    whole = settings.epochs * (recipe * sizing["seconds_per_step"] + sizing["validation_seconds"]) / 60
+    verdict = (f"the whole recipe, {settings.epochs} x {recipe} steps, fits" if steps == recipe else
+               f"the recipe's {recipe} steps per epoch would take {whole:.0f} min, so {steps} steps per epoch "
+               f"(all {settings.epochs} epochs)")
+    return (f"sized to this machine: {sizing['seconds_per_step']:.2f} s per train step and "
+            f"{sizing['validation_seconds']:.1f} s of validation per epoch, measured; {verdict}; about "
+            f"{sizing['planned_minutes']:.0f} of the {settings.budget / 60:.0f}-minute budget")
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -304,6 +378,8 @@ def banner(settings: TrainSettings, model: keras.Model, policy: str, start: runs
         f"lr {settings.learning_rate}{schedule}",
         f"precision {policy}",
     ]
+    if settings.target != "membranes":
+        parts.insert(2, f"target {settings.target} (offsets {settings.offsets})")
     if settings.strategy != "default":
         writer = "" if chief else f", not the chief: writing to {run.path}"
         parts.append(f"strategy {settings.strategy} ({distribute.replicas(strategy)} replicas{writer})")
@@ -337,8 +413,10 @@ def make_callbacks(settings: TrainSettings, run: runs.RunFolder, validation: tup
         # A NaN loss raises before anything saves the broken weights.
         StopOnNaN(settings.steps_per_epoch, f"the checkpoints in {run.path}"),
         pages,
+        # The weight pictures are off by default: a hundred cards of bars that bury the image history in
+        # TensorBoard's Images tab; the histograms show the weights already.
         ResumableTensorBoard(str(run.logs), histogram_freq=settings.histogram_freq, write_graph=True,
-                             write_images=True, update_freq=settings.update_freq),
+                             write_images=settings.weight_images, update_freq=settings.update_freq),
         Checkpoints(run, settings.monitor, monitor_mode(settings.monitor), start.best, {"settings": saved}, pages),
         StepBackup(run.backup, settings.backup_every if chief else 0),
         TimeLimit(settings.time_limit, start.steps // settings.steps_per_epoch, settings.epochs),
@@ -398,6 +476,7 @@ def train(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
     save a backup and raise `cli.Interrupted`, which says how to resume.
     """
     say = say or (lambda line: None)
+    setup_began = time.monotonic()
     # First: devices and multi-worker communication are set up before any other TensorFlow work.
     strategy = distribute.make_strategy(settings.strategy, settings.cpu_devices)
     replicas = distribute.replicas(strategy)
@@ -425,7 +504,12 @@ def train(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
         say(data.format_report(report))
     if chief:
         data.write_report(report, run.path)
-    saved = state_settings(settings)
+    sizing = None
+    if settings.budget:
+        previous = shared.saved_settings() if settings.resume and not settings.clear_all else None
+        settings, sizing = size_to_budget(settings, split, policy, previous, time.monotonic() - setup_began)
+        say(sizing_line(settings, sizing))
+    saved = state_settings(settings, sizing)
     with strategy.scope():
         # Every worker resumes from the run folder (shared between machines), which only the chief writes.
         start = runs.ResumePoint()

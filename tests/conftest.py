@@ -1,7 +1,9 @@
 """Shared test fixtures and helpers: the real ISBI data when it can be found, small synthetic stacks, the tiny
 model and the tiny training run that many modules' tests use."""
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Predictions run in Keras unless a test asks for another runtime (runtimes.load_for_prediction would convert and
+# time every tiny model to ONNX first), and nothing is cached in the user's home.
+os.environ.setdefault("UNET_ISBI_RUNTIME", "keras")
+os.environ["UNET_ISBI_CACHE"] = tempfile.mkdtemp(prefix="unet-isbi-cache-")
 
 
 def picture(shape, seed=0) -> np.ndarray:

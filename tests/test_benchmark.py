@@ -117,6 +117,19 @@ def test_options_alternate_each_variant_and_report_per_image_times():
     assert {"channels_last", "channels_first"} <= set(found["layout"])
 
 
+def test_normalisation_and_runtime_options_time_each_kind(unet_path):
+    import model
+
+    found = benchmark.options(["normalisation", "runtime"], filters=2, size=32, batch=2, precision="float32",
+                              rounds=1, model_path=str(unet_path))
+    assert list(found["normalisation"]) == ["none", "keras BatchNormalization", "fused (model.py)"]
+    assert model.FusedBatchNormalization.__name__ == "FusedBatchNormalization"  # put back after the Keras variant
+    runtime = found["runtime"]
+    assert set(runtime) == {"keras (auto precision)", "keras float32", "onnxruntime"}
+    assert runtime["keras float32"]["max_difference"] == 0 and runtime["onnxruntime"]["max_difference"] < 1e-4
+    assert "per 576x576 tile" in benchmark.options_table("runtime", runtime)
+
+
 def test_thread_settings_run_in_a_fresh_process():
     row = benchmark.benchmark_process(["--filters", "2", "--size", "32", "--batch", "2", "--precision", "float32",
                                        "--warmup", "1", "--repeats", "1", "--threads", "1,1"])

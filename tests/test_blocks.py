@@ -18,7 +18,7 @@ SETTINGS = dict(tile=TILE, overlap=OVERLAP, batch_size=3, progress=False)
 
 @pytest.fixture(scope="module")
 def block_model(unet_path):
-    return runtimes.load_model(unet_path, precision=blocks.PRECISION)  # as predict_volume loads it
+    return runtimes.load_model(unet_path, precision="auto")  # as predict_volume loads it (runtime keras in the tests)
 
 
 @pytest.fixture(scope="module")

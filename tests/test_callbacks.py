@@ -308,3 +308,5 @@ def test_cell_scores_of_the_segmenter_reach_the_logs_and_an_affinity_model_is_dr
     assert logs["val_uniform"] == 0.0
     (step, grid), = pictures(tmp_path / "logs" / "images", "epoch")
     assert grid.shape[:2] == (2 * images.shape[1], 2 * images.shape[2])
+    (step, cells), = pictures(tmp_path / "logs" / "images", "cells")
+    assert step == 1 and cells.shape == images.shape[1:3] + (3,)

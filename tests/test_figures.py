@@ -7,6 +7,7 @@ from conftest import cell_mask
 from PIL import Image
 
 import figures
+import metrics
 
 VALIDATION_PAGES = 3
 PAGE = 512
@@ -95,6 +96,26 @@ def test_results_grid_has_images_labels_and_predictions_titled_with_pixel_differ
     assert titles[6:] == ["pixel difference 0.0%", "pixel difference 100.0%", "pixel difference 0.0%"]
 
 
+def test_results_grid_shows_the_cells_in_colour_titled_with_their_counts_and_v_rand():
+    labels = np.ones((2, 32, 48), np.float32)
+    labels[:, 15:17, :] = 0  # two cells per page
+    cells = np.stack([metrics.segment_cells(label > 0) for label in labels]).astype(np.uint32)
+    cells[1] = 1  # the second page merges them, membrane and all
+    figure = figures.results_grid(labels, labels, labels, cells=cells)
+    assert len(figure.axes) == 8
+    assert figure.axes[6].get_images()[0].get_array().shape == (32, 48, 3)
+    titles = [ax.get_title() for ax in figure.axes[6:]]
+    assert titles[0] == "2 cells (2 true), V_rand 1.000" and titles[1].startswith("1 cells (2 true), V_rand 0.")
+
+
+def test_architecture_diagram_names_every_block_with_its_width_and_side():
+    figure = figures.architecture_figure(filters=16, size=256, out_channels=8, batch_norm=True)
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    assert "CNT_1: 16 filters\n256 x 256" in texts and "CNT_5: 256 filters\n16 x 16" in texts
+    assert "EXP_4: 16 filters\n256 x 256" in texts and any("8 channels" in t for t in texts)
+    assert any("BN" in t for t in texts)
+
+
 def test_results_grid_refuses_rows_of_different_lengths():
     with pytest.raises(ValueError, match="3 images, 2 labels"):
         figures.results_grid(np.zeros((3, 16, 16)), np.zeros((2, 16, 16)), np.zeros((3, 16, 16)))
@@ -112,7 +133,8 @@ def test_masks_grid_shows_each_page_with_its_predicted_mask_and_membrane_dice():
 def test_command_line_draws_into_the_runs_own_folder_by_default(tiny_run, capsys):
     assert figures.main([str(tiny_run["logs"])]) == 0
     folder = tiny_run["logs"].parent / "images"
-    assert {"loss.png", "acc.png", "pixel_difference.png", "labels.png"} <= {p.name for p in folder.iterdir()}
+    assert {"loss.png", "acc.png", "pixel_difference.png", "labels.png", "architecture.png"} <= \
+        {p.name for p in folder.iterdir()}
     assert str(folder / "loss.png") in capsys.readouterr().out
     assert figures.main([str(folder)]) == 1  # not a log folder: one error line
     assert "holds no train/ folder" in capsys.readouterr().err

@@ -134,3 +134,61 @@ def test_an_affinity_head_has_one_sigmoid_channel_per_offset():
     assert model.get_layer("OUT_3").filters == 16 and model.get_layer("OUT").activation.__name__ == "sigmoid"
     with pytest.raises(ValueError, match="out_channels"):
         build_unet((32, 32, 1), filters=2, out_channels=0)
+
+
+@pytest.mark.parametrize("upsampling, channels", [("upsample", 1), ("transpose", 8)])
+def test_folding_the_normalisation_into_the_convolutions_keeps_the_outputs_and_drops_the_layers(upsampling, channels):
+    from model import fold_batch_norm, inference_model
+
+    model = build_unet((None, None, 1), filters=4, batch_norm=True, upsampling=upsampling, out_channels=channels)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:  # moving statistics and affine parameters far from their initial values
+        if layer.name.endswith("_bn"):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 2, gamma.shape), rng.normal(0, 0.5, beta.shape),
+                               rng.normal(0, 0.5, mean.shape), rng.uniform(0.2, 3, variance.shape)])
+    x = rng.random((2, 48, 64, 1)).astype(np.float32)
+    folded = inference_model(model)
+    assert not [layer.name for layer in folded.layers if "_bn" in layer.name or "_relu" in layer.name]
+    assert folded.count_params() < model.count_params()
+    np.testing.assert_allclose(folded.predict_on_batch(x), model.predict_on_batch(x), atol=2e-5)
+    plain = build_unet((None, None, 1), filters=4)
+    assert fold_batch_norm(plain) is plain
+
+
+def test_the_fused_normalisation_computes_what_keras_batch_normalization_does():
+    from model import FusedBatchNormalization
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, (3, 8, 10, 5)).astype(np.float32)
+    ours, theirs = FusedBatchNormalization(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    weights = [rng.uniform(0.5, 2, 5), rng.normal(0, 1, 5), np.zeros(5), np.ones(5)]
+    for layer in (ours, theirs):
+        layer.build(x.shape)
+        layer.set_weights(weights)
+    np.testing.assert_allclose(ours(x, training=True), theirs(x, training=True), atol=2e-5)
+    for mine, keras_weight in zip(ours.get_weights(), theirs.get_weights()):  # moving statistics updated alike
+        np.testing.assert_allclose(mine, keras_weight, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours(x, training=False), theirs(x, training=False), atol=2e-5)
+
+
+def test_training_with_the_fused_normalisation_follows_keras_losses_over_50_steps(monkeypatch):
+    import model
+
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 64, 64, 1)).astype(np.float32)
+    y = (rng.random((4, 64, 64, 1)) > 0.3).astype(np.float32)
+    losses = {}
+    for kind in ("keras", "fused"):
+        if kind == "keras":
+            monkeypatch.setattr(model, "FusedBatchNormalization", keras.layers.BatchNormalization)
+        else:
+            monkeypatch.undo()
+        keras.utils.set_random_seed(0)
+        unet = build_unet((None, None, 1), filters=4, batch_norm=True)
+        unet.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
+        losses[kind] = [float(unet.train_on_batch(x, y)) for _ in range(50)]
+    assert losses["fused"][0] == pytest.approx(losses["keras"][0], rel=1e-6)
+    # float rounding differs between the two computations and Adam carries it on: close, not bit-equal
+    np.testing.assert_allclose(losses["fused"], losses["keras"], rtol=2e-2)
+    assert losses["fused"][-1] < losses["fused"][0] - 0.1

@@ -14,6 +14,7 @@ NOTEBOOK = ROOT / "unet-isbi.ipynb"
 def run_notebook(tmp_path, **parameters) -> list:
     """Run the notebook headless with `parameters`; return its executed code cells."""
     out = tmp_path / "unet-isbi.out.ipynb"
+    parameters = {"tensorboard": False, **parameters}  # headless: no TensorBoard server left behind
     papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=parameters, kernel_name="python3", cwd=str(ROOT),
                                progress_bar=False)
     return [cell for cell in nbformat.read(out, as_version=4).cells if cell.cell_type == "code"]
@@ -55,3 +56,4 @@ def test_notebook_trains_on_a_folder_pair_of_own_pages_and_scores_its_validation
     assert "on pages [1]:" in text  # the scores are those of validation page 1, not of ISBI's test pages
     (results,) = [cell for cell in code_cells if "results" in cell.metadata.get("tags", [])]
     assert any("image/png" in output.get("data", {}) for output in results.outputs)
+

@@ -156,13 +156,17 @@ def test_cells_of_the_shipped_model_on_a_test_page_are_about_as_many_as_the_true
 
     images, labels = data.load_isbi(isbi_dir)
     source = tiff(tmp_path / "page0.tif", images[0])
-    assert predict.main([str(source), "--cells", "--overlay"]) == 0
+    assert predict.main([str(source), "--cells", "--overlay", "--cell-boundaries"]) == 0
     cells = tifffile.imread(tmp_path / "page0-cells.tif")
     assert cells.shape == (512, 512) and cells.dtype == np.uint32
     found, true = len(np.unique(cells[cells > 0])), int(metrics.segment_cells(labels[0] > 0).max())
     assert 0.7 * true < found < 1.3 * true, (found, true)
     overlay = np.asarray(Image.open(tmp_path / "page0-cells.png"))
     assert overlay.shape == (512, 512, 3)
+    submission = tifffile.imread(tmp_path / "page0-cells-boundaries.tif")  # 1 = cell, 0 = between two cells
+    np.testing.assert_array_equal(submission, ~metrics.label_boundaries(cells))
+    assert metrics.cell_scores(cells, labels[0])["v_rand"] == pytest.approx(
+        metrics.challenge_scores(submission, labels[0], thresholds=[0.5])["v_rand"])  # the challenge sees the cells
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'page0-cells.tif'} (multicut; cells per page: {found})" in out
 
@@ -170,7 +174,27 @@ def test_cells_of_the_shipped_model_on_a_test_page_are_about_as_many_as_the_true
 def test_cell_options_without_cells_or_on_zarr_are_refused(tmp_path, unet_path, capsys):
     source = tiff(tmp_path / "page.tif", picture((32, 32)))
     assert predict.main([str(source), "--model", str(unet_path), "--overlay"]) == 1
-    assert "--overlay draws the cells: add --cells" in capsys.readouterr().err
-    assert predict.main([str(source), "--model", str(unet_path), "--cells", "--out", str(tmp_path / "x.zarr")]) == 1
-    assert "--cells are for TIFF output" in capsys.readouterr().err
+    assert "--overlay and --cell-boundaries draw the cells: add --cells" in capsys.readouterr().err
+    assert predict.main([str(source), "--model", str(unet_path), "--cells", "--overlay", "--out",
+                         str(tmp_path / "x.zarr")]) == 1
+    assert "--overlay and --cell-boundaries are for TIFF output" in capsys.readouterr().err
     assert not list(tmp_path.glob("*-cells*")) and not (tmp_path / "x.zarr").exists()
+
+
+def test_cells_of_a_zarr_prediction_are_cut_page_by_page_and_a_rerun_skips_them(isbi_dir, tmp_path, capsys):
+    import zarr
+
+    images, _ = data.load_isbi(isbi_dir)
+    source = tiff(tmp_path / "two.tif", images[[0, 10], :256, :256])
+    out = tmp_path / "two.zarr"
+    assert predict.main([str(source), "--out", str(out), "--cells", "--method", "threshold", "--block", "256"]) == 0
+    cells = zarr.open_array(str(tmp_path / "two-cells.zarr"), mode="r")
+    probabilities = zarr.open_array(str(out), mode="r")
+    assert cells.shape == (2, 256, 256) and cells.dtype == np.uint32
+    for page in range(2):  # threshold: the 4-connected components of the stored map
+        import metrics
+
+        np.testing.assert_array_equal(cells[page], metrics.segment_cells(probabilities[page] > 0.5))
+    assert "2 pages computed, 0 skipped" in capsys.readouterr().out
+    assert predict.main([str(source), "--out", str(out), "--cells", "--method", "threshold", "--block", "256"]) == 0
+    assert "0 pages computed, 2 skipped" in capsys.readouterr().out

@@ -82,8 +82,10 @@ def test_rerun_resumes_from_last_epoch_and_clear_all_starts_afresh(isbi_dir, tmp
 def test_batch_norm_run_builds_a_normalised_model_and_resume_refuses_another_width_or_kind(isbi_dir, tmp_path):
     run_dir = str(tmp_path / "run")
     result = train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=run_dir, epochs=1, batch_norm=True))
-    names = [layer.name for layer in runtimes.load_model(result["best"]).layers]
+    names = [layer.name for layer in runtimes.load_model(result["last"]).layers]
     assert "CNT_1_conv_1_bn" in names and "EXP_4_conv_2_bn" in names
+    # best.keras, for inference, has the normalisation folded into its convolutions
+    assert not [name for name in (layer.name for layer in runtimes.load_model(result["best"]).layers) if "_bn" in name]
     with pytest.raises(ValueError, match="filters=4"):
         train.train(train.preset("tiny", data_dir=str(isbi_dir), run_dir=run_dir, epochs=2, filters=8,
                                  batch_norm=True))
@@ -439,6 +441,8 @@ def test_make_run_writes_into_its_run_folder_and_leaves_the_checkout_as_it_was(i
         assert f"this run's model, scores and figures: {run}/best.keras" in done.stdout
         written = {p.name for p in (ROOT / run / "images").iterdir()}
         assert {"unet_results.png", "loss.png", "acc.png", "labels.png"} <= written
+        card = json.loads((ROOT / run / "best.json").read_text())  # the cells' parameters, chosen on validation pages
+        assert card["segmentation"]["tuned_on"]["pages"] == list(data.VALIDATION_PAGES)
         assert status() == before
     finally:
         shutil.rmtree(ROOT / run, ignore_errors=True)
@@ -463,3 +467,32 @@ def test_load_data_fetches_missing_isbi_stacks_only_when_asked(tmp_path, isbi_di
         assert parts["train"][0].shape == (24, 512, 512, 1) and report["split"] == "isbi"
     finally:
         server.shutdown()
+
+
+def test_a_budget_sizes_the_epochs_to_the_measured_speed_and_a_resumed_run_keeps_the_sizing(monkeypatch):
+    settings = train.preset("tiny", epochs=2, steps_per_epoch=100, budget=60.0)
+    monkeypatch.setattr(train, "measure_speed", lambda *args, **kwargs: {"step": 1.0, "validation": 5.0})
+    sized, sizing = train.size_to_budget(settings, {}, "float32", previous=None)
+    # 93 % of 60 s over 2 epochs, less 5 s of validation each: 22 steps of 1 s per epoch
+    assert sized.steps_per_epoch == 22 and sized.epochs == 2 and sizing["recipe_steps_per_epoch"] == 100
+    line = train.sizing_line(sized, sizing)
+    assert "1.00 s per train step" in line and "so 22 steps per epoch (all 2 epochs)" in line
+    fast, fits = train.size_to_budget(dataclasses.replace(settings, steps_per_epoch=10), {}, "float32", None)
+    assert fast.steps_per_epoch == 10 and "the whole recipe, 2 x 10 steps, fits" in train.sizing_line(fast, fits)
+    monkeypatch.setattr(train, "measure_speed", lambda *args, **kwargs: pytest.fail("a resumed run re-measured"))
+    saved = train.state_settings(sized, sizing)
+    resumed, again = train.size_to_budget(settings, {}, "float32", previous=saved)
+    assert resumed.steps_per_epoch == 22 and again["resumed"]
+
+
+def test_a_budgeted_tiny_run_measures_this_machine_and_says_what_it_chose(isbi_dir, tmp_path):
+    lines = []
+    settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=1,
+                            steps_per_epoch=50, budget=45.0)
+    result = train.train(settings, say=lines.append)
+    (line,) = [line for line in lines if line.startswith("sized to this machine")]
+    saved = json.loads((tmp_path / "run" / "settings.json").read_text())
+    sizing = saved["sizing"]
+    assert 0 < sizing["seconds_per_step"] < 20 and saved["steps_per_epoch"] == sizing["steps_per_epoch"] <= 50
+    assert len(result["history"]["loss"]) == 1
+    assert f"{sizing['seconds_per_step']:.2f} s per train step" in line
