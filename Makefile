@@ -8,7 +8,7 @@ RUN    ?= runs/$(PRESET)
 # TensorFlow's own log level; the tools also keep its native lines off the screen (cli.py: --tf-logs shows them).
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 
-.PHONY: setup data run train evaluate figures submission benchmark export test notebook lab clean
+.PHONY: setup data run train evaluate figures submission benchmark export test notebook notebook-outputs lab clean
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,10 @@ figures: data
 
 notebook: data
 	$(PY) -m papermill unet-isbi.ipynb $(RUN)-notebook.ipynb -p preset $(PRESET) -p run_dir $(RUN) -p tensorboard False
+
+# Maintainers: store the outputs of a finished run (the shipped model's) in the committed notebook, e.g. RUN=runs/cpu
+notebook-outputs: data
+	$(PY) tools/store_notebook.py $(RUN)
 
 # The notebook in JupyterLab, on this project's venv (kernel "Python 3 (unet-isbi)"); JupyterLab comes from requirements-lab.txt.
 lab: setup

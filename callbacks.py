@@ -50,6 +50,13 @@ def stretch_to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round((image - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+def recording():
+    """Return the context in which this project's summaries are written whatever Keras's TensorBoard callback
+    says: during validation it records only every `update_freq`-th step (`tf.summary.record_if`), and
+    ValidationPages writes from within the validation pass (`on_test_end`)."""
+    return tf.summary.record_if(True)
+
+
 def cell_maps(outputs: np.ndarray) -> np.ndarray:
     """Return (N, H, W) cell probabilities of (N, H, W, C) model outputs: the one channel, or the cell map
     of the affinities (`affinities.cell_map`)."""
@@ -153,7 +160,7 @@ class ValidationPages(SummaryCallback):
 
     def _picture(self, tag: str, step: int, predictions: np.ndarray) -> None:
         grid = stretch_to_uint8(prediction_grid(cell_maps(predictions)[..., np.newaxis], self.labels))
-        with self.writer.as_default():
+        with self.writer.as_default(), recording():
             tf.summary.image(tag, grid[np.newaxis], step=step)
         self.writer.flush()
 
@@ -177,14 +184,14 @@ class ValidationPages(SummaryCallback):
                 found = [metrics.cell_scores(page, y) for page, y in zip(cells, labels)]
                 scores.update({f"val_cell_{key}": float(np.mean([page[key] for page in found]))
                                for key in ("v_rand", "v_info")})
-                with self.writer.as_default():
+                with self.writer.as_default(), recording():
                     tf.summary.image("cells", segment.overlay(self.images[0, ..., 0], cells[0])[np.newaxis],
                                      step=epoch + 1)
         self.scores, self._done_epoch = scores, epoch
         self._picture("epoch", epoch + 1, outputs)
         if self._scalar_writer is None:
             self._scalar_writer = tf.summary.create_file_writer(str(self.scalar_dir))
-        with self._scalar_writer.as_default():
+        with self._scalar_writer.as_default(), recording():
             for key in ("v_rand", "v_info", "cell_v_rand", "cell_v_info", "uniform"):
                 if f"val_{key}" in scores:
                     tf.summary.scalar(f"epoch_{key}", scores[f"val_{key}"], step=epoch)

@@ -165,12 +165,12 @@ def evaluate_held_out(source: str | Path, parts: dict, report: dict, tta: bool =
 
 
 def tune(source: str | Path, data_dir: str | Path | None = None, pages=data.VALIDATION_PAGES,
-         method: str | None = None) -> dict:
+         method: str | None = None, runtime: str | None = None) -> dict:
     """Choose the segmentation parameters of a model on the validation `pages` (`segment.tune`, never the test
     pages) and record them in its card (`runtimes.card_path`); return the card's 'segmentation' entry."""
     raw_images, raw_labels = data.load_isbi(data_dir)
     pages = [int(p) for p in pages]
-    outputs = outputs_for(source, raw_images, pages)
+    outputs = outputs_for(source, raw_images, pages, runtime=runtime)
     channels = 1 if outputs.ndim == 3 else outputs.shape[-1]
     how, _, offsets = runtimes.segmentation_for(source, channels, method)
     labels = data.binarize_labels(raw_labels)[pages]
@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> None:
     for output in filter(None, (args.out, args.grid)):
         files.prepare_output(output)  # before the slow part
     if args.tune:
-        chosen = tune(args.source, args.data_dir, method=args.method)
+        chosen = tune(args.source, args.data_dir, method=args.method, runtime=args.runtime)
         print(f"segmentation chosen on validation pages {chosen['tuned_on']['pages']}: {chosen['method']} "
               f"{chosen['params']} (V_rand {chosen['tuned_on']['v_rand']:.4f}); kept in "
               f"{runtimes.card_path(args.source)}")

@@ -66,6 +66,15 @@ class RunFolder:
         state = self.read_json(self.state) or {}
         return state.get("settings") or self.read_json(self.settings)
 
+    def describe(self) -> str | None:
+        """Return one line on how the run was trained (its summary.json), or None before it has finished."""
+        summary = self.read_json(self.summary)
+        if summary is None:
+            return None
+        return (f"{self.path}: {summary['epochs_done']} epochs x {summary['steps_per_epoch']} steps in "
+                f"{summary['seconds'] / 60:.1f} min on {summary['machine']}, {summary['precision']}, "
+                f"commit {summary.get('commit') or 'unknown'}")
+
     def steps_per_epoch(self) -> int | None:
         """Return the optimizer steps per epoch the run was trained with, or None if it has no settings."""
         settings = self.saved_settings() or {}

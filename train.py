@@ -197,15 +197,23 @@ BUDGET_MARGIN = 0.93  # of the budget planned for: the estimate's error, checkpo
 
 def measure_speed(settings: TrainSettings, split: dict, policy: str, steps: int = 3) -> dict:
     """Return {'step': seconds per train step, 'validation': seconds per epoch's validation} on this machine,
-    measured on a throwaway model after one warm-up step: `steps` train steps on the run's own batches, and
-    the validation pages predicted twice (Keras's pass and ValidationPages') and scored once."""
+    measured on a throwaway model after one warm-up step: `steps` train steps on the run's own batches, each
+    augmented as it is timed, and the validation pages predicted twice (Keras's pass and ValidationPages')
+    and scored once.
+
+    Augmenting in the same thread overstates a step a little (in `fit` a thread prepares the next batch
+    while the cores train); on 2 cores that thread competes with training, so the sum is the safer estimate."""
     model = build_model(settings, policy)
     batches = training_batches(settings, split)
-    prepared = [batches[i] for i in range(steps + 1)]  # augmenting is not what is timed
-    model.train_on_batch(*prepared[0][:2], sample_weight=prepared[0][2] if len(prepared[0]) > 2 else None)
-    began = time.perf_counter()
-    for batch in prepared[1:]:
+
+    def train_step(index: int) -> None:
+        batch = batches[index]
         model.train_on_batch(*batch[:2], sample_weight=batch[2] if len(batch) > 2 else None)
+
+    train_step(0)
+    began = time.perf_counter()
+    for index in range(1, steps + 1):
+        train_step(index)
     step = (time.perf_counter() - began) / steps
     val_x, val_y = split["validation"]
     model.predict_on_batch(val_x[:1])

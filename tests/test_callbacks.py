@@ -71,7 +71,8 @@ class Recorder(keras.callbacks.Callback):
 
 @pytest.fixture(scope="session")  # built once per worker process, whatever ran in between
 def two_epochs(tmp_path_factory):
-    """A tiny model fitted 2 epochs with the recorder and the checkpoint placed BEFORE ValidationPages."""
+    """A tiny model fitted 2 epochs with the recorder and the checkpoint placed BEFORE ValidationPages, and Keras's
+    TensorBoard callback, which records only every update_freq-th step during validation, AFTER it."""
     tmp = tmp_path_factory.mktemp("two_epochs")
     images, labels = cell_images()
     model = tiny_model()
@@ -81,8 +82,9 @@ def two_epochs(tmp_path_factory):
     checkpoints = Checkpoints(run, monitor="val_v_rand", mode="max", validation=pages)
     calls = []
     pages.predict = (lambda original: lambda: calls.append(1) or original())(pages.predict)
+    board = ResumableTensorBoard(str(tmp / "logs"), update_freq=100, histogram_freq=0, write_graph=False)
     history = model.fit(images, labels, batch_size=2, epochs=2, verbose=0, validation_data=(images, labels),
-                        callbacks=[checkpoints, recorder, pages])
+                        callbacks=[checkpoints, recorder, pages, board])
     return tmp, model, history.history, recorder.seen, images, labels, calls
 
 

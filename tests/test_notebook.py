@@ -57,3 +57,41 @@ def test_notebook_trains_on_a_folder_pair_of_own_pages_and_scores_its_validation
     (results,) = [cell for cell in code_cells if "results" in cell.metadata.get("tags", [])]
     assert any("image/png" in output.get("data", {}) for output in results.outputs)
 
+
+
+# ---------------------------------------------------------------- the committed notebook's stored outputs
+
+def committed_code_cells() -> list:
+    return [cell for cell in nbformat.read(NOTEBOOK, as_version=4).cells if cell.cell_type == "code"]
+
+
+def tagged(cells: list, tag: str):
+    (cell,) = [cell for cell in cells if tag in cell.metadata.get("tags", [])]
+    return cell
+
+
+def test_the_committed_notebook_ran_every_cell_in_order_without_errors():
+    counts = [cell.execution_count for cell in committed_code_cells()]
+    assert counts == list(range(1, len(counts) + 1)), counts  # one fresh kernel, top to bottom, nothing skipped
+    errors = [output for cell in committed_code_cells() for output in cell.outputs if output.output_type == "error"]
+    assert not errors
+
+
+def test_the_committed_notebook_shows_the_result_grid_and_the_curves_as_pictures():
+    cells = committed_code_cells()
+    for tag in ("results", "curves"):
+        assert any("image/png" in output.get("data", {}) for output in tagged(cells, tag).outputs), tag
+    size = NOTEBOOK.stat().st_size
+    assert size < 5 * 2**20, f"{size / 2**20:.1f} MB"
+    text = NOTEBOOK.read_text()
+    assert str(ROOT) not in text and "/home/" not in text and "/root/" not in text  # no paths of the machine
+
+
+def test_the_committed_notebooks_scores_are_the_shipped_models_card_to_the_digits_printed():
+    card = json.loads((ROOT / "models" / "unet-isbi-cpu.json").read_text())["test_scores"]["mean"]
+    text = "".join(output.get("text", "") for output in tagged(committed_code_cells(), "scores").outputs)
+    probability_mean, cell_mean = [line.split() for line in text.splitlines() if line.split()[:1] == ["mean"]]
+    assert probability_mean[1:6] == [f"{card['pixel_difference']:.2f}", f"{card['accuracy']:.4f}",
+                                     f"{card['pixel_error']:.4f}", f"{card['v_rand']:.4f}", f"{card['v_info']:.4f}"]
+    assert cell_mean[1:7] == [f"{card['cell_' + key]:.4f}" for key in
+                              ("v_rand", "rand_split", "rand_merge", "v_info", "info_split", "info_merge")]

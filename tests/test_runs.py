@@ -115,3 +115,12 @@ def test_a_restart_mark_is_written_into_each_log_folder(tmp_path):
         (mark,) = folder.iterdir()
         events = list(EventFileLoader(str(mark)).Load())
         assert events[-1].step == 42 and events[-1].session_log.status == events[-1].session_log.START
+
+
+def test_a_finished_run_describes_how_it_was_trained(tmp_path):
+    run = runs.RunFolder(tmp_path)
+    assert run.describe() is None
+    run.write_json(run.summary, {"epochs_done": 25, "steps_per_epoch": 100, "seconds": 786.0, "precision": "float32",
+                                 "machine": "Some CPU (2 cores), no GPU", "commit": "abc1234"})
+    assert run.describe() == (f"{tmp_path}: 25 epochs x 100 steps in 13.1 min on Some CPU (2 cores), no GPU, "
+                              "float32, commit abc1234")
