@@ -117,8 +117,10 @@ PRESETS = {
     # decay merged cells on a test page, the border-weighted loss was worse on both.
     # Batch normalisation costs 1.4x per step on this CPU (0.54 s against 0.38 s) but
     # in 25 epochs beat 40 without it on test accuracy (0.916 against 0.908) and pixel
-    # difference (11.2 % against 11.5 %). 25 epochs take about 27 minutes here; the time
-    # limit stops a slower CPU before an epoch that would end after 30 minutes.
+    # difference (11.2 % against 11.5 %). With the fused normalisation 25 epochs take 13 minutes
+    # on Intel Sapphire Rapids; the budget shortens the epochs of a slower CPU to fit 30 minutes.
+    # Backups every 100 steps (one per epoch, 30 s of training at risk) and weight histograms every
+    # 5 epochs: at 25 and 1 they cost about 2 s each of a 32 s epoch (docs/PERFORMANCE.md).
     "cpu": TrainSettings(
         run_dir="runs/cpu",
         filters=16,
@@ -132,7 +134,8 @@ PRESETS = {
         draw_interval=200,
         time_limit=30 * 60,
         budget=30 * 60,
-        backup_every=25,
+        backup_every=100,
+        histogram_freq=5,
         augmentation=augment.Augmentation(vertical_flip=True, rot90=True),
         preset="cpu",
     ),
