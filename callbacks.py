@@ -174,16 +174,9 @@ class ValidationPages(SummaryCallback):
                   f"{metrics.UNIFORM_CAUSES}", file=sys.stderr, flush=True)
         scores = {"val_uniform": float(problem is not None)}
         if self.challenge_every and (epoch + 1) % self.challenge_every == 0:
-            labels = self.labels[..., 0] > 0.5
-            per_page = [metrics.challenge_scores(p, y) for p, y in zip(predictions, labels)]
-            scores.update({f"val_{key}": float(np.mean([page[key] for page in per_page])) for key in self.SCORE_KEYS})
-            if self.segmenter is not None:
-                with warnings.catch_warnings():  # an untrained network's uniform output is reported above
-                    warnings.simplefilter("ignore", UserWarning)
-                    cells = [self.segmenter(page) for page in self._pages(outputs)]
-                found = [metrics.cell_scores(page, y) for page, y in zip(cells, labels)]
-                scores.update({f"val_cell_{key}": float(np.mean([page[key] for page in found]))
-                               for key in ("v_rand", "v_info")})
+            challenge, cells = self.challenge(outputs)
+            scores.update(challenge)
+            if cells is not None:
                 with self.writer.as_default(), recording():
                     tf.summary.image("cells", segment.overlay(self.images[0, ..., 0], cells[0])[np.newaxis],
                                      step=epoch + 1)
@@ -197,10 +190,20 @@ class ValidationPages(SummaryCallback):
                     tf.summary.scalar(f"epoch_{key}", scores[f"val_{key}"], step=epoch)
         self._scalar_writer.flush()
 
-    @staticmethod
-    def _pages(outputs: np.ndarray) -> list[np.ndarray]:
-        """Return each page's output as the segmenter takes it: (H, W) for one channel, else (H, W, K)."""
-        return [page[..., 0] if page.shape[-1] == 1 else page for page in outputs]
+    def challenge(self, outputs: np.ndarray) -> tuple[dict, list[np.ndarray] | None]:
+        """Return (the mean challenge scores 'val_v_rand', ... of (N, H, W, C) outputs against the labels, and with
+        a segmenter also 'val_cell_v_rand' and 'val_cell_v_info'; the cells of each page, or None)."""
+        labels = self.labels[..., 0] > 0.5
+        per_page = [metrics.challenge_scores(p, y) for p, y in zip(cell_maps(outputs), labels)]
+        scores = {f"val_{key}": float(np.mean([page[key] for page in per_page])) for key in self.SCORE_KEYS}
+        if self.segmenter is None:
+            return scores, None
+        with warnings.catch_warnings():  # an untrained network's uniform output is reported by _score
+            warnings.simplefilter("ignore", UserWarning)
+            cells = [self.segmenter(page[..., 0] if page.shape[-1] == 1 else page) for page in outputs]
+        found = [metrics.cell_scores(page, y) for page, y in zip(cells, labels)]
+        scores.update({f"val_cell_{key}": float(np.mean([page[key] for page in found])) for key in ("v_rand", "v_info")})
+        return scores, cells
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch

@@ -84,12 +84,6 @@ def outputs_for(source: str | Path, images: np.ndarray, pages: list[int], tta: b
     return tiling.predict_stack(model, images[pages], tta=tta, desc="predicting")
 
 
-def probabilities_for(source: str | Path, images: np.ndarray, pages: list[int], tta: bool = False) -> np.ndarray:
-    """Return (len(pages), H, W) cell probabilities for `pages` (`outputs_for`, an affinity model's as its cell map)."""
-    outputs = outputs_for(source, images, pages, tta)
-    return outputs if outputs.ndim == 3 else affinities.cell_map(outputs)
-
-
 def cells_for(source: str | Path, outputs: np.ndarray, method: str | None = None) -> tuple[np.ndarray, str]:
     """Return ((N, H, W) uint32 cells, the method) of a model's outputs, cut as its card says (`runtimes.segmentation_for`)."""
     channels = 1 if outputs.ndim == 3 else outputs.shape[-1]

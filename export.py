@@ -358,8 +358,7 @@ def write_package(model, model_path: Path, page: np.ndarray, reference: np.ndarr
     from bioimageio.spec import save_bioimageio_package
     from PIL import Image
 
-    card_path = model_path.with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else None
+    card = runtimes.model_card(model_path) or None
     with tempfile.TemporaryDirectory(prefix="bioimageio-") as tmp:
         folder = Path(tmp)
         parts = {"keras": folder / "weights.keras", "onnx": write_onnx(model, folder / "weights.onnx"),

@@ -132,37 +132,37 @@ def write_mask_tiff(target: PathLike, probabilities: np.ndarray, threshold: floa
     return files.write_atomic(path, lambda part: tifffile.imwrite(part, pages, photometric="minisblack"))
 
 
-def write_cells(target: PathLike, cells: np.ndarray) -> Path:
-    """Write (pages, H, W) cell labels as a uint32 TIFF `<target stem minus -prediction>-cells.tif` beside
-    `target`, atomically; return its path."""
+def _cells_path(target: PathLike, ending: str) -> Path:
+    """Return `<target stem minus -prediction>-cells<ending>` beside `target`."""
     target = Path(target)
-    stem = target.stem.removesuffix(PREDICTION_SUFFIX)
-    path = target.with_name(f"{stem}{CELLS_SUFFIX}.tif")
-    pages = np.asarray(cells, dtype=np.uint32)
+    return target.with_name(f"{target.stem.removesuffix(PREDICTION_SUFFIX)}{CELLS_SUFFIX}{ending}")
+
+
+def _write_pages(path: Path, pages: np.ndarray) -> Path:
+    """Write (pages, H, W) as a grey TIFF (one page: 2-D) at `path`, atomically; return the path."""
     pages = pages if len(pages) > 1 else pages[0]
     return files.write_atomic(path, lambda part: tifffile.imwrite(part, pages, photometric="minisblack"))
+
+
+def write_cells(target: PathLike, cells: np.ndarray) -> Path:
+    """Write (pages, H, W) cell labels as a uint32 TIFF `<stem>-cells.tif` beside `target`; return its path."""
+    return _write_pages(_cells_path(target, ".tif"), np.asarray(cells, dtype=np.uint32))
 
 
 def write_cell_boundaries(target: PathLike, cells: np.ndarray) -> Path:
     """Write the cells' boundary map, float32 1 = cell and 0 = a boundary between cells (`metrics.label_boundaries`),
-    as `<target stem minus -prediction>-cells-boundaries.tif` beside `target`: a challenge submission made of
-    the cells; return its path."""
-    target = Path(target)
-    path = target.with_name(f"{target.stem.removesuffix(PREDICTION_SUFFIX)}{CELLS_SUFFIX}-boundaries.tif")
+    as `<stem>-cells-boundaries.tif` beside `target`: a challenge submission made of the cells; return its path."""
     pages = np.stack([~metrics.label_boundaries(page) for page in np.asarray(cells)]).astype(np.float32)
-    pages = pages if len(pages) > 1 else pages[0]
-    return files.write_atomic(path, lambda part: tifffile.imwrite(part, pages, photometric="minisblack"))
+    return _write_pages(_cells_path(target, "-boundaries.tif"), pages)
 
 
 def write_overlay(target: PathLike, image: np.ndarray, cells: np.ndarray) -> Path:
-    """Write a PNG of the cells in random colours over the grey `image` (one page) as
-    `<target stem minus -prediction>-cells.png`; return its path."""
+    """Write a PNG of the cells in random colours over the grey `image` (one page) as `<stem>-cells.png`
+    beside `target`; return its path."""
     from PIL import Image
 
-    target = Path(target)
-    path = target.with_name(f"{target.stem.removesuffix(PREDICTION_SUFFIX)}{CELLS_SUFFIX}.png")
     picture = Image.fromarray(segment.overlay(image, cells))
-    return files.write_atomic(path, lambda part: picture.save(part, format="PNG"))
+    return files.write_atomic(_cells_path(target, ".png"), lambda part: picture.save(part, format="PNG"))
 
 
 def warn_if_uniform(name: str, probabilities: np.ndarray) -> str | None:
@@ -341,7 +341,7 @@ def predict_volumes(
                 how, params, _ = runtimes.segmentation_for(model_path, 1, method)
                 if how == "mws":  # the zarr holds the affinities' cell map, not the affinities
                     how, params, _ = runtimes.segmentation_for(model_path, 1, "multicut")
-                labels = target.with_name(target.stem.removesuffix(PREDICTION_SUFFIX) + CELLS_SUFFIX + ZARR_SUFFIX)
+                labels = _cells_path(target, ZARR_SUFFIX)
                 done = blocks.segment_volume(target, labels, how, params)
                 say(f"wrote {labels} ({how}): {done['computed']} pages computed, {done['skipped']} skipped, "
                     f"{done['seconds']:.1f} s")

@@ -28,7 +28,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,10 +41,9 @@ import distribute
 import files
 import hardware
 import losses
-import metrics
 import runs
 import segment
-from callbacks import Checkpoints, ResumableTensorBoard, StepBackup, StopOnNaN, TimeLimit, ValidationPages, cell_maps
+from callbacks import Checkpoints, ResumableTensorBoard, StepBackup, StopOnNaN, TimeLimit, ValidationPages
 from metrics import MembraneDice, membrane_iou, pixel_difference
 from model import SIZE_MULTIPLE, build_unet, load_model
 
@@ -224,13 +222,9 @@ def measure_speed(settings: TrainSettings, split: dict, policy: str, steps: int 
     outputs = np.concatenate([model.predict_on_batch(val_x[i : i + 1]) for i in range(len(val_x))])
     predicting = time.perf_counter() - began
     began = time.perf_counter()
-    if settings.challenge_every:
-        outputs, labels, segmenter = np.asarray(outputs, np.float32), val_y[..., 0] > 0.5, cell_segmenter(settings)
-        with warnings.catch_warnings():  # an untrained network's output is uniform
-            warnings.simplefilter("ignore", UserWarning)
-            for page, cell_map, label in zip(ValidationPages._pages(outputs), cell_maps(outputs), labels):
-                metrics.challenge_scores(cell_map, label)
-                metrics.cell_scores(segmenter(page), label)
+    if settings.challenge_every:  # what ValidationPages computes from its prediction; nothing is written
+        pages = ValidationPages(val_x, val_y, "unused", segmenter=cell_segmenter(settings))
+        pages.challenge(np.asarray(outputs, np.float32))
     scoring = (time.perf_counter() - began) / max(settings.challenge_every, 1)
     return {"step": step, "validation": 2 * predicting + scoring}
 
