@@ -14,6 +14,11 @@ import platform
 from functools import lru_cache
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# oneDNN's $ONEDNN_MAX_CPU_ISA (older name $DNNL_MAX_CPU_ISA) caps the instructions its kernels use; these
+# caps leave out its bfloat16 kernels, so bfloat16 then runs on slow emulation, as on a CPU without them.
+# Setting one below AVX512_CORE_BF16 makes a machine behave, for the convolutions, like the CPU kinds
+# without bfloat16 (bench/ and docs/PERFORMANCE.md use that to measure them on one machine).
+ISA_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
@@ -43,10 +48,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def has_bf16_cpu(flags: frozenset[str] | None = None) -> bool:
-    """Return True if the CPU has bfloat16 instructions (AMX or AVX512-BF16)."""
+def onednn_isa_cap() -> str | None:
+    """Return the instruction-set cap set for oneDNN ($ONEDNN_MAX_CPU_ISA, upper case), or None."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap.strip().upper() if cap and cap.strip() else None
+
+
+def has_bf16_cpu(flags: frozenset[str] | None = None, isa_cap: str | None = None) -> bool:
+    """Return True if the CPU has bfloat16 instructions (AMX or AVX512-BF16) and oneDNN may use them."""
     flags = cpu_flags() if flags is None else flags
-    return any(flag in flags for flag in BF16_CPU_FLAGS)
+    isa_cap = onednn_isa_cap() if isa_cap is None else isa_cap.upper()
+    return any(flag in flags for flag in BF16_CPU_FLAGS) and isa_cap not in ISA_CAPS_WITHOUT_BF16
 
 
 def gpu_names() -> list[str]:
@@ -56,7 +68,8 @@ def gpu_names() -> list[str]:
     return [gpu.name for gpu in tf.config.list_physical_devices("GPU")]
 
 
-def choose_precision(requested: str = "auto", gpus: list[str] | None = None, flags: frozenset[str] | None = None) -> str:
+def choose_precision(requested: str = "auto", gpus: list[str] | None = None, flags: frozenset[str] | None = None,
+                     isa_cap: str | None = None) -> str:
     """Return the Keras dtype policy name to train with: the fastest correct one when 'auto'."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
@@ -65,12 +78,13 @@ def choose_precision(requested: str = "auto", gpus: list[str] | None = None, fla
     gpus = gpu_names() if gpus is None else gpus
     if gpus:
         return "mixed_float16"  # tensor cores; train.py scales the loss so that small gradients survive
-    return "mixed_bfloat16" if has_bf16_cpu(flags) else "float32"
+    return "mixed_bfloat16" if has_bf16_cpu(flags, isa_cap) else "float32"
 
 
 def describe() -> str:
     """Return one line naming the hardware: CPU model, cores, bf16 support, GPUs."""
     gpus = gpu_names()
     bf16 = ", ".join(f for f in BF16_CPU_FLAGS if f in cpu_flags()) or "no bf16 instructions"
-    text = f"{cpu_name()} ({os.cpu_count()} cores, {bf16})"
+    cap = onednn_isa_cap()
+    text = f"{cpu_name()} ({os.cpu_count()} cores, {bf16}{f', oneDNN capped at {cap}' if cap else ''})"
     return text + (f", GPUs: {', '.join(gpus)}" if gpus else ", no GPU")

@@ -22,6 +22,16 @@ def test_auto_picks_the_fastest_precision_of_the_hardware(gpus, flags, expected)
     assert hardware.choose_precision("auto", gpus=gpus, flags=flags) == expected
 
 
+@pytest.mark.parametrize("cap, expected", [
+    ("", "mixed_bfloat16"), ("avx512_core_amx", "mixed_bfloat16"), ("AVX512_CORE_BF16", "mixed_bfloat16"),
+    ("avx512_core", "float32"), ("AVX2", "float32"),
+])
+def test_a_onednn_cap_below_bf16_turns_a_bf16_cpu_into_a_float32_one(monkeypatch, cap, expected):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert hardware.choose_precision("auto", gpus=[], flags=AMX) == expected
+    assert ("oneDNN capped at" in hardware.describe()) == bool(cap)
+
+
 def test_a_requested_precision_wins_and_an_unknown_one_is_refused():
     assert hardware.choose_precision("float32", gpus=["GPU:0"], flags=AMX) == "float32"
     with pytest.raises(ValueError, match="precision must be one of"):
