@@ -347,18 +347,22 @@ class StepBackup(keras.callbacks.Callback):
 
     The optimizer's step count says where in which epoch the backup was taken,
     so `train()` can resume in the middle of an epoch. 0 saves nothing (but
-    `train()` still saves a backup when interrupted).
+    `train()` still saves a backup when interrupted). Steps that end an epoch of
+    `steps_per_epoch` (if given) are left to `Checkpoints`, which saves last.keras
+    a validation later, and a signal in between saves a backup anyway.
     """
 
-    def __init__(self, path: str | os.PathLike, every: int):
+    def __init__(self, path: str | os.PathLike, every: int, steps_per_epoch: int | None = None):
         super().__init__()
         if every < 0:
             raise ValueError(f"every must be 0 (never) or a positive number of steps, got {every}")
         self.path = Path(path)
         self.every = int(every)
+        self.steps_per_epoch = steps_per_epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.every and int(self.model.optimizer.iterations.numpy()) % self.every == 0:
+        step = int(self.model.optimizer.iterations.numpy())
+        if self.every and step % self.every == 0 and not (self.steps_per_epoch and step % self.steps_per_epoch == 0):
             files.write_atomic(self.path, self.model.save)
 
 

@@ -117,8 +117,9 @@ PRESETS = {
     # in 25 epochs beat 40 without it on test accuracy (0.916 against 0.908) and pixel
     # difference (11.2 % against 11.5 %). With the fused normalisation 25 epochs take 13 minutes
     # on Intel Sapphire Rapids; the budget shortens the epochs of a slower CPU to fit 30 minutes.
-    # Backups every 100 steps (one per epoch, 30 s of training at risk) and weight histograms every
-    # 5 epochs: at 25 and 1 they cost about 2 s each of a 32 s epoch (docs/PERFORMANCE.md).
+    # Backups every 100 steps (at most one epoch, 30 s of training, at risk; none falls on an epoch end,
+    # where last.keras is saved) and weight histograms every 5 epochs: at 25 and 1 they cost about 2 s
+    # each of a 32 s epoch (docs/PERFORMANCE.md).
     "cpu": TrainSettings(
         run_dir="runs/cpu",
         filters=16,
@@ -423,7 +424,7 @@ def make_callbacks(settings: TrainSettings, run: runs.RunFolder, validation: tup
         ResumableTensorBoard(str(run.logs), histogram_freq=settings.histogram_freq, write_graph=True,
                              write_images=settings.weight_images, update_freq=settings.update_freq),
         Checkpoints(run, settings.monitor, monitor_mode(settings.monitor), start.best, {"settings": saved}, pages),
-        StepBackup(run.backup, settings.backup_every if chief else 0),
+        StepBackup(run.backup, settings.backup_every if chief else 0, settings.steps_per_epoch),
         TimeLimit(settings.time_limit, start.steps // settings.steps_per_epoch, settings.epochs),
     ]
 

@@ -2,12 +2,18 @@
 writes every part it is asked for."""
 
 import json
+import sys
+import time
+from pathlib import Path
 
 import keras
 import pytest
 
 import benchmark
 from model import build_unet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import epoch_overhead  # noqa: E402
 
 
 def test_conv_flops_counts_two_flops_per_multiply_add():
@@ -142,3 +148,15 @@ def test_thread_settings_run_in_a_fresh_process():
 def test_bad_thread_setting_is_one_error_line(capsys):
     assert benchmark.main(["--threads", "two", "--out", "unused.json"]) == 1
     assert "error: --threads" in capsys.readouterr().err
+
+
+def test_epoch_overhead_charges_each_moment_of_an_epoch_once(isbi_dir):
+    began = time.perf_counter()
+    found = epoch_overhead.measure("tiny", epochs=3, steps=4, data_dir=str(isbi_dir))
+    parts = found["seconds_per_epoch"]
+    assert found["steps_per_epoch"] == 4 and found["bare_step"] > 0 and found["augmentation_in_its_thread"] > 0
+    assert {"ValidationPages", "Checkpoints", "ResumableTensorBoard", "StepBackup", "steps", "keras validation",
+            "waiting for the next batch"} <= set(parts)
+    assert all(seconds >= 0 for seconds in parts.values())
+    assert 2 * sum(parts.values()) < time.perf_counter() - began  # two epochs of the three, and no more
+    assert "epoch / train steps in fit" in epoch_overhead.table(found)

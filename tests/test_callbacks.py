@@ -17,6 +17,7 @@ import runtimes
 from callbacks import (
     Checkpoints,
     ResumableTensorBoard,
+    StepBackup,
     TimeLimit,
     ValidationPages,
     prediction_grid,
@@ -245,6 +246,24 @@ def test_checkpoints_save_last_state_and_best_only_when_it_improves(tmp_path):
     assert int(reloaded.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy())
     assert getattr(keras.models.load_model(tmp_path / "best.keras"), "optimizer", None) is None  # for inference
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras", "last.keras", "state.json"]
+
+
+def test_step_backups_leave_the_steps_that_end_an_epoch_to_the_checkpoint(tmp_path):
+    images, labels = cell_images(n=4, size=32)  # 4 steps of batch 1 per epoch
+    model = tiny_model()
+    backup = tmp_path / "backup.keras"
+    backed_up = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if backup.is_file():
+                backed_up.append(int(keras.models.load_model(backup).optimizer.iterations.numpy()))
+                backup.unlink()
+
+    model.fit(images, labels, batch_size=1, epochs=2, verbose=0, callbacks=[StepBackup(backup, 2, 4), Spy()])
+    assert backed_up == [2, 6]  # steps 4 and 8 end an epoch
+    model.fit(images, labels, batch_size=1, epochs=1, verbose=0, callbacks=[StepBackup(backup, 2), Spy()])
+    assert backed_up == [2, 6, 10, 12]  # without the epoch's length, every second step
 
 
 def test_checkpoints_refuse_an_unknown_mode(tmp_path):
