@@ -172,17 +172,20 @@ def augment_pair(
 
 
 class AugmentedBatches(keras.utils.PyDataset):
-    """Keras dataset of augmented training batches: (images, labels), float32 NHWC.
+    """Keras dataset of augmented training batches, without end: (images, labels), float32 NHWC.
 
-    Each index draws `batch_size` random pages, transforms each pair with its
-    own random transform and crops it to `crop` pixels. With `weights` (per-pixel
-    loss weights of each page, N x H x W) it yields (images, labels, weights),
-    the weights moved with their labels, which Keras applies as sample weights.
-    With `target` (a picklable function of one augmented (H, W) label page, such
-    as `affinities.label_affinities`) the labels yielded are its (H, W, K) outputs.
-    The random stream is a function of (seed, epoch, index) only, so a resumed
-    run sees the batches it would have seen; `first_index` > 0 leaves out the
-    first batches of every epoch (those trained before an interruption).
+    Batch i is optimizer step `first_step` + i of epochs of `steps_per_epoch`
+    steps: it draws `batch_size` random pages, transforms each pair with its own
+    random transform and crops it to `crop` pixels, as a function of (seed, epoch,
+    step within the epoch) only, so a resumed run sees the batches it would have
+    seen. With `weights` (per-pixel loss weights of each page, N x H x W) it yields
+    (images, labels, weights), the weights moved with their labels, which Keras
+    applies as sample weights. With `target` (a picklable function of one augmented
+    (H, W) label page, such as `affinities.label_affinities`) the labels yielded
+    are its (H, W, K) outputs. Endless, because Keras (given `steps_per_epoch`)
+    then keeps one iterator for the whole of `fit`: it rebuilds a finite dataset's
+    every epoch, and that rebuild stalled some epochs for 10-30 s with the cores
+    idle (docs/PERFORMANCE.md).
     """
 
     def __init__(
@@ -195,13 +198,14 @@ class AugmentedBatches(keras.utils.PyDataset):
         crop: int | None = None,
         seed: int = 0,
         weights: np.ndarray | None = None,
-        first_index: int = 0,
+        first_step: int = 0,
         target: Callable[[np.ndarray], np.ndarray] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not 0 <= first_index < steps_per_epoch:
-            raise ValueError(f"first_index must lie in 0..{steps_per_epoch - 1}, got {first_index}")
+        if first_step < 0 or steps_per_epoch < 1:
+            raise ValueError(f"first_step must be >= 0 and steps_per_epoch positive, got {first_step} and "
+                             f"{steps_per_epoch}")
         if images.shape != labels.shape:
             raise DataError(f"images {images.shape} and labels {labels.shape} differ in shape")
         if weights is not None and weights.shape != labels.shape[:3]:
@@ -215,14 +219,16 @@ class AugmentedBatches(keras.utils.PyDataset):
         self.augmentation = augmentation if augmentation is not None else Augmentation()
         self.crop = crop
         self.seed = seed
-        self.first_index = first_index
-        self.epoch = 0
+        self.first_step = first_step
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.first_index
+    @property
+    def num_batches(self) -> None:
+        """None: the batches never run out (Keras's sign of an endless dataset)."""
+        return None
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
-        rng = np.random.default_rng([self.seed, self.epoch, index + self.first_index])
+        epoch, step = divmod(self.first_step + index, self.steps_per_epoch)
+        rng = np.random.default_rng([self.seed, epoch, step])
         pages = rng.integers(0, len(self.images), size=self.batch_size)
         samples = [
             augment_pair(self.images[p], self.labels[p], self.augmentation, rng, self.crop,
@@ -232,6 +238,3 @@ class AugmentedBatches(keras.utils.PyDataset):
         x, y, *w = (np.stack(parts).astype(np.float32) for parts in zip(*samples))
         y = y[..., np.newaxis] if self.target is None else np.stack([self.target(page) for page in y])
         return (x[..., np.newaxis], y.astype(np.float32), *w)
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1

@@ -359,23 +359,19 @@ def load_data(settings: TrainSettings, fetch: bool = False) -> tuple[dict[str, t
     return split, report
 
 
-def training_batches(
-    settings: TrainSettings, split: dict, epoch: int = 0, first_index: int = 0
-) -> augment.AugmentedBatches:
-    """Return the augmented training batches of `split['train']` as `settings` describe them, from `epoch`
-    (each epoch's batches from `first_index` on)."""
+def training_batches(settings: TrainSettings, split: dict, first_step: int = 0) -> augment.AugmentedBatches:
+    """Return the endless augmented training batches of `split['train']` as `settings` describe them, the first
+    being optimizer step `first_step`'s."""
     images, labels = split["train"]
     crop = None if images.shape[1:3] == (settings.crop, settings.crop) else settings.crop
-    batches = augment.AugmentedBatches(
+    return augment.AugmentedBatches(
         images, labels, settings.batch_size, settings.steps_per_epoch, settings.augmentation, crop, settings.seed,
         weights=weight_maps(settings, labels),
-        # Worker processes augment outside the training process's GIL; each epoch starts a fresh pool
-        # that sees the dataset's current epoch. Without them tf.data prefetches from a thread.
+        # Worker processes augment outside the training process's GIL. Without them tf.data prefetches
+        # from a thread.
         workers=max(settings.data_workers, 1), use_multiprocessing=settings.data_workers > 0,
-        max_queue_size=4 * settings.data_workers or 10, first_index=first_index, target=label_target(settings),
+        max_queue_size=4 * settings.data_workers or 10, first_step=first_step, target=label_target(settings),
     )
-    batches.epoch = epoch
-    return batches
 
 
 def load_checkpoint(path: str | Path) -> keras.Model:
@@ -456,15 +452,17 @@ def fit(model: keras.Model, settings: TrainSettings, split: dict, start: runs.Re
         verbose=settings.verbose,
         shuffle=False,  # each batch is random already; Keras' shuffled order would differ on a resumed run
     )
-    initial_epoch, first_index = divmod(start.steps, settings.steps_per_epoch)
+    steps = settings.steps_per_epoch
+    initial_epoch, first_index = divmod(start.steps, steps)
     whole_from = initial_epoch + bool(first_index)  # the first epoch trained from its first batch
     history = {}
     if first_index and whole_from <= settings.epochs:
         # A run stopped mid-epoch first trains the rest of that epoch, on the batches it had not seen.
-        rest = training_batches(settings, split, initial_epoch, first_index)
-        history = model.fit(rest, epochs=whole_from, initial_epoch=initial_epoch, **kwargs).history
-    later = model.fit(training_batches(settings, split, whole_from), epochs=settings.epochs,
-                      initial_epoch=whole_from, **kwargs).history
+        rest = training_batches(settings, split, start.steps)
+        history = model.fit(rest, epochs=whole_from, initial_epoch=initial_epoch, steps_per_epoch=steps - first_index,
+                            **kwargs).history
+    later = model.fit(training_batches(settings, split, whole_from * steps), epochs=settings.epochs,
+                      initial_epoch=whole_from, steps_per_epoch=steps, **kwargs).history
     return {key: history.get(key, []) + values for key, values in later.items()}
 
 
