@@ -552,9 +552,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"machine: {report['machine']}; load average {os.getloadavg()[0]:.2f}")
     if args.peak:
         # Under a oneDNN cap below bfloat16 (hardware.ISA_CAPS_WITHOUT_BF16) its bfloat16 matmul aborts the process.
-        capped = hardware.onednn_isa_cap() in hardware.ISA_CAPS_WITHOUT_BF16
         report["peak_tflops"] = {dtype: matmul_peak(dtype) for dtype in ("bfloat16", "float32")
-                                 if not (capped and dtype == "bfloat16")}
+                                 if not (hardware.onednn_capped_below_bf16() and dtype == "bfloat16")}
         print("matmul peak TFLOP/s: " + ", ".join(f"{k} {v:.3f}" for k, v in report["peak_tflops"].items()))
     for precision in args.precision or ["auto"]:
         row = benchmark(args.filters, args.size, args.batch, precision, args.warmup, args.repeats,
