@@ -271,8 +271,8 @@ def sizing_line(settings: TrainSettings, sizing: dict) -> str:
         verdict = (f"the recipe's {recipe} steps per epoch would take {whole:.0f} min, so "
                    f"{sizing['steps_per_epoch']} steps per epoch (all {epochs} epochs)")
     else:
-        verdict = (f"the recipe, {epochs} x {recipe} steps, would take {whole:.0f} min and validating "
-                   f"{epochs} times more than {VALIDATION_SHARE:.0%} of the budget, so {sizing['epochs']} epochs "
+        verdict = (f"the recipe, {epochs} x {recipe} steps, would take {whole:.0f} min, and its {epochs} "
+                   f"validations more than {VALIDATION_SHARE:.0%} of the budget, so {sizing['epochs']} epochs "
                    f"x {sizing['steps_per_epoch']} steps")
     return (f"sized to this machine: {sizing['seconds_per_step']:.2f} s per train step and "
             f"{sizing['validation_seconds']:.1f} s of validation per epoch, measured; {verdict}; about "
