@@ -551,7 +551,7 @@ def run(args: argparse.Namespace) -> None:
     report = {"machine": hardware.describe(), "load_average_1min": {"start": os.getloadavg()[0]}, "results": []}
     print(f"machine: {report['machine']}; load average {os.getloadavg()[0]:.2f}")
     if args.peak:
-        # Under a oneDNN cap below bfloat16 (hardware.ISA_CAPS_WITHOUT_BF16) its bfloat16 matmul aborts the process.
+        # Under a oneDNN cap below bfloat16 its bfloat16 matmul aborts the process.
         report["peak_tflops"] = {dtype: matmul_peak(dtype) for dtype in ("bfloat16", "float32")
                                  if not (hardware.onednn_capped_below_bf16() and dtype == "bfloat16")}
         print("matmul peak TFLOP/s: " + ", ".join(f"{k} {v:.3f}" for k, v in report["peak_tflops"].items()))

@@ -54,17 +54,17 @@ def onednn_isa_cap() -> str | None:
     return cap.strip().upper() if cap and cap.strip() else None
 
 
-def onednn_capped_below_bf16() -> bool:
-    """Return True if $ONEDNN_MAX_CPU_ISA keeps oneDNN below its bfloat16 (and float16) kernels. TensorFlow still
-    hands it those types by the CPU's own instructions, and oneDNN then refuses half-precision convolutions."""
-    return onednn_isa_cap() in ISA_CAPS_WITHOUT_BF16
+def onednn_capped_below_bf16(isa_cap: str | None = None) -> bool:
+    """Return True if the cap (default: $ONEDNN_MAX_CPU_ISA) keeps oneDNN below its bfloat16 (and float16) kernels.
+    TensorFlow still hands it those types by the CPU's own instructions, and oneDNN then refuses half-precision
+    convolutions."""
+    return (onednn_isa_cap() if isa_cap is None else isa_cap.upper()) in ISA_CAPS_WITHOUT_BF16
 
 
 def has_bf16_cpu(flags: frozenset[str] | None = None, isa_cap: str | None = None) -> bool:
     """Return True if the CPU has bfloat16 instructions (AMX or AVX512-BF16) and oneDNN may use them."""
     flags = cpu_flags() if flags is None else flags
-    isa_cap = onednn_isa_cap() if isa_cap is None else isa_cap.upper()
-    return any(flag in flags for flag in BF16_CPU_FLAGS) and isa_cap not in ISA_CAPS_WITHOUT_BF16
+    return any(flag in flags for flag in BF16_CPU_FLAGS) and not onednn_capped_below_bf16(isa_cap)
 
 
 def gpu_names() -> list[str]:

@@ -23,10 +23,10 @@ SIZE_MULTIPLE = 2**DEPTH  # with 'same' padding, input sides must divide by this
 
 @keras.saving.register_keras_serializable(package="unet_isbi")
 class FusedBatchNormalization(layers.BatchNormalization):
-    """Keras's `BatchNormalization` (the same math, weights and configuration) computed on TensorFlow by its
-    fused kernel, which oneDNN runs in one pass forwards and one backwards; Keras 3 builds it from separate
-    ops (keras-team/keras-core#225), which cost the CPU preset's train step half again. Other backends and
-    axes fall back to Keras's own computation."""
+    """Keras's `BatchNormalization` (the same math, weights and configuration) whose training steps run on
+    TensorFlow's fused kernel, which oneDNN runs in one pass forwards and one backwards; Keras 3 builds it from
+    separate ops (keras-team/keras-core#225), which cost the CPU preset's train step half again. Inference,
+    other backends and other axes use Keras's own computation."""
 
     def call(self, inputs, training=None, mask=None):
         # Inference stays on Keras's own ops: with the fused kernel there, TensorFlow fuses it into the
