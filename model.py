@@ -111,6 +111,7 @@ def build_unet(
     upsampling: str = "upsample",
     batch_norm: bool = False,
     out_channels: int = 1,
+    head_filters: int | None = None,
 ) -> keras.Model:
     """Return the original notebook's U-Net (31,031,685 parameters at the defaults).
 
@@ -132,7 +133,11 @@ def build_unet(
             convolution and its ReLU, the convolutions without bias (not in
             the original; faster convergence for short runs).
         out_channels: sigmoid outputs; 1 is the original's membrane map, more
-            are affinities (affinities.py); the layer before has twice as many.
+            are affinities (affinities.py).
+        head_filters: ReLU filters of the 3x3 layer before the output; None is
+            the original's 2 per output channel. With so few, a run can train
+            both onto one side of the membrane, leaving the other side flat
+            (docs/EXPERIMENTS.md); more keep every run's map spanning 0 to 1.
 
     Output: per-pixel probability of "cell" (1) against membrane (0), float32,
     or of "same cell" per affinity channel.
@@ -143,6 +148,9 @@ def build_unet(
         raise ValueError(f"upsampling must be 'upsample' or 'transpose', got {upsampling!r}")
     if filters < 1 or out_channels < 1:
         raise ValueError(f"filters and out_channels must be positive integers, got {filters!r}, {out_channels!r}")
+    head_filters = 2 * out_channels if head_filters is None else head_filters
+    if head_filters < 1:
+        raise ValueError(f"head_filters must be a positive integer or None, got {head_filters!r}")
     if padding == "same":
         for size in input_shape[:2]:
             if size is not None and size % SIZE_MULTIPLE:
@@ -159,7 +167,7 @@ def build_unet(
     for step, level in enumerate(reversed(range(DEPTH))):
         x = expanding_block(x, skips[level], filters * 2**level, padding, f"EXP_{step + 1}", dtype=dtype_policy,
                             upsampling=upsampling, batch_norm=batch_norm)
-    x = layers.Conv2D(2 * out_channels, 3, activation="relu", padding=padding, name="OUT_3", dtype=dtype_policy)(x)
+    x = layers.Conv2D(head_filters, 3, activation="relu", padding=padding, name="OUT_3", dtype=dtype_policy)(x)
     outputs = layers.Conv2D(out_channels, 1, activation="sigmoid", name="OUT", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
 
@@ -207,7 +215,7 @@ def fold_batch_norm(model: keras.Model) -> keras.Model:
     folded = build_unet(
         model.input_shape[1:], filters=first.filters, padding=first.padding, dtype_policy=first.dtype_policy.name,
         name=model.name, upsampling="transpose" if any(name.endswith("_transpose") for name in names) else "upsample",
-        out_channels=model.get_layer("OUT").filters,
+        out_channels=model.get_layer("OUT").filters, head_filters=model.get_layer("OUT_3").filters,
     )
     for layer in folded.layers:
         if not layer.weights:

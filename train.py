@@ -73,6 +73,7 @@ class TrainSettings:
     allow_unpaired: bool = False  # skip (and list) images without masks and masks without images
     run_dir: str = "runs/original"
     filters: int = 64
+    head_filters: int | None = None  # ReLU filters before the output layer (None: the original's 2 per output)
     batch_norm: bool = False  # batch normalisation between each convolution and its ReLU (not in the original)
     crop: int = 512  # side of the square training patches, pixels (512 = whole pages)
     batch_size: int = 5
@@ -407,7 +408,7 @@ def build_model(settings: TrainSettings, policy: str) -> keras.Model:
     """Return a new U-Net for `settings`, compiled with its optimizer, loss and metrics."""
     offsets = target_offsets(settings)
     model = build_unet((None, None, 1), filters=settings.filters, dtype_policy=policy, batch_norm=settings.batch_norm,
-                       out_channels=1 if offsets is None else len(offsets))
+                       out_channels=1 if offsets is None else len(offsets), head_filters=settings.head_filters)
     model.compile(
         optimizer=make_optimizer(learning_rate(settings), policy),
         loss=losses.get_loss(settings.loss),

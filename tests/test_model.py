@@ -138,11 +138,20 @@ def test_an_affinity_head_has_one_sigmoid_channel_per_offset():
         build_unet((32, 32, 1), filters=2, out_channels=0)
 
 
+def test_a_wider_head_is_an_option_and_the_default_keeps_the_originals_two_filters():
+    assert build_unet((32, 32, 1), filters=2).get_layer("OUT_3").filters == 2
+    wide = build_unet((32, 32, 1), filters=2, head_filters=12)
+    assert wide.get_layer("OUT_3").filters == 12 and wide.output_shape == (None, 32, 32, 1)
+    with pytest.raises(ValueError, match="head_filters"):
+        build_unet((32, 32, 1), filters=2, head_filters=0)
+
+
 @pytest.mark.parametrize("upsampling, channels", [("upsample", 1), ("transpose", 8)])
 def test_folding_the_normalisation_into_the_convolutions_keeps_the_outputs_and_drops_the_layers(upsampling, channels):
     from model import fold_batch_norm, inference_model
 
-    model = build_unet((None, None, 1), filters=4, batch_norm=True, upsampling=upsampling, out_channels=channels)
+    model = build_unet((None, None, 1), filters=4, batch_norm=True, upsampling=upsampling, out_channels=channels,
+                       head_filters=5)
     rng = np.random.default_rng(0)
     for layer in model.layers:  # moving statistics and affine parameters far from their initial values
         if layer.name.endswith("_bn"):
@@ -152,7 +161,7 @@ def test_folding_the_normalisation_into_the_convolutions_keeps_the_outputs_and_d
     x = rng.random((2, 48, 64, 1)).astype(np.float32)
     folded = inference_model(model)
     assert not [layer.name for layer in folded.layers if "_bn" in layer.name or "_relu" in layer.name]
-    assert folded.count_params() < model.count_params()
+    assert folded.count_params() < model.count_params() and folded.get_layer("OUT_3").filters == 5
     np.testing.assert_allclose(folded.predict_on_batch(x), model.predict_on_batch(x), atol=2e-5)
     plain = build_unet((None, None, 1), filters=4)
     assert fold_batch_norm(plain) is plain
