@@ -87,3 +87,15 @@ def test_the_cell_map_of_affinities_marks_both_sides_of_every_cut():
                                              [0, 0, 0, 0]])
     stacked = affinities.cell_map(np.stack([affinities.affinities_of(cells)] * 2))
     np.testing.assert_array_equal(stacked[1], cell_map)
+
+
+@pytest.mark.parametrize("page", [5, 15, 25])
+def test_true_affinities_of_a_validation_page_cut_by_the_mutex_watershed_give_back_its_cells(isbi_dir, page):
+    import data
+    import scores
+    import segment
+
+    _, raw_labels = data.load_isbi(isbi_dir)
+    label = data.binarize_labels(raw_labels)[page]
+    cells = segment.segment(affinities.label_affinities(label, affinities.OFFSETS), "mws", offsets=affinities.OFFSETS)
+    assert scores.cell_scores(cells, label)["v_rand"] >= 0.99
