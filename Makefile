@@ -57,12 +57,13 @@ figures: data
 	$(PY) evaluate.py $(RUN)/best.keras --tune --out $(RUN)/evaluation.json --grid images/unet_results.png
 	$(PY) figures.py $(RUN)/logs --out images
 
+# The notebook headless, as Run All does it: it trains (or resumes) $(RUN); TensorBoard is skipped without a front end.
 notebook: data
-	$(PY) -m papermill unet-isbi.ipynb $(RUN)-notebook.ipynb -p preset $(PRESET) -p run_dir $(RUN) -p tensorboard False
+	$(PY) -m papermill unet-isbi.ipynb $(RUN)-notebook.ipynb -p preset $(PRESET) -p run_dir $(RUN)
 
-# Maintainers: store the outputs of a finished run (the shipped model's) in the committed notebook, e.g. RUN=runs/cpu
+# Maintainers: Run All of the committed notebook with its defaults (it trains), outputs stored in place
 notebook-outputs: data
-	$(PY) tools/store_notebook.py $(RUN)
+	$(PY) tools/store_notebook.py
 
 # The notebook in JupyterLab, on this project's venv (kernel "Python 3 (unet-isbi)"); JupyterLab comes from requirements-lab.txt.
 lab: setup

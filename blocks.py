@@ -121,6 +121,21 @@ def _marker(target: Path, index: Block) -> Path:
     return target / DONE_FOLDER / "_".join(map(str, index))
 
 
+def _difference(saved, wanted: dict) -> tuple[str, object, object] | None:
+    """Return (name, saved value, wanted value) of the first of the `wanted` settings that `saved` does not hold
+    (a.b for a setting inside another), or None when it holds them all."""
+    saved = saved if isinstance(saved, dict) else {}
+    for key, value in wanted.items():
+        old = saved.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            inner = _difference(old, value)
+            if inner is not None:
+                return f"{key}.{inner[0]}", inner[1], inner[2]
+        elif old != value:
+            return key, old, value
+    return None
+
+
 def open_output(target: PathLike, shape: tuple[int, int, int], settings: dict) -> zarr.Array:
     """Return the output zarr array at `target`: created with chunks of one block, or, when it exists,
     checked to have been made with the same `settings` (ValueError otherwise) for resuming."""
@@ -137,10 +152,11 @@ def open_output(target: PathLike, shape: tuple[int, int, int], settings: dict) -
     except Exception as err:
         raise ValueError(f"{target} exists and is not a prediction written by predict.py ({err}); "
                          "choose another output or delete it") from err
-    for key, value in settings.items():
-        if saved.get(key) != value:
-            raise ValueError(f"{target} holds a prediction made with {key}={saved.get(key)!r}, not {value!r}; "
-                             "choose another output, or delete it to start afresh")
+    different = _difference(saved, settings)
+    if different is not None:
+        key, old, value = different
+        raise ValueError(f"{target} holds a prediction made with {key}={old!r}, not {value!r}; "
+                         "choose another output, or delete it to start afresh")
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"{target} has shape {out.shape}, the input {shape}; choose another output")
     (target / DONE_FOLDER).mkdir(exist_ok=True)
@@ -148,13 +164,15 @@ def open_output(target: PathLike, shape: tuple[int, int, int], settings: dict) -
 
 
 def predict_block(model, volume, out: zarr.Array, target: PathLike, index: Block, *, block: int,
-                  tile: int, overlap: int, batch_size: int, tta: bool) -> Block:
-    """Predict block `index` of `volume`, write it into `out` and then its marker beside it; return `index`."""
+                  tile: int, overlap: int, batch_size: int, tta: bool, offsets=None) -> Block:
+    """Predict block `index` of `volume`, write it into `out` and then its marker beside it; return `index`.
+    `offsets`: an affinity model's, for `tta` (`tiling.predict_region`)."""
     z, by, bx = index
     _, height, width = volume_shape(volume)
     rows = (by * block, min((by + 1) * block, height))
     cols = (bx * block, min((bx + 1) * block, width))
-    probabilities = tiling.predict_region(model, PageView(volume, z), (rows, cols), tile, overlap, batch_size, tta)
+    probabilities = tiling.predict_region(model, PageView(volume, z), (rows, cols), tile, overlap, batch_size, tta,
+                                          offsets=offsets)
     if probabilities.ndim == 3:  # an affinity model: its cell map
         probabilities = affinities.cell_map(probabilities)
     out[z, slice(*rows), slice(*cols)] = tiling.to_uint8(probabilities) if out.dtype == np.uint8 else probabilities
@@ -219,13 +237,16 @@ def predict_volume(
     if len(shape) != 3:
         raise ValueError(f"expected a volume (pages, height, width) or one (height, width) page, got shape {shape}")
     target = Path(target).resolve()
-    settings = {"model": str(model_path), "source": str(Path(source).resolve()) if from_path else None,
+    # The model's digest too: a model retrained under the same name must not fill the blocks left.
+    settings = {"model": str(model_path), "model_sha256": files.sha256(model_path),
+                "source": str(Path(source).resolve()) if from_path else None,
                 "tile": tile, "overlap": overlap, "tta": tta, "block": block,
                 "dtype": "uint8" if uint8 else "float32"}
     out = open_output(target, shape, settings)
     blocks = block_layout(shape, block)
     pending = [index for index in blocks if not _marker(target, index).exists()]
-    block_settings = dict(block=block, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta)
+    block_settings = dict(block=block, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta,
+                          offsets=runtimes.recorded_offsets(model_path))
     with tqdm(total=len(pending), desc=target.name, unit="block", disable=not progress) as bar:
         for index in _run(pending, volume, out, target, model_path, source, client, block_settings):
             bar.update(1)
@@ -235,13 +256,25 @@ def predict_volume(
             "seconds": time.perf_counter() - start}
 
 
+def made_with(volume) -> dict | None:
+    """Return the settings a prediction zarr was made with (`predict_volume`'s, the model's digest among them),
+    or None for a volume that does not record them."""
+    try:
+        saved = volume.attrs.get(SETTINGS_KEY)
+    except Exception:  # not a zarr array, or unreadable attributes: nothing recorded
+        return None
+    return dict(saved) if isinstance(saved, dict) else None
+
+
 def segment_volume(source: PathLike, target: PathLike, method: str = "multicut",
                    params: segment.SegmentParams | None = None, progress: bool = True) -> dict:
     """Cut each page of a prediction zarr (`predict_volume`'s: cell probabilities, float32 or 0-255) into cells,
     page by page, into the uint32 zarr array `target` (chunks of 1 x 1024 x 1024), skipping pages already
     done (a marker per page, as for blocks); return {"pages", "computed", "skipped", "seconds"}.
 
-    Each page is segmented whole (`segment.segment`), so memory grows with the page, not the volume.
+    Each page is segmented whole (`segment.segment`), so memory grows with the page, not the volume. The
+    cells record the settings of the prediction they were cut from (its model's digest among them): cells of
+    an earlier prediction, made with another model or other settings, are refused rather than resumed.
     """
     start = time.perf_counter()
     params = segment.SegmentParams() if params is None else params
@@ -250,8 +283,8 @@ def segment_volume(source: PathLike, target: PathLike, method: str = "multicut",
     volume = open_volume(source)
     shape = volume_shape(volume)
     target = Path(target).resolve()
-    settings = {"source": str(Path(source).resolve()), "method": method, "params": params.as_dict(),
-                "block": min(DEFAULT_BLOCK, max(shape[1:])), "dtype": "uint32"}
+    settings = {"source": str(Path(source).resolve()), "prediction": made_with(volume), "method": method,
+                "params": params.as_dict(), "block": min(DEFAULT_BLOCK, max(shape[1:])), "dtype": "uint32"}
     out = open_output(target, shape, settings)
     pending = [z for z in range(shape[0]) if not _marker(target, (z,)).exists()]
     scale = 255.0 if volume.dtype == np.uint8 else 1.0

@@ -1,12 +1,18 @@
-"""Keras callbacks of the project. They take what they need as arguments, never globals.
+"""Keras callbacks of the project, under the original design's names. They take what they need as arguments,
+never globals.
 
-The validation pages are predicted once per epoch, by `ValidationPages`, right
-after Keras's own validation pass (`on_test_end`, which runs before any
-callback's `on_epoch_end`). That one prediction gives the challenge scores,
-the uniform-prediction check and the epoch's picture (the original's image history). One
-callback, `Checkpoints`, owns "best": it reads the monitored value from the
-epoch's logs, or from `ValidationPages` when the monitor is one of its scores,
-so the order of the callback list does not matter.
+- `TensorBoard`: Keras's, with every epoch's curves whatever the epoch's
+  length, and batch curves that count on from the optimizer's step on a resume.
+- `ImageHistory`: the original's image history, grown into the one prediction
+  of the validation pages per epoch, right after Keras's own validation pass
+  (`on_test_end`, which runs before any callback's `on_epoch_end`). That one
+  prediction gives the challenge scores, the uniform-prediction check and the
+  epoch's picture.
+- `ModelCheckpoint`: the one owner of "best" (not Keras's: it also saves what a
+  rerun resumes from). It reads the monitored value from the epoch's logs, or
+  from `ImageHistory` when the monitor is one of its scores, so the order of
+  the callback list does not matter.
+- `StopOnNaN`, `StepBackup`, `TimeLimit`: a run's safety nets.
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ import tensorflow as tf
 
 import affinities
 import files
-import metrics
 import runs
 import segment
 from model import inference_model
+from scores import UNIFORM_CAUSES, cell_scores, challenge_scores, uniform_prediction
 
 def predict_batch(model: keras.Model, images: np.ndarray) -> np.ndarray:
     """Return the model's float32 outputs for one batch of `images`, under any tf.distribute strategy.
@@ -51,9 +57,9 @@ def stretch_to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def recording():
-    """Return the context in which this project's summaries are written whatever Keras's TensorBoard callback
-    says: during validation it records only every `update_freq`-th step (`tf.summary.record_if`), and
-    ValidationPages writes from within the validation pass (`on_test_end`)."""
+    """Return the context in which summaries are written whatever Keras's TensorBoard callback says: between two
+    batches it records only when the last batch's step is a multiple of `update_freq` (`tf.summary.record_if`),
+    and the epoch's scalars and pictures are written there (ImageHistory from within the validation pass)."""
     return tf.summary.record_if(True)
 
 
@@ -90,25 +96,25 @@ class SummaryCallback(keras.callbacks.Callback):
             self._writer = None
 
 
-class ValidationPages(SummaryCallback):
-    """Predict the validation pages once per epoch and draw them while the model trains.
+class ImageHistory(SummaryCallback):
+    """Predict the validation pages once per epoch and draw them while the model trains (the original's image history).
 
     After each epoch's validation pass (or at the epoch end when `fit` has no
     validation data) it predicts `images` once and from that prediction:
-    - checks whether it is (nearly) uniform (`metrics.uniform_prediction`): a
+    - checks whether it is (nearly) uniform (`scores.uniform_prediction`): a
       warning naming the likely causes, and 'val_uniform' 1 or 0;
     - every `challenge_every` epochs (0: never) scores it with the ISBI 2012
-      challenge's V_rand and V_info (`metrics.challenge_scores`, best over the
+      challenge's V_rand and V_info (`scores.challenge_scores`, best over the
       threshold sweep, mean over the pages): 'val_v_rand', 'val_v_info',
       'val_v_rand_threshold', 'val_v_info_threshold' (1 is a perfect score);
-      and with a `segmenter` the same scores of its cells (`metrics.cell_scores`):
+      and with a `segmenter` the same scores of its cells (`scores.cell_scores`):
       'val_cell_v_rand', 'val_cell_v_info';
     - writes the 'epoch' picture to TensorBoard at step epoch + 1, and with a
       `segmenter` the 'cells' picture: the first page's cells in colour over it.
     These values are `scores` until the next epoch, are added to the epoch's
-    logs (so Keras's History and TensorBoard record them) and are written to
+    logs (so Keras's History and the checkpoint see them) and are written to
     TensorBoard in `log_dir`/validation as 'epoch_v_rand' ... at step = epoch
-    index, the steps Keras's TensorBoard callback uses.
+    index, the steps Keras's TensorBoard callback uses (`TensorBoard` leaves them out).
 
     Every `draw_interval` optimizer steps (0: never) it also predicts the pages
     and writes a 'batch' picture at the optimizer's step (so a resumed run
@@ -128,6 +134,9 @@ class ValidationPages(SummaryCallback):
     """
 
     SCORE_KEYS = ("v_rand", "v_info", "v_rand_threshold", "v_info_threshold")
+    # What it adds to the epoch's logs. It writes them to TensorBoard itself, so that they are there whatever the
+    # order of the callbacks, and TensorBoard leaves them to it.
+    LOG_KEYS = ("val_uniform", *(f"val_{key}" for key in SCORE_KEYS), "val_cell_v_rand", "val_cell_v_info")
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, log_dir: str | os.PathLike, challenge_every: int = 1,
                  draw_interval: int = 100, batch_size: int = 1,
@@ -149,6 +158,11 @@ class ValidationPages(SummaryCallback):
         self._epoch = None  # the epoch under way
         self._done_epoch = None  # the epoch whose scores are in `scores`
 
+    def __repr__(self):
+        return (f"ImageHistory(pages={len(self.images)}, log_dir={str(self.log_dir)!r}, "
+                f"draw_interval={self.draw_interval}, challenge_every={self.challenge_every}, "
+                f"segmenter={self.segmenter is not None})")
+
     def predict(self) -> np.ndarray:
         """Return the model's (N, H, W, C) float32 outputs for the validation images."""
         predictions = np.concatenate([predict_batch(self.model, self.images[i : i + self.batch_size])
@@ -168,10 +182,10 @@ class ValidationPages(SummaryCallback):
         """Predict once and set `scores` for `epoch`; write its picture and scalars."""
         outputs = self.predict()
         predictions = cell_maps(outputs)
-        problem = metrics.uniform_prediction(predictions)
+        problem = uniform_prediction(predictions)
         if problem:
             print(f"warning: epoch {epoch + 1}: the validation prediction is (nearly) uniform: {problem}; "
-                  f"{metrics.UNIFORM_CAUSES}", file=sys.stderr, flush=True)
+                  f"{UNIFORM_CAUSES}", file=sys.stderr, flush=True)
         scores = {"val_uniform": float(problem is not None)}
         if self.challenge_every and (epoch + 1) % self.challenge_every == 0:
             challenge, cells = self.challenge(outputs)
@@ -185,23 +199,23 @@ class ValidationPages(SummaryCallback):
         if self._scalar_writer is None:
             self._scalar_writer = tf.summary.create_file_writer(str(self.scalar_dir))
         with self._scalar_writer.as_default(), recording():
-            for key in ("v_rand", "v_info", "cell_v_rand", "cell_v_info", "uniform"):
-                if f"val_{key}" in scores:
-                    tf.summary.scalar(f"epoch_{key}", scores[f"val_{key}"], step=epoch)
+            for key in self.LOG_KEYS:
+                if key in scores:
+                    tf.summary.scalar(key.replace("val_", "epoch_", 1), scores[key], step=epoch)
         self._scalar_writer.flush()
 
     def challenge(self, outputs: np.ndarray) -> tuple[dict, list[np.ndarray] | None]:
         """Return (the mean challenge scores 'val_v_rand', ... of (N, H, W, C) outputs against the labels, and with
         a segmenter also 'val_cell_v_rand' and 'val_cell_v_info'; the cells of each page, or None)."""
         labels = self.labels[..., 0] > 0.5
-        per_page = [metrics.challenge_scores(p, y) for p, y in zip(cell_maps(outputs), labels)]
+        per_page = [challenge_scores(p, y) for p, y in zip(cell_maps(outputs), labels)]
         scores = {f"val_{key}": float(np.mean([page[key] for page in per_page])) for key in self.SCORE_KEYS}
         if self.segmenter is None:
             return scores, None
         with warnings.catch_warnings():  # an untrained network's uniform output is reported by _score
             warnings.simplefilter("ignore", UserWarning)
             cells = [self.segmenter(page[..., 0] if page.shape[-1] == 1 else page) for page in outputs]
-        found = [metrics.cell_scores(page, y) for page, y in zip(cells, labels)]
+        found = [cell_scores(page, y) for page, y in zip(cells, labels)]
         scores.update({f"val_cell_{key}": float(np.mean([page[key] for page in found])) for key in ("v_rand", "v_info")})
         return scores, cells
 
@@ -232,8 +246,12 @@ class ValidationPages(SummaryCallback):
         self._epoch = None
 
 
-class Checkpoints(keras.callbacks.Callback):
+class ModelCheckpoint(keras.callbacks.Callback):
     """Save a run's models and state after every epoch; the one owner of "best".
+
+    Not Keras's ModelCheckpoint: it monitors a validation score (the original
+    monitored the training loss), also saves what a rerun resumes from, and
+    writes every file atomically.
 
     - best.keras: the model for inference (`model.inference_model`: layers
       only, it loads anywhere) whenever `monitor` beats the best so far
@@ -248,13 +266,17 @@ class Checkpoints(keras.callbacks.Callback):
     """
 
     def __init__(self, run: runs.RunFolder, monitor: str = "val_loss", mode: str = "min", best: float | None = None,
-                 extra: dict | None = None, validation: ValidationPages | None = None):
+                 extra: dict | None = None, validation: ImageHistory | None = None):
         super().__init__()
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         self.run, self.monitor, self.mode, self.best = run, monitor, mode, best
         self.extra = dict(extra or {})
         self.validation = validation
+
+    def __repr__(self):
+        return (f"ModelCheckpoint(run={str(self.run.path)!r}, monitor={self.monitor!r}, mode={self.mode!r}, "
+                f"best={self.best!r})")
 
     def improved(self, value: float) -> bool:
         """Return whether `value` beats the best so far."""
@@ -295,6 +317,9 @@ class TimeLimit(keras.callbacks.Callback):
         self.clock = clock
         self._start = None
 
+    def __repr__(self):
+        return f"TimeLimit(seconds={self.seconds!r}, epochs={self.epochs})"
+
     def on_train_begin(self, logs=None):
         self._start = self.clock()
 
@@ -330,6 +355,9 @@ class StopOnNaN(keras.callbacks.Callback):
         self.steps_per_epoch = int(steps_per_epoch)
         self.checkpoints = checkpoints
 
+    def __repr__(self):
+        return f"StopOnNaN(steps_per_epoch={self.steps_per_epoch})"
+
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is None or np.isfinite(float(loss)):
@@ -348,7 +376,7 @@ class StepBackup(keras.callbacks.Callback):
     The optimizer's step count says where in which epoch the backup was taken,
     so `train()` can resume in the middle of an epoch. 0 saves nothing (but
     `train()` still saves a backup when interrupted). Steps that end an epoch of
-    `steps_per_epoch` (if given) are left to `Checkpoints`, which saves last.keras
+    `steps_per_epoch` (if given) are left to `ModelCheckpoint`, which saves last.keras
     a validation later, and a signal in between saves a backup anyway.
     """
 
@@ -360,23 +388,38 @@ class StepBackup(keras.callbacks.Callback):
         self.every = int(every)
         self.steps_per_epoch = steps_per_epoch
 
+    def __repr__(self):
+        return f"StepBackup(path={str(self.path)!r}, every={self.every})"
+
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
         if self.every and step % self.every == 0 and not (self.steps_per_epoch and step % self.steps_per_epoch == 0):
             files.write_atomic(self.path, self.model.save)
 
 
-class ResumableTensorBoard(keras.callbacks.TensorBoard):
-    """Keras' TensorBoard callback whose batch-level curves count on from the optimizer's step.
+class TensorBoard(keras.callbacks.TensorBoard):
+    """Keras's TensorBoard callback, with every epoch's curves and with batch curves that count on from the optimizer's
+    step.
 
-    Keras' own starts its batch counter at 0 in every `fit`, so a resumed run
-    would draw its batch curves over the first run's; and it flushes only now
-    and then, so a killed run would leave a gap before its last backup.
+    Keras's own writes the epoch's scalars and weight histograms within the
+    `tf.summary.record_if` it set for the last batch (record at steps that are
+    multiples of `update_freq`), so they are lost unless an epoch ends on such
+    a step; here they are written at every epoch end (`recording()`), and so
+    are the evaluation scalars at the end of each validation pass. The scores
+    that ImageHistory adds to the logs it writes itself. Keras's own
+    also starts its batch counter at 0 in every `fit`, so a resumed run would
+    draw its batch curves over the first run's; and it flushes only now and
+    then, so a killed run would leave a gap before its last backup.
     It sets private members of Keras's TensorBoard (PRIVATE_MEMBERS); a test
     fails when a Keras release renames them.
     """
 
-    PRIVATE_MEMBERS = ("_writers", "_global_train_batch", "_pop_writer", "_push_writer", "_train_writer")
+    PRIVATE_MEMBERS = ("_writers", "_global_train_batch", "_pop_writer", "_push_writer", "_train_writer",
+                       "_val_writer")
+
+    def __repr__(self):
+        return (f"TensorBoard(log_dir={self.log_dir!r}, update_freq={self.update_freq!r}, "
+                f"histogram_freq={self.histogram_freq!r}, write_images={self.write_images!r})")
 
     def on_train_begin(self, logs=None):
         self._writers = {}  # those of an earlier fit with this callback were closed at its end
@@ -390,3 +433,16 @@ class ResumableTensorBoard(keras.callbacks.TensorBoard):
         # Flushed as written, so that a killed run loses none of the steps its backup holds.
         if isinstance(self.update_freq, int) and self._global_train_batch % self.update_freq == 0:
             self._train_writer.flush()
+
+    def on_test_end(self, logs=None):
+        # Keras writes then pops the writer it pushed for the last validation batch: pushed again at step 0, it records.
+        self._pop_writer()
+        self._push_writer(self._val_writer, 0)
+        super().on_test_end(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {key: value for key, value in (logs or {}).items() if key not in ImageHistory.LOG_KEYS}
+        with recording():
+            super().on_epoch_end(epoch, logs)
+        for writer in self._writers.values():  # a killed run keeps the curves of the epochs it saved
+            writer.flush()

@@ -4,17 +4,12 @@ Knows nothing of models (augmentation lives in augment.py, file helpers in files
 training loop eats comes from here as float32 NHWC arrays in [0, 1]; labels are exactly 0 (membrane)
 or 1 (cell).
 
-Command line: ``python data.py fetch`` finds the stacks or downloads them where they are looked for
-(what `make run` does first), ``python data.py download [--dest DIR]`` downloads them,
-``python data.py check [DIR]`` validates what is there and prints the data
-report, ``python data.py check --images A --labels B`` does the same for your
-own data (see `load_pages`), ``python data.py example DEST`` writes the
-README's example folder pair.
+Command line (data_cli.py): ``python data.py fetch`` finds the stacks or downloads them where they are
+looked for (what `make run` does first); ``download``, ``check`` and ``example`` as ``python data.py --help`` says.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,7 +21,6 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-import cli
 from files import DataError, check_float_range, read_pages, read_stack, sha256, write_atomic
 
 DATA_ENV = "ISBI_DATA_DIR"
@@ -470,48 +464,11 @@ def ensure_data(data_dir: str | os.PathLike | None = None, progress: bool = True
         return download(dest, progress=progress), True
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return data.py's command line: the download, check and example commands."""
-    parser = cli.parser(__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch", help="find the ISBI 2012 stacks, downloading them if they are missing")
-    fetch.add_argument("--data-dir", help=f"where to look and download to (default: ${DATA_ENV}, else data/)")
-    get = sub.add_parser("download", help="download the ISBI 2012 stacks that are not in DEST yet")
-    get.add_argument("--dest", default=str(DEFAULT_DATA_DIR))
-    get.add_argument("--url", help=f"the folder URL of the three files (default: ${URL_ENV}, else {DOWNLOAD_URL})")
-    check = sub.add_parser("check", help="validate the stacks (or your own data) and print the data report")
-    check.add_argument("data_dir", nargs="?")
-    for flag in ("--images", "--labels", "--val-images", "--val-labels", "--split"):
-        check.add_argument(flag)
-    check.add_argument("--membrane-value", type=int)
-    check.add_argument("--allow-unpaired", action="store_true")
-    check.add_argument("--seed", type=int, default=0)
-    example = sub.add_parser("example", help="write ISBI pages at 700x900 as a folder pair of PNGs (README)")
-    example.add_argument("dest")
-    example.add_argument("--data-dir")
-    return parser
-
-
-def run(args: argparse.Namespace) -> None:
-    """Carry out the data command the parsed command line names; print what it did."""
-    if args.command == "fetch":
-        folder, downloaded = ensure_data(args.data_dir)
-        print(f"data {'downloaded to' if downloaded else 'found in'} {folder}")
-    elif args.command == "download":
-        print(f"data ready in {download(args.dest, args.url)}")
-    elif args.command == "example":
-        dest = make_example(args.dest, args.data_dir)
-        print(f"wrote {dest / 'images'} and {dest / 'masks'}")
-    else:
-        if args.images is None:
-            load_isbi(args.data_dir)  # the ISBI stacks' own checks first
-        _, report = load_pages(args.images, args.labels, args.val_images, args.val_labels, args.split,
-                               args.membrane_value, args.allow_unpaired, args.data_dir, args.seed)
-        print(format_report(report))
-
-
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(build_parser(), run, argv)
+    """Run data.py's command line (data_cli.py: fetch, check, report, example); return the exit code."""
+    import data_cli
+
+    return data_cli.main(argv)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ import numpy as np
 import affinities
 import data
 import files
-import metrics
 import runs
 import runtimes
 import segment
 import tiling
+from scores import accuracy_np, cell_scores, challenge_scores, pixel_difference_np, pixel_error
 
 
 CELL_KEYS = ("v_rand", "rand_split", "rand_merge", "v_info", "info_split", "info_merge", "cells", "true_cells")
@@ -37,23 +37,23 @@ def score_page(label: np.ndarray, prediction: np.ndarray | None = None, cells: n
     """Return one page's scores. Of a probability map (1 = cell): pixel difference (percent), accuracy
     (fraction), pixel error and the challenge's V_rand and V_info (best over the threshold sweep, with their
     thresholds). Of a cell label image: 'cell_v_rand', 'cell_v_info' with their split and merge parts
-    (`metrics.cell_scores`), 'cell_cells' predicted and 'cell_true_cells'."""
+    (`scores.cell_scores`), 'cell_cells' predicted and 'cell_true_cells'."""
     label = np.squeeze(label)
     scores = {}
     if prediction is not None:
         prediction = np.squeeze(prediction)
-        challenge = metrics.challenge_scores(prediction, label)
+        challenge = challenge_scores(prediction, label)
         scores.update({
-            "pixel_difference": metrics.pixel_difference_np(label, prediction),
-            "accuracy": metrics.accuracy_np(label, prediction),
-            "pixel_error": metrics.pixel_error(prediction, label),
+            "pixel_difference": pixel_difference_np(label, prediction),
+            "accuracy": accuracy_np(label, prediction),
+            "pixel_error": pixel_error(prediction, label),
             "v_rand": challenge["v_rand"],
             "v_rand_threshold": challenge["v_rand_threshold"],
             "v_info": challenge["v_info"],
             "v_info_threshold": challenge["v_info_threshold"],
         })
     if cells is not None:
-        found = metrics.cell_scores(cells, label)
+        found = cell_scores(cells, label)
         scores.update({f"cell_{key}": float(found[key]) for key in CELL_KEYS})
     return scores
 
@@ -69,7 +69,8 @@ def outputs_for(source: str | Path, images: np.ndarray, pages: list[int], tta: b
                 runtime: str | None = None) -> np.ndarray:
     """Return the model's outputs for `pages`: (len(pages), H, W) cell probabilities, or (len(pages), H, W, K)
     affinities; or a TIFF's pages, holding either every page of the stack or exactly the pages asked for
-    (probabilities as float, cells as integer labels)."""
+    (probabilities as float, or as uint8 0-255 as `predict.py --uint8` writes them; cells as other integer
+    labels)."""
     source = Path(source)
     if source.suffix.lower() in (".tif", ".tiff"):
         stack = files.read_stack(source)
@@ -79,9 +80,12 @@ def outputs_for(source: str | Path, images: np.ndarray, pages: list[int], tta: b
             stack = stack[pages]
         elif len(stack) != len(pages):
             raise files.DataError(f"{source}: {len(stack)} pages; expected {len(images)} (the stack) or {len(pages)}")
-        return stack if np.issubdtype(stack.dtype, np.integer) and stack.dtype != np.uint8 else stack.astype(np.float32)
+        if stack.dtype == np.uint8:  # probabilities rounded to 0-255
+            return (stack / 255.0).astype(np.float32)
+        return stack if np.issubdtype(stack.dtype, np.integer) else stack.astype(np.float32)
     model, _ = runtimes.load_for_prediction(source, runtime)
-    return tiling.predict_stack(model, images[pages], tta=tta, desc="predicting")
+    return tiling.predict_stack(model, images[pages], tta=tta, desc="predicting",
+                                offsets=runtimes.recorded_offsets(source))
 
 
 def cells_for(source: str | Path, outputs: np.ndarray, method: str | None = None) -> tuple[np.ndarray, str]:
@@ -132,15 +136,21 @@ def _scores_of_outputs(source, pages, images, labels, outputs, part, method, wit
     return scores_of(source, pages, images, labels, predictions, part, cells, how)
 
 
+def checked_pages(pages, count: int) -> list[int]:
+    """Return `pages` as a list of ints; DataError unless there is one at least and each lies in 0..count - 1."""
+    pages = [int(p) for p in pages]
+    if not pages or min(pages) < 0 or max(pages) >= count:
+        raise files.DataError(f"pages must lie in 0..{count - 1}, got {pages}")
+    return pages
+
+
 def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.TEST_PAGES, tta: bool = False,
              method: str | None = None, cells: bool = True, runtime: str | None = None) -> dict:
     """Return `scores_of` a model (.keras ...), a probability TIFF or a cell label TIFF against the labelled ISBI
     stack's `pages` (default: the test pages 0, 10, 20); with `cells` the model's cells are cut and scored too
     (by `method`, default the model card's)."""
     raw_images, raw_labels = data.load_isbi(data_dir)
-    pages = [int(p) for p in pages]
-    if not pages or min(pages) < 0 or max(pages) >= len(raw_images):
-        raise files.DataError(f"pages must lie in 0..{len(raw_images) - 1}, got {pages}")
+    pages = checked_pages(pages, len(raw_images))
     images = data.normalize_images(raw_images)
     labels = data.binarize_labels(raw_labels)[pages]
     outputs = outputs_for(source, raw_images, pages, tta, runtime)
@@ -154,7 +164,8 @@ def evaluate_held_out(source: str | Path, parts: dict, report: dict, tta: bool =
     part = "test" if "test" in parts else "validation"
     images, labels = (stack[..., 0] for stack in parts[part])
     model, _ = runtimes.load_for_prediction(source)
-    outputs = tiling.predict_stack(model, images, tta=tta, desc="predicting")
+    outputs = tiling.predict_stack(model, images, tta=tta, desc="predicting",
+                                   offsets=runtimes.recorded_offsets(source))
     return _scores_of_outputs(source, report["split_pages"][part], images, labels, outputs, part, method, cells)
 
 
@@ -163,7 +174,7 @@ def tune(source: str | Path, data_dir: str | Path | None = None, pages=data.VALI
     """Choose the segmentation parameters of a model on the validation `pages` (`segment.tune`, never the test
     pages) and record them in its card (`runtimes.card_path`); return the card's 'segmentation' entry."""
     raw_images, raw_labels = data.load_isbi(data_dir)
-    pages = [int(p) for p in pages]
+    pages = checked_pages(pages, len(raw_images))
     outputs = outputs_for(source, raw_images, pages, runtime=runtime)
     channels = 1 if outputs.ndim == 3 else outputs.shape[-1]
     how, _, offsets = runtimes.segmentation_for(source, channels, method)
@@ -228,8 +239,13 @@ def run(args: argparse.Namespace) -> None:
     """Score what the parsed command line names; print the table, write the files asked for."""
     if not Path(args.source).is_file():
         raise files.DataError(f"{args.source}: no such model or TIFF file (train a model with `python train.py`)")
+    folder = data.find_data_dir(args.data_dir)
+    card = [runtimes.card_path(args.source)] if runtimes.is_model(args.source) else []  # read, and --tune writes it
+    files.refuse_overwriting([args.out, args.grid], [args.source, *card, folder / data.IMAGES_FILE,
+                                                     folder / data.LABELS_FILE])
     for output in filter(None, (args.out, args.grid)):
         files.prepare_output(output)  # before the slow part
+    checked_pages(args.pages, len(data.load_isbi(folder)[0]))  # before --tune writes the card
     if args.tune:
         chosen = tune(args.source, args.data_dir, method=args.method, runtime=args.runtime)
         print(f"segmentation chosen on validation pages {chosen['tuned_on']['pages']}: {chosen['method']} "

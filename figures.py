@@ -32,10 +32,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 
 import files
-import metrics
 import runs
+import scores
 import segment
-from model import DEPTH
+from shapes import DEPTH
 
 # metric -> (file name, title, y-axis label); the file names are the original write-up's.
 CURVES = {
@@ -155,7 +155,7 @@ def _decode_image(value: np.ndarray) -> np.ndarray:
 
 
 def read_images(log_dir: str | os.PathLike) -> dict[str, list[tuple[int, np.ndarray]]]:
-    """Return {tag: [(step, uint8 (H, W) image)]} of the pictures `callbacks.ValidationPages` drew in `log_dir`/images."""
+    """Return {tag: [(step, uint8 (H, W) image)]} of the pictures `callbacks.ImageHistory` drew in `log_dir`/images."""
     merged = _merge(_read_event_files(Path(log_dir) / "images", "images"))
     return {tag: [(step, _decode_image(value)) for step, value in events] for tag, events in merged.items()}
 
@@ -242,7 +242,7 @@ def _chosen_snapshots(log_dir, steps: Sequence[int] | None) -> list[tuple[int, n
 def save_snapshots(log_dir: str | os.PathLike, out_dir: str | os.PathLike = "images", steps=None) -> list[Path]:
     """Write labels.png (the label row) and step{N}.png (the prediction row at step N) to `out_dir`; return the paths.
 
-    The pictures are those `callbacks.ValidationPages` draws: the validation pages side by side, pixel
+    The pictures are those `callbacks.ImageHistory` draws: the validation pages side by side, pixel
     for pixel. Only the top (prediction) row is kept for each step since the
     labels, the same at every step, are written once.
     """
@@ -308,7 +308,7 @@ def batch_grid(images: np.ndarray, labels: np.ndarray) -> Figure:
 
 def pixel_differences(labels: np.ndarray, predictions: np.ndarray) -> list[float]:
     """Return the pixel difference (%) of each prediction against its label."""
-    return [metrics.pixel_difference_np(label, prediction) for label, prediction in zip(labels, predictions)]
+    return [scores.pixel_difference_np(label, prediction) for label, prediction in zip(labels, predictions)]
 
 
 def results_grid(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, titles=None,
@@ -324,8 +324,8 @@ def results_grid(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray
         pages, truths = _pages(images), _pages(labels)
         rows.append(np.stack([segment.overlay(image, page) for image, page in zip(pages, cells)]))
         names.append("cells")
-        scores = [metrics.cell_scores(page, truth > 0.5) for page, truth in zip(cells, truths)]
-        row_titles.append([f"{s['cells']} cells ({s['true_cells']} true), V_rand {s['v_rand']:.3f}" for s in scores])
+        found = [scores.cell_scores(page, truth > 0.5) for page, truth in zip(cells, truths)]
+        row_titles.append([f"{s['cells']} cells ({s['true_cells']} true), V_rand {s['v_rand']:.3f}" for s in found])
     return image_grid(rows, names, row_titles)
 
 
@@ -343,7 +343,7 @@ def masks_grid(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray
     images, labels, probabilities = _pages(images), _pages(labels), _pages(probabilities)
     rows = [np.stack([image, label, (p > 0.5).astype(np.float32)])
             for image, label, p in zip(images, labels, probabilities)]
-    cells = [["image", "mask", f"predicted mask, membrane Dice {metrics.membrane_dice_np(label, p):.3f}"]
+    cells = [["image", "mask", f"predicted mask, membrane Dice {scores.membrane_dice_np(label, p):.3f}"]
              for label, p in zip(labels, probabilities)]
     return image_grid(rows, titles or [f"page {i}" for i in range(len(images))], cells, size=4.0)
 

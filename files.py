@@ -97,6 +97,31 @@ def prepare_output(path: str | os.PathLike, folder_ok: bool = False) -> Path:
     return path
 
 
+def _identities(path: Path) -> set:
+    """Return what names the file at `path` whatever the way to it: its resolved path and, if it exists, its
+    (device, inode) pair, which a hard link shares."""
+    found = {str(path.resolve())}
+    try:
+        stat = path.stat()
+        found.add((stat.st_dev, stat.st_ino))
+    except OSError:
+        pass  # not there (yet): its resolved path says where it would be
+    return found
+
+
+def refuse_overwriting(outputs, inputs) -> None:
+    """Raise DataError if one of `outputs` (paths; None is skipped) is one of `inputs`: the same path once resolved,
+    or the same file through a symbolic or hard link. Faces call it before any work, so that no output replaces
+    what it is made from."""
+    known = {}
+    for source in filter(None, inputs):
+        known.update(dict.fromkeys(_identities(Path(source)), source))
+    for output in filter(None, outputs):
+        same = next((known[key] for key in _identities(Path(output)) if key in known), None)
+        if same is not None:
+            raise DataError(f"{output}: this output would overwrite the input {same}; choose another output name")
+
+
 def sha256(path: str | os.PathLike) -> str:
     """Return the hex SHA-256 of a file."""
     digest = hashlib.sha256()

@@ -25,7 +25,7 @@ import numpy as np
 from keras import ops
 from scipy import ndimage
 
-from metrics import segment_cells
+from scores import segment_cells
 
 EPSILON = 1e-7  # probabilities are clipped to [EPSILON, 1 - EPSILON] before the log, as Keras does
 # Distances beyond sigma * this are treated as infinite in the weight map: there the border term is below
@@ -63,7 +63,7 @@ def nearest_two_cell_distances(cells: np.ndarray, cutoff: float = np.inf) -> tup
     those up to `cutoff` are exact.
 
     Args:
-        cells: (H, W) integer labels, 0 = membrane, cells 1..n (see `metrics.segment_cells`).
+        cells: (H, W) integer labels, 0 = membrane, cells 1..n (see `scores.segment_cells`).
         cutoff: pixels; the distances that must come out exact.
     """
     cells = np.asarray(cells)
@@ -94,7 +94,7 @@ def border_weight_map(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0, b
         w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))
 
     with d1, d2 the distances to the nearest and second-nearest cell (cells:
-    4-connected components of label > 0.5, as `metrics.segment_cells`), and
+    4-connected components of label > 0.5, as `scores.segment_cells`), and
     w_c the class-balancing weight (`class_balance_weights`: inverse class
     frequency in this label, the more frequent class at 1; 1 everywhere with
     `balance=False`).

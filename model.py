@@ -16,9 +16,7 @@ from keras import layers
 
 import hardware
 from files import DataError, error_reason
-
-DEPTH = 4  # pooling steps: five contracting blocks, four expanding blocks
-SIZE_MULTIPLE = 2**DEPTH  # with 'same' padding, input sides must divide by this many pixels
+from shapes import DEPTH, SIZE_MULTIPLE
 
 
 @keras.saving.register_keras_serializable(package="unet_isbi")

@@ -41,8 +41,8 @@ import tifffile
 import affinities
 import data
 import files
-import metrics
 import runtimes
+import scores
 import segment
 from files import TIFF_SUFFIXES, ZARR_SUFFIX, PathLike, is_zarr
 from tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE, predict_stack, tile_grid, to_uint8
@@ -50,6 +50,7 @@ from tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE, predict_st
 PREDICTION_SUFFIX = "-prediction"
 CELLS_SUFFIX = "-cells"
 IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+OWN_ENDINGS = (PREDICTION_SUFFIX, PREDICTION_SUFFIX + "-mask", CELLS_SUFFIX, CELLS_SUFFIX + "-boundaries")
 
 
 # ---------------------------------------------------------------- reading and writing
@@ -64,19 +65,26 @@ def read_image(path: PathLike) -> np.ndarray:
     return pages
 
 
+def is_own_output(path: PathLike) -> bool:
+    """Return whether a file's name is one this script gives what it writes: <stem>-prediction, its masks
+    (-prediction-mask, -prediction-<page>), the cells (-cells, their picture, -cells-boundaries)."""
+    stem = Path(path).stem
+    head, _, page = stem.rpartition("-")
+    return stem.endswith(OWN_ENDINGS) or (page.isascii() and page.isdigit() and head.endswith(PREDICTION_SUFFIX))
+
+
 def image_files(paths: Sequence[PathLike]) -> list[Path]:
     """Return the image files named by `paths`: files as given, folders as their images sorted by name.
 
-    Files in a folder whose name ends in "-prediction" (this script's
-    outputs) are left out, so that a second run does not predict predictions.
+    Files in a folder named as this script's outputs (`is_own_output`) are
+    left out, so that a second run does not predict predictions or cells.
     """
     chosen = []
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(
                 p for p in path.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                and not p.stem.endswith((PREDICTION_SUFFIX, PREDICTION_SUFFIX + "-mask"))
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_own_output(p)
             )
             if not found:
                 raise files.DataError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
@@ -113,21 +121,29 @@ def write_masks(target: PathLike, probabilities: np.ndarray, threshold: float = 
     beside `target` (name-N.png for several pages); return the paths."""
     from PIL import Image
 
-    target = Path(target)
     paths = []
-    for i, page in enumerate(probabilities):
-        suffix = f"-{i}" if len(probabilities) > 1 else ""
-        path = target.with_name(f"{target.stem}{suffix}.png")
+    for path, page in zip(mask_paths(target, len(probabilities)), probabilities):
         mask = Image.fromarray(np.where(page > threshold, 255, 0).astype(np.uint8))
         paths.append(files.write_atomic(path, lambda part: mask.save(part, format="PNG")))
     return paths
 
 
+def mask_paths(target: PathLike, pages: int) -> list[Path]:
+    """Return the PNG masks' paths of a prediction of `pages` pages to `target`: name.png, or name-N.png for several."""
+    target = Path(target)
+    return [target.with_name(f"{target.stem}{f'-{i}' if pages > 1 else ''}.png") for i in range(pages)]
+
+
+def _mask_tiff_path(target: PathLike) -> Path:
+    """Return `<target stem>-mask.tif` beside `target`."""
+    target = Path(target)
+    return target.with_name(f"{target.stem}-mask.tif")
+
+
 def write_mask_tiff(target: PathLike, probabilities: np.ndarray, threshold: float = 0.5) -> Path:
     """Write the pages' masks (255 = cell where probability > threshold, 0 = membrane) as one uint8 TIFF
     `<target stem>-mask.tif` beside `target`, atomically; return its path."""
-    target = Path(target)
-    path = target.with_name(f"{target.stem}-mask.tif")
+    path = _mask_tiff_path(target)
     pages = np.where(np.asarray(probabilities) > threshold, 255, 0).astype(np.uint8)
     return files.write_atomic(path, lambda part: tifffile.imwrite(part, pages, photometric="minisblack"))
 
@@ -150,9 +166,9 @@ def write_cells(target: PathLike, cells: np.ndarray) -> Path:
 
 
 def write_cell_boundaries(target: PathLike, cells: np.ndarray) -> Path:
-    """Write the cells' boundary map, float32 1 = cell and 0 = a boundary between cells (`metrics.label_boundaries`),
+    """Write the cells' boundary map, float32 1 = cell and 0 = a boundary between cells (`scores.label_boundaries`),
     as `<stem>-cells-boundaries.tif` beside `target`: a challenge submission made of the cells; return its path."""
-    pages = np.stack([~metrics.label_boundaries(page) for page in np.asarray(cells)]).astype(np.float32)
+    pages = np.stack([~scores.label_boundaries(page) for page in np.asarray(cells)]).astype(np.float32)
     return _write_pages(_cells_path(target, "-boundaries.tif"), pages)
 
 
@@ -167,12 +183,21 @@ def write_overlay(target: PathLike, image: np.ndarray, cells: np.ndarray) -> Pat
 
 def warn_if_uniform(name: str, probabilities: np.ndarray) -> str | None:
     """Warn (UserWarning) naming the likely causes if a prediction is empty or uniform; return the message or None."""
-    problem = metrics.uniform_prediction(probabilities)
+    problem = scores.uniform_prediction(probabilities)
     if problem is None:
         return None
-    message = f"{name}: the prediction is (nearly) uniform: {problem}; {metrics.UNIFORM_CAUSES}"
+    message = f"{name}: the prediction is (nearly) uniform: {problem}; {scores.UNIFORM_CAUSES}"
     warnings.warn(message, UserWarning, stacklevel=2)
     return message
+
+
+def output_files(target: Path, pages: int, png: bool = False, mask_tiff: bool = False, cells: bool = False,
+                 overlay: bool = False, boundaries: bool = False) -> list[Path]:
+    """Return every file that predicting `pages` pages to `target` writes with these options (`predict_files`'s)."""
+    chosen = [target, *(mask_paths(target, pages) if png else []), *([_mask_tiff_path(target)] if mask_tiff else [])]
+    endings = [ending for ending, wanted in ((".tif", cells), (".png", overlay), ("-boundaries.tif", boundaries))
+               if wanted]
+    return chosen + [_cells_path(target, ending) for ending in endings]
 
 
 def output_path(input_path: PathLike, out: PathLike | None = None, suffix: str = ".tif") -> Path:
@@ -194,6 +219,31 @@ def runtime_line(chosen: dict) -> str:
 
 def _silent(line: str) -> None:
     """Say nothing (the default of the jobs' `say`)."""
+
+
+def _cutting(model_path: Path, channels: int | None, method: str | None):
+    """Return (method, params, offsets) to cut the `channels`-channel outputs of the model into cells
+    (`runtimes.segmentation_for`), checked before anything is predicted; None when the channels are not known
+    (a model that does not say: then they are chosen after its first prediction)."""
+    if channels is None:
+        return None
+    how, params, offsets = runtimes.segmentation_for(model_path, channels, method)
+    if how == "mws" and channels == 1:
+        raise ValueError(f"{model_path} predicts a membrane map, which the mutex watershed (mws) cannot cut: it "
+                         "needs an affinity model; use --method multicut or threshold")
+    return how, params, offsets
+
+
+def _zarr_cutting(model_path: Path, method: str | None) -> tuple[str, segment.SegmentParams]:
+    """Return (method, params) to cut a zarr prediction, which holds a cell map, into cells: `method`, else the
+    card's, multicut where the card names the mutex watershed; ValueError for `method` mws."""
+    if method == "mws":
+        raise ValueError("--method mws cuts affinities, and a zarr prediction keeps their cell map only: use "
+                         "--method multicut or threshold, or predict to TIFF")
+    how, params, _ = runtimes.segmentation_for(model_path, 1, method)
+    if how == "mws":  # an affinity model's default: its cell map is cut by the multicut instead
+        how, params, _ = runtimes.segmentation_for(model_path, 1, "multicut")
+    return how, params
 
 
 def _refuse_shared_outputs(targets: list[Path], what: str) -> None:
@@ -234,7 +284,8 @@ def predict_files(
     per step and per file written (the command line prints them).
 
     `out` is a folder for the predictions (default: beside each input), or a
-    .tif/.tiff file name when there is exactly one input image.
+    .tif/.tiff file name when there is exactly one input image. Before anything is predicted, an output that
+    would replace an input (`files.refuse_overwriting`) and a method that cannot cut the model's output are refused.
     """
     model_path = runtimes.resolve_model(model_path)
     tile_grid((1, 1), tile, overlap)  # check the settings before the slow part
@@ -250,14 +301,20 @@ def predict_files(
     else:
         targets = [output_path(name, out) for name, _ in images]
     _refuse_shared_outputs(targets, "file")
+    files.refuse_overwriting(
+        [path for (_, pages), target in zip(images, targets)
+         for path in output_files(target, len(pages), png, mask_tiff, cells, overlay, boundaries)],
+        [*(name for name, _ in images), model_path])
 
     say = say or _silent
     model, chosen = runtimes.load_for_prediction(model_path, runtime)
     say(runtime_line(chosen))
+    cutting = _cutting(model_path, runtimes.output_channels(model), method) if cells else None
+    offsets = runtimes.recorded_offsets(model_path)  # an affinity model's, which test-time augmentation moves
     say(f"predicting {len(images)} image(s) with {model_path}: tiles {tile}, overlap {overlap}, "
         f"batch {batch_size}" + (", 8-fold test-time augmentation" if tta else ""))
     for (name, pages), target in zip(images, targets):
-        outputs = predict_stack(model, pages, tile, overlap, batch_size, tta, desc=Path(name).name)
+        outputs = predict_stack(model, pages, tile, overlap, batch_size, tta, desc=Path(name).name, offsets=offsets)
         probabilities = outputs if outputs.ndim == 3 else affinities.cell_map(outputs)
         pages_out = probabilities if len(probabilities) > 1 else probabilities[0]  # one page: a 2-D TIFF
         write_prediction(target, pages_out, uint8)
@@ -268,9 +325,9 @@ def predict_files(
         if mask_tiff:
             say(f"wrote {write_mask_tiff(target, pages_out)}")
         if cells:
-            channels = 1 if outputs.ndim == 3 else outputs.shape[-1]
-            how, params, offsets = runtimes.segmentation_for(model_path, channels, method)
-            labels = segment.segment_stack(outputs, how, params, offsets)
+            how, params, cell_offsets = cutting or _cutting(model_path, 1 if outputs.ndim == 3 else outputs.shape[-1],
+                                                            method)
+            labels = segment.segment_stack(outputs, how, params, cell_offsets)
             count = ", ".join(str(len(np.unique(page[page > 0]))) for page in labels[:5])
             say(f"wrote {write_cells(target, labels)} ({how}; cells per page: {count}"
                 + (", ..." if len(labels) > 5 else "") + ")")
@@ -307,7 +364,8 @@ def predict_volumes(
     `out` is a folder (default: beside each input, as `<stem>-prediction.zarr`),
     or a .zarr name when there is one input. With `workers` (a local cluster of
     that many processes) or `dask` (a scheduler's address) the blocks run on Dask.
-    `say` receives a line per step and per array written.
+    `say` receives a line per step and per array written. An output that would replace an input, and `method`
+    mws (the zarr keeps the cell map, not the affinities), are refused before anything is predicted.
     """
     import blocks
 
@@ -327,6 +385,9 @@ def predict_volumes(
     else:
         targets = [output_path(path, out, ZARR_SUFFIX) for path in inputs]
     _refuse_shared_outputs(targets, "array")
+    files.refuse_overwriting([*targets, *(_cells_path(t, ZARR_SUFFIX) for t in targets if cells)],
+                             [*inputs, model_path])
+    how, params = _zarr_cutting(model_path, method) if cells else (None, None)
     say = say or _silent
     say(f"predicting {len(inputs)} volume(s) with {model_path}: blocks {block}, tiles {tile}, overlap {overlap}, "
           f"batch {batch_size}" + (", 8-fold test-time augmentation" if tta else ""))
@@ -338,9 +399,6 @@ def predict_volumes(
             say(f"wrote {target}: {stats['computed']} blocks computed, {stats['skipped']} skipped, "
                   f"{stats['seconds']:.1f} s")
             if cells:
-                how, params, _ = runtimes.segmentation_for(model_path, 1, method)
-                if how == "mws":  # the zarr holds the affinities' cell map, not the affinities
-                    how, params, _ = runtimes.segmentation_for(model_path, 1, "multicut")
                 labels = _cells_path(target, ZARR_SUFFIX)
                 done = blocks.segment_volume(target, labels, how, params)
                 say(f"wrote {labels} ({how}): {done['computed']} pages computed, {done['skipped']} skipped, "

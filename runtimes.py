@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -71,6 +72,8 @@ class OnnxModel:
                              f"{[(i.name, i.shape) for i in inputs]}")
         self.input_name = inputs[0].name
         self.input_shape = tuple(side if isinstance(side, int) else None for side in inputs[0].shape)
+        output = self.session.get_outputs()[0]
+        self.output_shape = tuple(side if isinstance(side, int) else None for side in output.shape)
 
     def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
         """Return the (N, H, W, C) float32 output for a float32 (N, H, W, 1) batch."""
@@ -89,6 +92,7 @@ class SavedModel:
         self.signature = self.loaded.signatures["serving_default"]
         (self.input_name, spec), = self.signature.structured_input_signature[1].items()
         self.input_shape = tuple(spec.shape.as_list())
+        self.output_shape = tuple(next(iter(self.signature.structured_outputs.values())).shape.as_list())
 
     def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
         """Return the (N, H, W, C) float32 output (the signature's first output) for a (N, H, W, 1) batch."""
@@ -160,9 +164,21 @@ def load_model(path: str | os.PathLike, precision: str | None = None):
         return load_package(path, precision)
     if suffix != KERAS_SUFFIX:
         raise ValueError(f"{path}: not a model this project reads (.keras, .onnx, bioimage.io .zip, SavedModel folder)")
+    if path.is_file() and not zipfile.is_zipfile(path):  # Keras would call it "File not found"
+        import files
+
+        raise files.DataError(f"{path}: not a Keras model (a .keras file is a zip archive; this file is not one)")
     from model import load_model as load_keras  # Keras and TensorFlow load here
 
     return load_keras(path, precision=precision)
+
+
+def output_channels(model) -> int | None:
+    """Return how many channels a loaded model outputs (1: a membrane map, more: affinities); None if it does
+    not say."""
+    shape = getattr(model, "output_shape", None)
+    channels = shape[-1] if isinstance(shape, tuple) and shape else None
+    return channels if isinstance(channels, int) else None
 
 
 # ---------------------------------------------------------------- the model card
@@ -176,14 +192,53 @@ def card_path(path: str | os.PathLike) -> Path:
     return path.with_suffix(CARD_SUFFIX) if path.suffix else path.parent / (path.name + CARD_SUFFIX)
 
 
+def _json_object(path: Path) -> dict:
+    """Return the JSON object in the file `path`; DataError naming it if it holds something else."""
+    import files
+
+    try:
+        found = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:
+        raise files.DataError(f"{path}: not a JSON file ({files.error_reason(err)})") from err
+    if not isinstance(found, dict):
+        raise files.DataError(f"{path}: expected a JSON object, found {type(found).__name__}")
+    return found
+
+
 def model_card(path: str | os.PathLike) -> dict:
     """Return the card of the model at `path` ({} if it has none); a model in a run folder without a card
-    of its own gets {'training': {'settings': the run's settings.json}}."""
+    of its own gets {'training': {'settings': the run's settings.json}}. DataError if the file is not a JSON object."""
     card = card_path(path)
     if card.is_file():
-        return json.loads(card.read_text())
+        return _json_object(card)
     settings = Path(path).parent / "settings.json"
-    return {"training": {"settings": json.loads(settings.read_text())}} if settings.is_file() else {}
+    return {"training": {"settings": _json_object(settings)}} if settings.is_file() else {}
+
+
+def _card_entry(path: str | os.PathLike, *keys) -> dict:
+    """Return the object at card[keys[0]][keys[1]]... of the model at `path` ({} where it is missing);
+    DataError naming the card if one of them is not an object."""
+    import files
+
+    entry = model_card(path)
+    for depth, key in enumerate(keys, 1):
+        entry = entry.get(key) or {}
+        if not isinstance(entry, dict):
+            raise files.DataError(f"{card_path(path)}: its {'.'.join(keys[:depth])} is not a JSON object")
+    return entry
+
+
+def recorded_offsets(path: str | os.PathLike):
+    """Return the affinity offsets the model at `path` predicts, as its card or its run's settings record them:
+    the training settings' distances, else the tuned segmentation's offsets; None when neither records any
+    (a membrane model, or the default offsets, affinities.OFFSETS)."""
+    import affinities
+
+    settings = _card_entry(path, "training", "settings")
+    if settings.get("target") == "affinities" and settings.get("offsets"):
+        return affinities.parse_offsets(str(settings["offsets"]))
+    tuned = _card_entry(path, "segmentation").get("offsets")
+    return affinities.check_offsets(tuned) if tuned else None
 
 
 def segmentation_for(path: str | os.PathLike, channels: int, method: str | None = None):
@@ -193,16 +248,11 @@ def segmentation_for(path: str | os.PathLike, channels: int, method: str | None 
     import affinities
     import segment
 
-    card = model_card(path)
-    chosen = card.get("segmentation", {})
-    settings = card.get("training", {}).get("settings", {})
-    offsets = None
-    if channels > 1:
-        distances = settings.get("offsets") if settings.get("target") == "affinities" else None
-        offsets = affinities.offsets_for(channels, affinities.parse_offsets(distances) if distances else None)
+    chosen = _card_entry(path, "segmentation")
+    offsets = affinities.offsets_for(channels, recorded_offsets(path)) if channels > 1 else None
     method = method or chosen.get("method") or ("mws" if channels > 1 else "multicut")
-    params = chosen.get("params") if chosen.get("method") == method else None
-    return method, segment.SegmentParams.from_dict(params or {}), offsets
+    params = _card_entry(path, "segmentation", "params") if chosen.get("method") == method else {}
+    return method, segment.SegmentParams.from_dict(params), offsets
 
 
 # ---------------------------------------------------------------- ONNX, and the fastest runtime
@@ -240,6 +290,7 @@ RUNTIMES = ("auto", "keras", "onnx")
 RUNTIME_ENV = "UNET_ISBI_RUNTIME"  # the default runtime of predict.py, evaluate.py and blocks.py (else auto)
 CACHE_ENV = "UNET_ISBI_CACHE"  # where the ONNX conversions and the timings are kept
 TIMING_SIDE = 576  # pixels: one tile of tiling.DEFAULT_TILE, as prediction feeds the model
+TIMINGS_FILE = "runtimes.json"  # in cache_dir(): the runtime chosen per model and machine, and its timings
 
 
 def cache_dir() -> Path:
@@ -247,18 +298,121 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "unet-isbi")
 
 
-def _onnx_of(path: Path, digest: str) -> Path:
-    """Return the cached ONNX conversion (float32, normalisation folded) of the .keras model at `path`."""
-    from model import fold_batch_norm, load_model as load_keras, with_dtype_policy
+def _warn(message: str) -> None:
+    """Warn (UserWarning, which the faces print as one `warning:` line) about the cache."""
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _os_reason(err: OSError) -> str:
+    """Return the system's words for why a file could not be read or written ("Read-only file system")."""
+    import files
+
+    cause = err.__cause__ if isinstance(err.__cause__, OSError) else err  # files.write_atomic names the file itself
+    return cause.strerror or files.error_reason(cause)
+
+
+def _cached_file(path: Path) -> bool:
+    """Return whether the cache holds a file at `path` (False also when it cannot be looked at)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _onnx_model(path: Path, digest: str, fallback: bool) -> OnnxModel | None:
+    """Return the .keras model at `path` converted to ONNX (float32, normalisation folded) in onnxruntime: the
+    conversion kept in `cache_dir()`, else converted now and kept there.
+
+    A cached file that onnxruntime cannot load (truncated, damaged) is converted again, with a warning naming it.
+    When the cache cannot be written, there is a warning and, with `fallback`, None (the caller predicts in
+    Keras); without it, the conversion is made in a temporary folder and loaded from there.
+    """
+    import files
+    from model import fold_batch_norm, with_dtype_policy
 
     dest = cache_dir() / f"{digest}.onnx"
-    if not dest.is_file():
-        import files
-
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        model = with_dtype_policy(fold_batch_norm(load_keras(path)), "float32")
+    if _cached_file(dest):
+        try:
+            return OnnxModel(dest)
+        except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for a broken file
+            _warn(f"{dest}: a damaged cached ONNX conversion ({files.error_reason(err)}); converting the model again")
+    model = with_dtype_policy(fold_batch_norm(load_model(path)), "float32")
+    try:
         files.write_atomic(dest, lambda part: write_onnx(model, Path(part)))
-    return dest
+        return OnnxModel(dest)
+    except OSError as err:
+        if fallback:
+            _warn(f"{dest}: cannot keep the ONNX conversion in the runtime cache ({_os_reason(err)}); "
+                  "predicting with Keras")
+            return None
+        _warn(f"{dest}: cannot keep the ONNX conversion in the runtime cache ({_os_reason(err)}); "
+              "converting it for this run only")
+        with tempfile.TemporaryDirectory(prefix="unet-isbi-onnx-") as folder:
+            return OnnxModel(write_onnx(model, Path(folder) / "model.onnx"))  # onnxruntime holds it in memory
+
+
+def _timing(entry) -> dict | None:
+    """Return the timing {'runtime', 'seconds'} that a cache entry holds, None if it is not one."""
+    if not isinstance(entry, dict) or entry.get("runtime") not in ("keras", "onnx"):
+        return None
+    seconds = entry.get("seconds")
+    if not isinstance(seconds, dict) or not all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) for value in seconds.values()):
+        return None
+    return {"runtime": entry["runtime"], "seconds": seconds}
+
+
+def _read_timings(path: Path, quiet: bool = False) -> dict:
+    """Return the timings kept in the file `path` ({} if there is none); a file that cannot be read or holds
+    no JSON object counts as empty, with a warning naming it (unless `quiet`)."""
+    import files
+
+    try:
+        found = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        found, problem = None, f"cannot read the runtime cache ({_os_reason(err)})"
+    except (ValueError, RecursionError) as err:  # not JSON (or not text), or nested past Python's limit
+        found, problem = None, f"the runtime cache is damaged, not JSON ({files.error_reason(err)})"
+    else:
+        problem = f"the runtime cache is damaged (a JSON {type(found).__name__}, not an object)"
+    if isinstance(found, dict):
+        return found
+    if not quiet:
+        _warn(f"{path}: {problem}; ignoring it and timing again")
+    return {}
+
+
+@contextlib.contextmanager
+def _locked(lock: Path):
+    """Within the block, hold an exclusive lock on the file `lock` (made if missing): one process at a time
+    (no lock where the system has no fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the merge below narrows the race, without closing it
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remember(path: Path, key: str, timing: dict) -> None:
+    """Add `timing` under `key` to the timings file `path`, merged with what other processes kept there meanwhile
+    (re-read under a lock, then replaced atomically); a warning, not an error, when it cannot be written."""
+    import files
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path.with_name(path.name + ".lock")):
+            timings = {**_read_timings(path, quiet=True), key: timing}
+            files.write_atomic(path, json.dumps(timings, indent=2) + "\n")
+    except OSError as err:
+        _warn(f"{path}: cannot write the runtime cache ({_os_reason(err)}); the choice is not kept")
 
 
 def _seconds_per_call(model, repeats: int = 3) -> float:
@@ -271,6 +425,13 @@ def _seconds_per_call(model, repeats: int = 3) -> float:
         model.predict_on_batch(tile)
         times.append(time.perf_counter() - began)
     return min(times)
+
+
+def timing_key(digest: str) -> str:
+    """Return the key of a model's timing in the cache: the model's digest, the machine, Keras's precision on it."""
+    import hardware
+
+    return f"{digest} {hardware.describe()} {hardware.choose_precision('auto')}"
 
 
 def default_runtime() -> str:
@@ -286,9 +447,12 @@ def load_for_prediction(path: str | os.PathLike, runtime: str | None = None):
     ONNX (float32), in onnxruntime; 'auto' times both on one tile at first use and keeps the choice per
     machine and model in `cache_dir()`. Other formats load as they are (`load_model`). `runtime` None:
     `default_runtime()`.
+
+    The cache never stops a prediction: a timings file or conversion that cannot be read or is damaged gives a
+    warning naming it and is timed or converted again; one that cannot be written gives a warning, and 'auto'
+    predicts in Keras. Processes timing models at once each add their own entry (merged under a lock file).
     """
     import files
-    import hardware
 
     runtime = runtime or default_runtime()
     if runtime not in RUNTIMES:
@@ -300,19 +464,32 @@ def load_for_prediction(path: str | os.PathLike, runtime: str | None = None):
         return load_model(path, precision="auto"), {"runtime": "keras", "seconds": {}, "cached": False}
     digest = files.sha256(path)
     if runtime == "onnx":
-        return OnnxModel(_onnx_of(path, digest)), {"runtime": "onnx", "seconds": {}, "cached": False}
-    key = f"{digest} {hardware.describe()} {hardware.choose_precision('auto')}"
-    timings_file = cache_dir() / "runtimes.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-    if key in timings:
-        chosen = {**timings[key], "cached": True}
-    else:
-        candidates = {"keras": load_model(path, precision="auto"), "onnx": OnnxModel(_onnx_of(path, digest))}
-        seconds = {name: _seconds_per_call(model) for name, model in candidates.items()}
-        chosen = {"runtime": min(seconds, key=seconds.get), "seconds": seconds}
-        timings_file.parent.mkdir(parents=True, exist_ok=True)
-        files.write_atomic(timings_file, json.dumps({**timings, key: chosen}, indent=2) + "\n")
-        chosen = {**chosen, "cached": False}
-    if chosen["runtime"] == "onnx":
-        return OnnxModel(_onnx_of(path, digest)), chosen
-    return load_model(path, precision="auto"), chosen
+        return _onnx_model(path, digest, fallback=False), {"runtime": "onnx", "seconds": {}, "cached": False}
+    return _fastest(path, digest)
+
+
+def _fastest(path: Path, digest: str):
+    """Return (model, what was chosen) for runtime 'auto': the runtime the cache keeps for this model and machine,
+    else the faster of Keras and onnxruntime, timed now and kept (Keras when the cache cannot take the conversion)."""
+    key = timing_key(digest)
+    timings_file = cache_dir() / TIMINGS_FILE
+    timings = _read_timings(timings_file)
+    timing = _timing(timings.get(key))
+    if key in timings and timing is None:
+        _warn(f"{timings_file}: the entry for this model and machine is not a timing; timing again")
+    if timing is not None:
+        chosen = {**timing, "cached": True}
+        onnx = _onnx_model(path, digest, fallback=True) if timing["runtime"] == "onnx" else None
+        if onnx is not None:
+            return onnx, chosen
+        keras_chosen = chosen if timing["runtime"] == "keras" else {"runtime": "keras", "seconds": {}, "cached": False}
+        return load_model(path, precision="auto"), keras_chosen
+    onnx = _onnx_model(path, digest, fallback=True)
+    keras_model = load_model(path, precision="auto")
+    if onnx is None:
+        return keras_model, {"runtime": "keras", "seconds": {}, "cached": False}
+    candidates = {"keras": keras_model, "onnx": onnx}
+    seconds = {name: _seconds_per_call(model) for name, model in candidates.items()}
+    timing = {"runtime": min(seconds, key=seconds.get), "seconds": seconds}
+    _remember(timings_file, key, timing)
+    return candidates[timing["runtime"]], {**timing, "cached": False}

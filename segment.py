@@ -14,11 +14,6 @@ The parameters are tuned on validation pages (`tune`), never on the pages a scor
 
 from __future__ import annotations
 
-import cli
-
-if __name__ == "__main__":
-    cli.quiet_native_logs()  # metrics imports Keras, which loads TensorFlow
-
 import argparse
 import dataclasses
 import itertools
@@ -31,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from elf.segmentation import features, multicut, mutex_watershed, watershed
 from skimage.segmentation import relabel_sequential
 from tqdm import tqdm
 
 import affinities
+import cli
 import files
-import metrics
+from scores import UNIFORM_CAUSES, cell_scores, label_boundaries, segment_cells, uniform_prediction
 
 METHODS = ("threshold", "multicut", "mws")
 
@@ -62,19 +57,21 @@ class SegmentParams:
     strides: tuple = (2, 2)
 
     def __post_init__(self):
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
+        if not 0.0 < _number("threshold", self.threshold) < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1), got {_shown(self.threshold)}")
         for name in ("sigma_seeds", "sigma_weights"):
-            if not getattr(self, name) >= 0.0:
-                raise ValueError(f"{name} must be >= 0 (pixels), got {getattr(self, name)}")
-        if isinstance(self.min_size, bool) or not isinstance(self.min_size, (int, np.integer)) or self.min_size < 0:
-            raise ValueError(f"min_size must be a whole number of pixels >= 0, got {self.min_size!r}")
-        if not 0.0 < self.beta < 1.0:
-            raise ValueError(f"beta must lie in (0, 1), got {self.beta}")
-        strides = tuple(self.strides) if isinstance(self.strides, Sequence) else ()
-        if len(strides) != 2 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0
-                                        for s in strides):
-            raise ValueError(f"strides must be two positive whole numbers (y, x), got {self.strides!r}")
+            if not 0.0 <= _number(name, getattr(self, name)) <= MAX_SIGMA:
+                raise ValueError(f"{name} must be >= 0 and at most {MAX_SIGMA:g} (pixels), got "
+                                 f"{_shown(getattr(self, name))}")
+        if not _whole(self.min_size) or self.min_size < 0:
+            raise ValueError(f"min_size must be a whole number of pixels >= 0, got {_shown(self.min_size)}")
+        if not 0.0 < _number("beta", self.beta) < 1.0:
+            raise ValueError(f"beta must lie in (0, 1), got {_shown(self.beta)}")
+        listed = isinstance(self.strides, Sequence) and not isinstance(self.strides, str)
+        strides = tuple(self.strides) if listed else ()
+        if len(strides) != 2 or not all(_whole(s) and 0 < s <= MAX_STRIDE for s in strides):
+            raise ValueError(f"strides must be two positive whole numbers (y, x), at most {MAX_STRIDE}, got "
+                             f"{_shown(self.strides)}")
         object.__setattr__(self, "strides", tuple(int(s) for s in strides))  # a JSON list becomes a tuple
 
     def as_dict(self) -> dict:
@@ -86,6 +83,31 @@ class SegmentParams:
         """Return the parameters of a dict such as `as_dict` gives (missing fields take their defaults)."""
         _check_fields(values)
         return cls(**values)
+
+
+MAX_SIGMA = 100.0  # pixels: far past any useful smoothing; the filter's cost grows with it (1e6: minutes a page)
+MAX_STRIDE = 1 << 16  # pixels: past any page's side
+
+
+def _shown(value) -> str:
+    """Return `value` as an error message shows it: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _whole(value) -> bool:
+    """Return whether `value` is a whole number (an int, not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _number(name: str, value) -> float:
+    """Return `value` as a float; ValueError naming the parameter if it is not a number (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {_shown(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an integer past a float's range
+        return float("inf")
 
 
 def _check_fields(names) -> None:
@@ -111,12 +133,14 @@ def _renumbered(labels: np.ndarray) -> np.ndarray:
 
 def threshold_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
     """Return the (H, W) uint32 cells of a probability map: 4-connected components of prob > threshold, 0 = membrane."""
-    return metrics.segment_cells(prob > params.threshold).astype(np.uint32)
+    return segment_cells(prob > params.threshold).astype(np.uint32)
 
 
 def multicut_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
     """Return the (H, W) uint32 cells of a probability map by watershed superpixels and a multicut (0 nowhere,
     unless no pixel reaches the threshold: then 0 everywhere)."""
+    from elf.segmentation import features, multicut, watershed  # here: elf.segmentation loads scikit-learn (3 s)
+
     boundary = (1.0 - prob).astype(np.float32)
     # elf thresholds the boundary map: membrane where 1 - p > 1 - threshold, so threshold means what it means for
     # the threshold method (cell where p > threshold, up to p == threshold)
@@ -137,6 +161,8 @@ def multicut_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
 
 def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSETS) -> np.ndarray:
     """Return the (H, W) uint32 cells of (H, W, K) affinities (1 = same cell) by the mutex watershed; no 0 label."""
+    from elf.segmentation import mutex_watershed, watershed  # here: elf.segmentation loads scikit-learn (3 s)
+
     offsets = affinities.check_offsets(offsets)
     # elf takes channels first in the boundary convention (1 = cut), and overwrites them
     cuts = np.ascontiguousarray(1.0 - affs.transpose(2, 0, 1), dtype=np.float32)
@@ -181,10 +207,10 @@ def _check_prediction(prediction: np.ndarray, method: str, offsets) -> tuple[np.
 def _warn_if_uniform(prediction: np.ndarray) -> None:
     """Warn (UserWarning) when the page's map is uniform: there are no cells to separate in it."""
     cell_map = prediction if prediction.ndim == 2 else affinities.cell_map(prediction)
-    cause = metrics.uniform_prediction(cell_map)
+    cause = uniform_prediction(cell_map)
     if cause:
         warnings.warn(f"the map is uniform ({cause}): there are no cells to separate in it; "
-                      f"{metrics.UNIFORM_CAUSES}", UserWarning, stacklevel=3)
+                      f"{UNIFORM_CAUSES}", UserWarning, stacklevel=3)
 
 
 def _segment_checked(prediction: np.ndarray, method: str, params: SegmentParams, offsets) -> np.ndarray:
@@ -232,7 +258,7 @@ def tune(predictions: np.ndarray, labels: np.ndarray, method: str = "multicut",
     """Return (the best SegmentParams, the table) of a grid search on labelled VALIDATION pages.
 
     Every combination of `grid` ({field: values}; GRIDS[method] if None; other fields keep their defaults)
-    segments every page and is scored by `metrics.cell_scores`. The table has one row per combination,
+    segments every page and is scored by `scores.cell_scores`. The table has one row per combination,
     its parameters and the mean "v_rand" and "v_info" over the pages, best mean V_rand first (ties keep the
     grid's order); the best is its first row.
     """
@@ -251,7 +277,7 @@ def tune(predictions: np.ndarray, labels: np.ndarray, method: str = "multicut",
     rows = []
     for values in tqdm(combinations, desc=f"tune ({method})", unit="setting", disable=not progress):
         params = SegmentParams(**values)
-        scores = [metrics.cell_scores(_segment_checked(page, method, params, page_offsets), label)
+        scores = [cell_scores(_segment_checked(page, method, params, page_offsets), label)
                   for (page, page_offsets), label in zip(checked, labels)]
         rows.append({**params.as_dict(), "v_rand": float(np.mean([s["v_rand"] for s in scores])),
                      "v_info": float(np.mean([s["v_info"] for s in scores]))})
@@ -271,7 +297,7 @@ def overlay(image: np.ndarray, cells: np.ndarray, alpha: float = 0.4) -> np.ndar
     ids, inverse = np.unique(cells, return_inverse=True)
     colour = np.random.default_rng(0).uniform(0.2, 1.0, (len(ids), 3))[inverse.reshape(cells.shape)]
     rgb = np.where((cells > 0)[..., None], (1.0 - alpha) * rgb + alpha * colour, rgb)
-    rgb[metrics.label_boundaries(cells) & (cells > 0)] *= 0.3  # outlines: where touching cells meet
+    rgb[label_boundaries(cells) & (cells > 0)] *= 0.3  # outlines: where touching cells meet
     return np.round(255 * rgb).astype(np.uint8)
 
 
@@ -296,14 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_params(path: str | Path) -> SegmentParams:
+    """Return the SegmentParams in a JSON file of their fields; DataError naming the file if it holds other things."""
+    try:
+        values = json.loads(Path(path).read_bytes())
+    except (ValueError, RecursionError) as err:  # not JSON (or not text), or nested past Python's limit
+        raise files.DataError(f"{path}: not a JSON file ({files.error_reason(err)})") from err
+    if not isinstance(values, dict):
+        raise files.DataError(f"{path}: expected a JSON object of SegmentParams fields, found {type(values).__name__}")
+    try:
+        return SegmentParams.from_dict(values)
+    except ValueError as err:
+        raise files.DataError(f"{path}: {err}") from err
+
+
 def run(args: argparse.Namespace) -> None:
     """Segment the TIFF the parsed command line names and write the label TIFF."""
-    params = SegmentParams()
-    if args.params:
-        values = json.loads(Path(args.params).read_text())
-        if not isinstance(values, dict):
-            raise ValueError(f"{args.params}: expected a JSON object of SegmentParams fields")
-        params = SegmentParams.from_dict(values)
+    files.refuse_overwriting([args.out], [args.source, args.params])
+    params = read_params(args.params) if args.params else SegmentParams()
     files.prepare_output(args.out)  # before the slow part
     labels = segment_stack(read_probabilities(args.source), args.method, params, progress=True)
     files.write_atomic(args.out, lambda part: tifffile.imwrite(part, labels, photometric="minisblack"))

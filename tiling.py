@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import affinities
 from data import normalize_images
-from model import SIZE_MULTIPLE
+from shapes import SIZE_MULTIPLE
 
 DEFAULT_TILE = 576  # pixels; a 512x512 page and its mirrored border (overlap / 2 each side) fit in one tile
 DEFAULT_OVERLAP = 64  # pixels shared by neighbouring tiles; half of it is the mirrored border

@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -44,7 +45,7 @@ import hardware
 import losses
 import runs
 import segment
-from callbacks import Checkpoints, ResumableTensorBoard, StepBackup, StopOnNaN, TimeLimit, ValidationPages
+from callbacks import ImageHistory, ModelCheckpoint, StepBackup, StopOnNaN, TensorBoard, TimeLimit
 from metrics import MembraneDice, membrane_iou, pixel_difference
 from model import SIZE_MULTIPLE, build_unet, load_model
 
@@ -90,8 +91,9 @@ class TrainSettings:
     cpu_devices: int = 1  # split the CPU into this many logical devices (the mirrored strategy without GPUs)
     monitor: str = "val_loss"  # what best.keras is chosen by (the original used training loss)
     challenge_every: int = 1  # epochs between validation V_rand / V_info (0: never)
-    draw_interval: int = 100  # optimizer steps between validation pictures (callbacks.ValidationPages)
-    histogram_freq: int = 1
+    draw_interval: int = 100  # optimizer steps between validation pictures (callbacks.ImageHistory)
+    # epochs between TensorBoard's weight histograms (0: none, so that it opens on the curves and the image history)
+    histogram_freq: int = 0
     weight_images: bool = False  # TensorBoard pictures of every kernel and bias (the original's write_images=True)
     update_freq: int = 100
     time_limit: float | None = None  # seconds; stops before an epoch that would end after it (callbacks.TimeLimit)
@@ -113,30 +115,33 @@ PRESETS = {
     "original": TrainSettings(),
     # Chosen for a 2-core CPU by measurement on AMD EPYC Zen 4 (docs/EXPERIMENTS.md):
     # 16 filters, 256x256 crops, batch 4, Adam 1e-3 (it beat 5e-4). Cross-entropy plus
-    # the Dice of the membranes beat cross-entropy alone on every test score; a cosine
-    # decay merged cells on a test page, the border-weighted loss was worse on both.
+    # the Dice of the membranes beat cross-entropy alone on every test score; the border-weighted
+    # loss was worse on both. 16 filters before the output (the original's 2 let a run train both
+    # onto one side of the membrane: 2 of 3 seeds, flat at 0.43 or 0.88) with a cosine decay of the
+    # rate: seeds 1-3 in bench/seeds-head16-cosine.json (docs/EXPERIMENTS.md).
     # Batch normalisation costs 1.4x per step on this CPU (0.54 s against 0.38 s) but
     # in 25 epochs beat 40 without it on test accuracy (0.916 against 0.908) and pixel
     # difference (11.2 % against 11.5 %). With the fused normalisation 25 epochs take 13 minutes
     # on Intel Sapphire Rapids; the budget shortens the epochs of a slower CPU to fit 30 minutes.
     # Backups every 100 steps (at most one epoch, 30 s of training, at risk; none falls on an epoch end,
-    # where last.keras is saved) and weight histograms every 5 epochs: at 25 and 1 they cost about 2 s
-    # each of a 32 s epoch (docs/PERFORMANCE.md).
+    # where last.keras is saved). Weight histograms are off, as by default (--histogram-freq 5 draws them
+    # every 5 epochs, at 25 and 1 they cost about 2 s each of a 32 s epoch: docs/PERFORMANCE.md).
     "cpu": TrainSettings(
         run_dir="runs/cpu",
         filters=16,
+        head_filters=16,
         batch_norm=True,
         crop=256,
         batch_size=4,
         steps_per_epoch=100,
         epochs=25,
         learning_rate=1e-3,
+        lr_schedule="cosine",
         loss="bce_dice",
         draw_interval=200,
         time_limit=30 * 60,
         budget=30 * 60,
         backup_every=100,
-        histogram_freq=5,
         augmentation=augment.Augmentation(vertical_flip=True, rot90=True),
         preset="cpu",
     ),
@@ -203,7 +208,7 @@ VALIDATION_SHARE = 0.25  # of the budget at most for the epochs' validation, whe
 def measure_speed(settings: TrainSettings, split: dict, policy: str, steps: int = 3) -> dict:
     """Return {'step': seconds per train step, 'validation': seconds per epoch's validation} on this machine,
     measured on a throwaway model after one warm-up step: `steps` train steps on the run's own batches, each
-    augmented as it is timed, and the validation pages predicted twice (Keras's pass and ValidationPages')
+    augmented as it is timed, and the validation pages predicted twice (Keras's pass and ImageHistory's)
     and scored once.
 
     Augmenting in the same thread overstates a step a little (in `fit` a thread prepares the next batch
@@ -226,8 +231,8 @@ def measure_speed(settings: TrainSettings, split: dict, policy: str, steps: int 
     outputs = np.concatenate([model.predict_on_batch(val_x[i : i + 1]) for i in range(len(val_x))])
     predicting = time.perf_counter() - began
     began = time.perf_counter()
-    if settings.challenge_every:  # what ValidationPages computes from its prediction; nothing is written
-        pages = ValidationPages(val_x, val_y, "unused", segmenter=cell_segmenter(settings))
+    if settings.challenge_every:  # what ImageHistory computes from its prediction; nothing is written
+        pages = ImageHistory(val_x, val_y, "unused", segmenter=cell_segmenter(settings))
         pages.challenge(np.asarray(outputs, np.float32))
     scoring = (time.perf_counter() - began) / max(settings.challenge_every, 1)
     return {"step": step, "validation": 2 * predicting + scoring}
@@ -419,28 +424,86 @@ def build_model(settings: TrainSettings, policy: str) -> keras.Model:
     return model
 
 
-def make_callbacks(settings: TrainSettings, run: runs.RunFolder, validation: tuple, start: runs.ResumePoint,
-                   saved: dict, chief: bool) -> list[keras.callbacks.Callback]:
-    """Return the run's callbacks; their order does not matter (callbacks.py)."""
-    val_x, val_y = validation
-    pages = ValidationPages(val_x, val_y, run.logs, challenge_every=settings.challenge_every,
-                            draw_interval=settings.draw_interval, segmenter=cell_segmenter(settings))
-    return [
-        # A NaN loss raises before anything saves the broken weights.
-        StopOnNaN(settings.steps_per_epoch, f"the checkpoints in {run.path}"),
-        pages,
+def describe_compiled(model: keras.Model) -> str:
+    """Return one line naming what `model` is compiled with: its loss, metrics, optimizer and learning rate."""
+    config = model.get_compile_config()
+    optimizer = model.optimizer
+    scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    optimizer = optimizer.inner_optimizer if scaling else optimizer
+    rate = optimizer.get_config()["learning_rate"]
+    rate = rate["class_name"] if isinstance(rate, dict) else f"{rate:g}"
+    metrics = ", ".join(_compiled_name(metric) for metric in config["metrics"])
+    return (f"compiled with loss {_compiled_name(config['loss'])}; metrics {metrics}; optimizer "
+            f"{type(optimizer).__name__}{' (dynamic loss scaling)' if scaling else ''}, learning rate {rate}")
+
+
+def _compiled_name(item) -> str:
+    """Return the name of one loss or metric of a compile config: its string, or its serialized name."""
+    if isinstance(item, str):
+        return item
+    config = item.get("config")
+    return config["name"] if isinstance(config, dict) else str(config).rsplit(">", 1)[-1]
+
+
+class RunCallbacks(NamedTuple):
+    """A run's callbacks by name; a tuple, as Keras's fit takes them. Their order does not matter (callbacks.py)."""
+
+    stop_on_nan: StopOnNaN  # first: a NaN loss raises before anything saves the broken weights
+    tensorboard: TensorBoard
+    model_checkpoint: ModelCheckpoint
+    image_history: ImageHistory
+    step_backup: StepBackup
+    time_limit: TimeLimit
+
+
+def make_callbacks(prepared: Prepared) -> RunCallbacks:
+    """Return the callbacks of the prepared run."""
+    settings, run, start = prepared.settings, prepared.run, prepared.start
+    val_x, val_y = prepared.split["validation"]
+    image_history = ImageHistory(val_x, val_y, run.logs, challenge_every=settings.challenge_every,
+                                 draw_interval=settings.draw_interval, segmenter=cell_segmenter(settings))
+    return RunCallbacks(
+        stop_on_nan=StopOnNaN(settings.steps_per_epoch, f"the checkpoints in {run.path}"),
         # The weight pictures are off by default: a hundred cards of bars that bury the image history in
         # TensorBoard's Images tab; the histograms show the weights already.
-        ResumableTensorBoard(str(run.logs), histogram_freq=settings.histogram_freq, write_graph=True,
-                             write_images=settings.weight_images, update_freq=settings.update_freq),
-        Checkpoints(run, settings.monitor, monitor_mode(settings.monitor), start.best, {"settings": saved}, pages),
-        StepBackup(run.backup, settings.backup_every if chief else 0, settings.steps_per_epoch),
-        TimeLimit(settings.time_limit, start.steps // settings.steps_per_epoch, settings.epochs),
-    ]
+        tensorboard=TensorBoard(str(run.logs), histogram_freq=settings.histogram_freq, write_graph=True,
+                                write_images=settings.weight_images, update_freq=settings.update_freq),
+        model_checkpoint=ModelCheckpoint(run, settings.monitor, monitor_mode(settings.monitor), start.best,
+                                         {"settings": prepared.saved}, image_history),
+        image_history=image_history,
+        step_backup=StepBackup(run.backup, settings.backup_every if prepared.chief else 0, settings.steps_per_epoch),
+        time_limit=TimeLimit(settings.time_limit, start.steps // settings.steps_per_epoch, settings.epochs),
+    )
 
 
-def fit(model: keras.Model, settings: TrainSettings, split: dict, start: runs.ResumePoint, callbacks: list,
-        replicas: int) -> dict:
+def fit(prepared: Prepared, callbacks, say: Callable[[str], None] | None = None) -> dict:
+    """Train the prepared model from its start to the last epoch with `callbacks`, and write the run's summary.json;
+    return {'history': per-epoch logs (Keras's History), 'best', 'last', 'logs', 'seconds', 'precision'}.
+
+    `say` receives the closing line. Ctrl-C or SIGTERM save a backup and
+    raise `cli.Interrupted`, which says how to resume.
+    """
+    say = say or (lambda line: None)
+    model, settings, shared = prepared.model, prepared.settings, prepared.shared
+    began = time.monotonic()
+    try:
+        with interrupts_raise():
+            history = _fit_epochs(model, settings, prepared.split, prepared.start, list(callbacks), prepared.replicas)
+    except KeyboardInterrupt as stop:
+        backup = prepared.run.backup if prepared.chief else None
+        raise _save_interrupted(model, backup, settings.steps_per_epoch, str(stop)) from stop
+    finally:
+        prepared.write_dir.cleanup()  # a worker's temporary folder goes, even when training fails
+    seconds = time.monotonic() - began
+    say(f"training took {seconds / 60:.1f} min; best model: {shared.best}")
+    if prepared.chief:
+        shared.write_json(shared.summary, run_summary(settings, prepared.policy, seconds, prepared.start, history))
+    return {"history": history, "best": shared.best, "last": shared.last, "logs": shared.logs, "seconds": seconds,
+            "precision": prepared.policy}
+
+
+def _fit_epochs(model: keras.Model, settings: TrainSettings, split: dict, start: runs.ResumePoint, callbacks: list,
+                replicas: int) -> dict:
     """Train `model` from `start` to the last epoch; return the per-epoch logs (Keras's History)."""
     val_x, val_y = split["validation"]
     val_w = weight_maps(settings, val_y)
@@ -485,13 +548,44 @@ def run_summary(settings: TrainSettings, policy: str, seconds: float, start: run
 
 def train(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
           say: Callable[[str], None] | None = None) -> dict:
-    """Train (or resume) a run; return {'history': per-epoch logs, 'best', 'last', 'logs', 'seconds', 'precision'}.
+    """Train (or resume) a run: `prepare`, `make_callbacks`, `fit`; return what `fit` returns.
+
+    `loaded` and `say` are `prepare`'s. Under a multi-worker strategy every
+    worker calls this with the same settings; only the chief writes to the run
+    folder. Ctrl-C or SIGTERM save a backup and raise `cli.Interrupted`, which
+    says how to resume.
+    """
+    prepared = prepare(settings, loaded, say)
+    return fit(prepared, make_callbacks(prepared), say)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run made ready to train by `prepare`."""
+
+    settings: TrainSettings  # sized to the budget
+    split: dict  # {part: (images, labels)}, as load_data returns them
+    model: keras.Model  # built and compiled, or resumed with its optimizer
+    start: runs.ResumePoint
+    policy: str  # the precision policy
+    strategy: object  # the tf.distribute strategy
+    replicas: int
+    chief: bool  # whether this process writes the run folder
+    write_dir: distribute.WriteDir
+    run: runs.RunFolder  # where this process writes: the run folder, or a worker's temporary one
+    shared: runs.RunFolder  # the run folder
+    saved: dict  # the settings as saved beside the run (state_settings)
+
+
+def prepare(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
+            say: Callable[[str], None] | None = None) -> Prepared:
+    """Return the run `settings` describe made ready to train: the devices set up, the data loaded and reported,
+    the epochs sized to the budget, the model built and compiled or resumed from the run folder, its
+    settings.json written.
 
     `loaded` is (split, report) from `load_data(settings)` when the caller has
     them already (the notebook); `say` receives the lines that tell what
-    happens. Under a multi-worker strategy every worker calls this with the
-    same settings; only the chief writes to the run folder. Ctrl-C or SIGTERM
-    save a backup and raise `cli.Interrupted`, which says how to resume.
+    happens.
     """
     say = say or (lambda line: None)
     setup_began = time.monotonic()
@@ -504,8 +598,6 @@ def train(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
     chief = distribute.is_chief(strategy)
     write_dir = distribute.WriteDir(settings.run_dir, chief)
     run, shared = runs.RunFolder(write_dir.path), runs.RunFolder(settings.run_dir)
-    if settings.clear_all and chief:
-        run.clear()
     run.path.mkdir(parents=True, exist_ok=True)
     policy = hardware.choose_precision(settings.precision)
     losses.get_loss(settings.loss)  # unknown names fail here, before the data load
@@ -536,27 +628,14 @@ def train(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
         if start.model is not None:
             say(start.describe(settings.steps_per_epoch))
         model = start.model if start.model is not None else build_model(settings, policy)
+    if settings.clear_all and chief:  # last: every setting and the data were checked, the model built
+        run.clear()
     run.write_json(run.settings, saved)
     if chief:
         # TensorBoard forgets what a killed run logged after the step this run resumes from.
         runs.mark_session_start([run.logs / part for part in runs.TENSORBOARD_PARTS], start.steps + 1)
-    callbacks = make_callbacks(settings, run, split["validation"], start, saved, chief)
     say(banner(settings, model, policy, start, strategy, run, chief))
-
-    began = time.monotonic()
-    try:
-        with interrupts_raise():
-            history = fit(model, settings, split, start, callbacks, replicas)
-    except KeyboardInterrupt as stop:
-        raise _save_interrupted(model, run.backup if chief else None, settings.steps_per_epoch, str(stop)) from stop
-    finally:
-        write_dir.cleanup()  # a worker's temporary folder goes, even when training fails
-    seconds = time.monotonic() - began
-    say(f"training took {seconds / 60:.1f} min; best model: {shared.best}")
-    if chief:
-        shared.write_json(shared.summary, run_summary(settings, policy, seconds, start, history))
-    return {"history": history, "best": shared.best, "last": shared.last, "logs": shared.logs, "seconds": seconds,
-            "precision": policy}
+    return Prepared(settings, split, model, start, policy, strategy, replicas, chief, write_dir, run, shared, saved)
 
 
 def _save_interrupted(model: keras.Model, backup: Path | None, steps_per_epoch: int,

@@ -7,7 +7,7 @@
 Without a model the maps are made from the labels: a probability map is the label smoothed (Gaussian,
 sigma 1.5 px) plus noise; affinities are the exact ones (`affinities.label_affinities`) plus noise. Each large
 map runs in a fresh process, so that its peak resident memory (VmHWM, or getrusage's maxrss) is its own; the
-process's memory after its imports (TensorFlow included, through metrics' Keras) is reported beside it.
+process's memory after its imports is reported beside it.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from scipy import ndimage
 
 import affinities
 import files
-import metrics
 import segment
+from scores import cell_scores
 
 NOISE = 0.05
 
@@ -86,7 +86,7 @@ def page_and_volume(labels: np.ndarray) -> dict:
         maps = inputs_for(method, labels)
         page_s, _ = timed(segment.segment, maps[0], method, None, None, repeats=3)
         volume_s, stack = timed(segment.segment_stack, maps, method)
-        scores = [metrics.cell_scores(page, label) for page, label in zip(stack, labels)]
+        scores = [cell_scores(page, label) for page, label in zip(stack, labels)]
         out[method] = {"page_s": round(page_s, 4), "volume_s": round(volume_s, 2), "pages": len(labels),
                        "mean_v_rand": round(float(np.mean([s["v_rand"] for s in scores])), 4),
                        "mean_v_info": round(float(np.mean([s["v_info"] for s in scores])), 4)}
@@ -107,7 +107,7 @@ def model_pages(model_path: str, images: np.ndarray, labels: np.ndarray, pages=(
         rows = []
         for output, label in zip(outputs, labels[list(pages)]):
             seconds, cells = timed(segment.segment, output, method)
-            rows.append({"s": round(seconds, 4), **{k: round(v, 4) for k, v in metrics.cell_scores(cells, label).items()
+            rows.append({"s": round(seconds, 4), **{k: round(v, 4) for k, v in cell_scores(cells, label).items()
                                                     if k in ("v_rand", "v_info", "cells", "true_cells")}})
         out[method] = rows
     return out

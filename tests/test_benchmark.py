@@ -155,7 +155,7 @@ def test_epoch_overhead_charges_each_moment_of_an_epoch_once(isbi_dir):
     found = epoch_overhead.measure("tiny", epochs=3, steps=4, data_dir=str(isbi_dir))
     parts = found["seconds_per_epoch"]
     assert found["steps_per_epoch"] == 4 and found["bare_step"] > 0 and found["augmentation_in_its_thread"] > 0
-    assert {"ValidationPages", "Checkpoints", "ResumableTensorBoard", "StepBackup", "steps", "keras validation",
+    assert {"ImageHistory", "ModelCheckpoint", "TensorBoard", "StepBackup", "steps", "keras validation",
             "waiting for the next batch"} <= set(parts)
     assert all(seconds >= 0 for seconds in parts.values())
     assert 2 * sum(parts.values()) < time.perf_counter() - began  # two epochs of the three, and no more

@@ -238,3 +238,23 @@ def test_command_line_explains_zarr_errors(tmp_path, unet_path, source, capsys):
     assert "--block must be a positive" in capsys.readouterr().err
     assert predict.main([str(source), str(tmp_path / "page.tif"), *model, "--out", str(tmp_path / "o.zarr")]) == 1
     assert "one zarr array, but there are 2 inputs" in capsys.readouterr().err
+
+
+def test_cells_record_their_prediction_and_refuse_one_of_another_model(unet_path, source, tmp_path):
+    import shutil
+
+    from model import build_unet
+
+    prediction, cells = tmp_path / "out.zarr", tmp_path / "cells.zarr"
+    blocks.predict_volume(unet_path, source, prediction, block=100, **SETTINGS)
+    blocks.segment_volume(prediction, cells, "threshold", progress=False)
+    assert zarr.open_array(str(cells), mode="r").attrs[blocks.SETTINGS_KEY]["prediction"]["model_sha256"] == \
+        files.sha256(unet_path)
+    again = blocks.segment_volume(prediction, cells, "threshold", progress=False)
+    assert (again["computed"], again["skipped"]) == (0, 2)  # the same prediction: resumed
+    other = tmp_path / "other.keras"
+    build_unet((None, None, 1), filters=2).save(other)
+    shutil.rmtree(prediction)
+    blocks.predict_volume(other, source, prediction, block=100, **SETTINGS)
+    with pytest.raises(ValueError, match="cells.zarr holds a prediction made with prediction.model="):
+        blocks.segment_volume(prediction, cells, "threshold", progress=False)

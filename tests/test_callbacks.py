@@ -1,6 +1,7 @@
 """callbacks.py: one validation prediction per epoch (scores, uniform check, pictures), one owner of "best",
-the time limit, and the private Keras members ResumableTensorBoard relies on."""
+the time limit, every epoch's curves in TensorBoard, and the private Keras members its TensorBoard relies on."""
 
+import dataclasses
 import io
 import json
 
@@ -11,19 +12,19 @@ import tensorflow as tf
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import metrics
 import runs
 import runtimes
 from callbacks import (
-    Checkpoints,
-    ResumableTensorBoard,
+    ImageHistory,
+    ModelCheckpoint,
     StepBackup,
+    TensorBoard,
     TimeLimit,
-    ValidationPages,
     prediction_grid,
     stretch_to_uint8,
 )
 from model import build_unet
+from scores import challenge_scores
 
 
 def tiny_model():
@@ -57,6 +58,21 @@ def scalars(log_dir, tag):
     return [(step, float(tf.make_ndarray(proto))) for step, proto in events(log_dir, tag)]
 
 
+def steps(log_dir, tag):
+    """Return the sorted steps of `tag` over every event file in `log_dir` (a resumed run adds a file)."""
+    return sorted(step for file in log_dir.iterdir() for step, _ in events(file, tag))
+
+
+def tags(log_dir):
+    """Return the tags written in every event file in `log_dir`."""
+    found = set()
+    for file in log_dir.iterdir():
+        acc = EventAccumulator(str(file), size_guidance={"tensors": 0})
+        acc.Reload()
+        found.update(acc.Tags()["tensors"])
+    return found
+
+
 class Recorder(keras.callbacks.Callback):
     """Records the keys of each epoch's logs as this callback sees them."""
 
@@ -68,22 +84,22 @@ class Recorder(keras.callbacks.Callback):
         self.seen.append(sorted(logs))
 
 
-# ---------------------------------------------------------------- ValidationPages
+# ---------------------------------------------------------------- ImageHistory
 
 @pytest.fixture(scope="session")  # built once per worker process, whatever ran in between
 def two_epochs(tmp_path_factory):
-    """A tiny model fitted 2 epochs with the recorder and the checkpoint placed BEFORE ValidationPages, and Keras's
+    """A tiny model fitted 2 epochs with the recorder and the checkpoint placed BEFORE ImageHistory, and Keras's
     TensorBoard callback, which records only every update_freq-th step during validation, AFTER it."""
     tmp = tmp_path_factory.mktemp("two_epochs")
     images, labels = cell_images()
     model = tiny_model()
     recorder = Recorder()
-    pages = ValidationPages(images, labels, tmp / "logs", challenge_every=1, draw_interval=2, batch_size=3)
+    pages = ImageHistory(images, labels, tmp / "logs", challenge_every=1, draw_interval=2, batch_size=3)
     run = runs.RunFolder(tmp)
-    checkpoints = Checkpoints(run, monitor="val_v_rand", mode="max", validation=pages)
+    checkpoints = ModelCheckpoint(run, monitor="val_v_rand", mode="max", validation=pages)
     calls = []
     pages.predict = (lambda original: lambda: calls.append(1) or original())(pages.predict)
-    board = ResumableTensorBoard(str(tmp / "logs"), update_freq=100, histogram_freq=0, write_graph=False)
+    board = TensorBoard(str(tmp / "logs"), update_freq=100, histogram_freq=0, write_graph=False)
     history = model.fit(images, labels, batch_size=2, epochs=2, verbose=0, validation_data=(images, labels),
                         callbacks=[checkpoints, recorder, pages, board])
     return tmp, model, history.history, recorder.seen, images, labels, calls
@@ -112,7 +128,7 @@ def test_validation_pages_are_predicted_once_per_epoch_and_once_per_picture(two_
 def test_scores_equal_challenge_scores_of_the_final_predictions(two_epochs):
     _, model, history, _, images, labels, _ = two_epochs
     predictions = np.asarray(model.predict_on_batch(images))[..., 0]  # the last epoch ended on these weights
-    direct = [metrics.challenge_scores(p, label) for p, label in zip(predictions, labels[..., 0])]
+    direct = [challenge_scores(p, label) for p, label in zip(predictions, labels[..., 0])]
     for key in ("v_rand", "v_info", "v_rand_threshold", "v_info_threshold"):
         assert history[f"val_{key}"][-1] == pytest.approx(np.mean([scores[key] for scores in direct]), rel=1e-6)
 
@@ -140,10 +156,10 @@ def test_epoch_pictures_show_predictions_above_labels(two_epochs):
 
 def test_every_two_epochs_scores_only_the_second_and_best_waits_for_a_score(tmp_path, capsys):
     images, labels = cell_images(n=2)
-    pages = ValidationPages(images, labels, tmp_path / "logs", challenge_every=2, draw_interval=0)
+    pages = ImageHistory(images, labels, tmp_path / "logs", challenge_every=2, draw_interval=0)
     recorder = Recorder()
     history = tiny_model().fit(images, labels, epochs=2, verbose=0, callbacks=[
-        recorder, pages, Checkpoints(runs.RunFolder(tmp_path), "val_v_rand", "max", validation=pages)]).history
+        recorder, pages, ModelCheckpoint(runs.RunFolder(tmp_path), "val_v_rand", "max", validation=pages)]).history
     assert "val_v_rand" not in recorder.seen[0] and "val_v_rand" not in history.get("val_v_rand", [None] * 2)[:0]
     assert len(history["val_v_rand"]) == 1 and len(history["val_uniform"]) == 2
     assert "epoch 1: val_v_rand is missing from the logs" in capsys.readouterr().err
@@ -155,11 +171,11 @@ def test_image_history_steps_continue_after_resume(tmp_path):
     images, labels = cell_images(n=4, size=32)
     model = tiny_model()
     model.fit(images, labels, batch_size=2, epochs=1, verbose=0,
-              callbacks=[ValidationPages(images[:1], labels[:1], tmp_path, 0, draw_interval=1)])
+              callbacks=[ImageHistory(images[:1], labels[:1], tmp_path, 0, draw_interval=1)])
     model.save(tmp_path / "m.keras")
     resumed = keras.models.load_model(tmp_path / "m.keras")
     resumed.fit(images, labels, batch_size=2, epochs=2, initial_epoch=1, verbose=0,
-                callbacks=[ValidationPages(images[:1], labels[:1], tmp_path, 0, draw_interval=1)])
+                callbacks=[ImageHistory(images[:1], labels[:1], tmp_path, 0, draw_interval=1)])
     assert sorted(step for step, _ in pictures(tmp_path / "images", "batch")) == [1, 2, 3, 4]
     assert sorted(step for step, _ in pictures(tmp_path / "images", "epoch")) == [1, 2]
 
@@ -167,9 +183,9 @@ def test_image_history_steps_continue_after_resume(tmp_path):
 def test_rejects_mismatched_shapes_and_negative_intervals():
     images, labels = cell_images(n=2)
     with pytest.raises(ValueError, match="both be"):
-        ValidationPages(images, labels[:1], "unused")
+        ImageHistory(images, labels[:1], "unused")
     with pytest.raises(ValueError, match=">= 0"):
-        ValidationPages(images, labels, "unused", challenge_every=-1)
+        ImageHistory(images, labels, "unused", challenge_every=-1)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +203,7 @@ def constant_model(logit: float) -> keras.Model:
 
 
 def test_uniform_prediction_warning_fires_on_a_constant_model(validation_pages, tmp_path, capsys):
-    pages = ValidationPages(*validation_pages, tmp_path, challenge_every=0, draw_interval=0)
+    pages = ImageHistory(*validation_pages, tmp_path, challenge_every=0, draw_interval=0)
     pages.set_model(constant_model(3.0))
     logs = {}
     pages.on_epoch_end(0, logs)
@@ -198,7 +214,7 @@ def test_uniform_prediction_warning_fires_on_a_constant_model(validation_pages, 
 
 
 def test_uniform_prediction_warning_stays_silent_on_a_trained_model(validation_pages, tmp_path, capsys):
-    pages = ValidationPages(*validation_pages, tmp_path, challenge_every=0, draw_interval=0)
+    pages = ImageHistory(*validation_pages, tmp_path, challenge_every=0, draw_interval=0)
     pages.set_model(runtimes.load_model(runtimes.DEFAULT_MODEL, precision="auto"))
     logs = {}
     pages.on_epoch_end(0, logs)
@@ -219,7 +235,7 @@ def test_prediction_grid_layout():
     assert grid[:4].max() == 0 and grid[4:].min() == 1
 
 
-# ---------------------------------------------------------------- Checkpoints
+# ---------------------------------------------------------------- ModelCheckpoint
 
 def test_checkpoints_save_last_state_and_best_only_when_it_improves(tmp_path):
     images, labels = cell_images(n=2, size=32)
@@ -231,7 +247,7 @@ def test_checkpoints_save_last_state_and_best_only_when_it_improves(tmp_path):
             logs["score"] = next(values)
 
     saved = []
-    checkpoints = Checkpoints(runs.RunFolder(tmp_path), "score", "max", extra={"k": 1})
+    checkpoints = ModelCheckpoint(runs.RunFolder(tmp_path), "score", "max", extra={"k": 1})
     original = checkpoints.run.best
 
     class Spy(keras.callbacks.Callback):
@@ -268,7 +284,7 @@ def test_step_backups_leave_the_steps_that_end_an_epoch_to_the_checkpoint(tmp_pa
 
 def test_checkpoints_refuse_an_unknown_mode(tmp_path):
     with pytest.raises(ValueError, match="'min' or 'max'"):
-        Checkpoints(runs.RunFolder(tmp_path), mode="best")
+        ModelCheckpoint(runs.RunFolder(tmp_path), mode="best")
 
 
 # ---------------------------------------------------------------- TimeLimit
@@ -288,13 +304,13 @@ def test_time_limit_stops_before_an_epoch_that_would_end_past_it(seconds, epochs
     assert len(history.history["loss"]) == epochs_trained
 
 
-# ---------------------------------------------------------------- ResumableTensorBoard
+# ---------------------------------------------------------------- TensorBoard
 
 def test_the_private_tensorboard_members_it_sets_still_exist_in_keras(tmp_path):
     board = keras.callbacks.TensorBoard(str(tmp_path))
     board.set_model(tiny_model())
-    for name in ResumableTensorBoard.PRIVATE_MEMBERS:
-        assert hasattr(board, name), f"Keras {keras.__version__} renamed TensorBoard.{name}: update ResumableTensorBoard"
+    for name in TensorBoard.PRIVATE_MEMBERS:
+        assert hasattr(board, name), f"Keras {keras.__version__} renamed TensorBoard.{name}: update callbacks.py"
     assert callable(board._push_writer) and callable(board._pop_writer) and isinstance(board._writers, dict)
 
 
@@ -302,10 +318,38 @@ def test_resumed_batch_curves_count_on_from_the_optimizer_step(tmp_path):
     images, labels = cell_images(n=4, size=32)
     model = tiny_model()
     for epochs, initial in ((1, 0), (2, 1)):
-        board = ResumableTensorBoard(str(tmp_path), update_freq=1, histogram_freq=0, write_graph=False)
+        board = TensorBoard(str(tmp_path), update_freq=1, histogram_freq=0, write_graph=False)
         model.fit(images, labels, batch_size=2, epochs=epochs, initial_epoch=initial, verbose=0, callbacks=[board])
-    steps = sorted({step for file in (tmp_path / "train").iterdir() for step, _ in events(file, "batch_loss")})
-    assert steps == [1, 2, 3, 4]
+    assert steps(tmp_path / "train", "batch_loss") == [1, 2, 3, 4]
+
+
+def test_every_epochs_curves_and_histograms_are_written_whatever_the_epochs_length(tmp_path):
+    images, labels = cell_images(n=3, size=32)  # 3 steps of batch 1 per epoch: none ends on a multiple of 4
+    model = tiny_model()
+    for epochs, initial in ((2, 0), (3, 2)):  # a run, then its resume
+        board = TensorBoard(str(tmp_path), update_freq=4, histogram_freq=1, write_graph=False)
+        model.fit(images, labels, batch_size=1, epochs=epochs, initial_epoch=initial, verbose=0,
+                  validation_data=(images, labels), callbacks=[board])
+    for part in ("train", "validation"):
+        assert steps(tmp_path / part, "epoch_loss") == [0, 1, 2], part
+    assert steps(tmp_path / "validation", "evaluation_loss_vs_iterations") == [3, 6, 9]
+    histograms = sorted(tag for tag in tags(tmp_path / "train") if tag.endswith("/histogram"))
+    assert histograms and all(steps(tmp_path / "train", tag) == [0, 1, 2] for tag in histograms)
+    assert steps(tmp_path / "train", "batch_loss") == [4, 8]  # the batch curves keep to update_freq
+
+
+def test_default_training_writes_every_epochs_curves_and_no_weight_histograms(isbi_dir, tmp_path):
+    import train
+
+    assert train.TrainSettings().histogram_freq == 0 and train.parse_args(["--histogram-freq", "2"]).histogram_freq == 2
+    settings = dataclasses.replace(train.preset("cpu", data_dir=str(isbi_dir), run_dir=str(tmp_path)), filters=4,
+                                   crop=64, batch_size=2, steps_per_epoch=3, epochs=2, challenge_every=0, verbose=0,
+                                   budget=None, time_limit=None)
+    assert settings.update_freq == 100  # the epochs end on steps 3 and 6
+    train.train(settings)
+    logs = tmp_path / "logs"
+    assert steps(logs / "train", "epoch_loss") == steps(logs / "validation", "epoch_loss") == [0, 1]
+    assert not [tag for tag in tags(logs / "train") if "histogram" in tag]
 
 
 def test_cell_scores_of_the_segmenter_reach_the_logs_and_an_affinity_model_is_drawn_by_its_cell_map(tmp_path):
@@ -320,7 +364,7 @@ def test_cell_scores_of_the_segmenter_reach_the_logs_and_an_affinity_model_is_dr
         def predict_on_batch(self, x):
             return exact[: len(x)] if len(x) == len(exact) else exact[:1]
 
-    pages = ValidationPages(images, labels, tmp_path / "logs", challenge_every=1, draw_interval=0,
+    pages = ImageHistory(images, labels, tmp_path / "logs", challenge_every=1, draw_interval=0,
                             batch_size=2, segmenter=lambda page: segment.segment(page, "mws"))
     pages.set_model(PerfectAffinities())
     logs = {}

@@ -145,3 +145,18 @@ def test_faces_print_one_error_line_for_a_bad_model_and_an_unwritable_output(not
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and message in lines[0], (argv, err[-2000:])
         assert "Traceback" not in err
+
+
+def test_clear_all_deletes_nothing_when_an_option_or_the_data_is_wrong(tmp_path, isbi_dir, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    kept = ["best.keras", "last.keras", "state.json", "settings.json"]
+    for name in kept:
+        (run / name).write_text("a run's results")
+    for wrong in (["--target", "affinities", "--offsets", "2,3"], ["--loss", "nonsense"], ["--lr-schedule", "fast"],
+                  ["--data-dir", str(tmp_path / "no-data")]):
+        argv = ["--preset", "tiny", "--data-dir", str(isbi_dir), "--run-dir", str(run), "--clear-all", *wrong]
+        assert train.main(argv) == 1, wrong
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, (wrong, lines)
+        assert sorted(p.name for p in run.iterdir() if p.name in kept) == sorted(kept), wrong

@@ -11,10 +11,10 @@ import data
 import evaluate
 import files
 import hardware
-import metrics
 import runtimes
 import segment
 import tiling
+from scores import challenge_scores, pixel_difference_np, segment_cells
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,14 @@ def test_evaluate_scores_the_three_test_pages(tiny_model_path, isbi_dir, tmp_pat
     assert evaluate.main([str(tiny_model_path), "--data-dir", str(isbi_dir), "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["pages"] == [0, 10, 20]
-    # the same scores, computed here from the model's own predictions with the metrics' numpy functions
+    # the same scores, computed here from the model's own predictions with scores.py's functions
     images, labels = data.load_isbi(isbi_dir)
     predictions = tiling.predict_stack(runtimes.load_model(tiny_model_path, precision="auto"), images[[0, 10, 20]],
                                        progress=False)
     truth = data.binarize_labels(labels[[0, 10, 20]])
     for page, label, prediction in zip(saved["per_page"], truth, predictions):
-        assert page["pixel_difference"] == pytest.approx(metrics.pixel_difference_np(label, prediction))
-        assert page["v_rand"] == pytest.approx(metrics.challenge_scores(prediction, label)["v_rand"])
+        assert page["pixel_difference"] == pytest.approx(pixel_difference_np(label, prediction))
+        assert page["v_rand"] == pytest.approx(challenge_scores(prediction, label)["v_rand"])
     assert saved["mean"]["v_info"] == pytest.approx(np.mean([page["v_info"] for page in saved["per_page"]]))
     mean_row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  mean"))
     assert mean_row[0] == "mean" and float(mean_row[1]) == pytest.approx(saved["mean"]["pixel_difference"], abs=0.005)
@@ -119,7 +119,7 @@ def test_the_shipped_model_reproduces_the_scores_on_its_card(shipped_scores):
 
 def test_a_label_tiff_of_the_true_cells_scores_one_and_reports_the_cell_counts(isbi_dir, tmp_path, capsys):
     _, labels = data.load_isbi(isbi_dir)
-    truth = np.stack([metrics.segment_cells(page > 0) for page in labels]).astype(np.uint32)
+    truth = np.stack([segment_cells(page > 0) for page in labels]).astype(np.uint32)
     source = tmp_path / "cells.tif"
     tifffile.imwrite(source, truth, photometric="minisblack")
     assert evaluate.main([str(source), "--data-dir", str(isbi_dir), "--pages", "0", "10"]) == 0
@@ -155,3 +155,58 @@ def test_tuning_on_the_validation_pages_goes_into_the_card_that_prediction_reads
     method, params, offsets = runtimes.segmentation_for(model, channels=1)
     assert (method, params.as_dict(), offsets) == ("multicut", chosen["params"], None)
     assert runtimes.segmentation_for(model, channels=1, method="threshold")[1] == segment.SegmentParams()
+
+
+# ---------------------------------------------------------------- nothing lost, refusals first
+
+def test_tuning_refuses_a_page_out_of_range_before_writing_the_card(unet_path, isbi_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model.keras"
+    shutil.copy(unet_path, model)
+    assert evaluate.main([str(model), "--data-dir", str(isbi_dir), "--tune", "--pages", "99"]) == 1
+    assert "error: pages must lie in 0..29, got [99]" in capsys.readouterr().err
+    assert not runtimes.card_path(model).exists()
+
+
+def test_outputs_over_the_model_its_card_or_the_data_are_refused(unet_path, isbi_dir, tmp_path, capsys):
+    import shutil
+
+    data_dir = tmp_path / "isbi"
+    data_dir.mkdir()
+    for name in (data.IMAGES_FILE, data.LABELS_FILE):
+        shutil.copy(isbi_dir / name, data_dir / name)
+    model = tmp_path / "model.keras"
+    shutil.copy(unet_path, model)
+    runtimes.card_path(model).write_text("{}")
+    kept = {path: path.read_bytes() for path in (model, runtimes.card_path(model), data_dir / data.LABELS_FILE)}
+    for flag, output in (("--out", model), ("--out", runtimes.card_path(model)),
+                         ("--grid", data_dir / data.LABELS_FILE)):
+        assert evaluate.main([str(model), "--data-dir", str(data_dir), flag, str(output)]) == 1
+        err = capsys.readouterr().err
+        assert f"error: {output}: this output would overwrite the input" in err and err.count("\n") == 1
+    assert {path: path.read_bytes() for path in kept} == kept
+
+
+def test_a_uint8_prediction_as_predict_writes_it_is_scored_as_probabilities(isbi_dir, tmp_path, capsys):
+    _, labels = data.load_isbi(isbi_dir)
+    perfect = tmp_path / "perfect-prediction.tif"  # predict.py --uint8: probabilities rounded to 0-255
+    tifffile.imwrite(perfect, np.where(labels == 255, 255, 0).astype(np.uint8), photometric="minisblack")
+    result = evaluate.evaluate(perfect, isbi_dir, pages=[0], cells=False)
+    assert result["mean"]["v_rand"] == pytest.approx(1.0) and result["mean"]["pixel_difference"] == 0
+    assert evaluate.main([str(perfect), "--data-dir", str(isbi_dir), "--pages", "10"]) == 0
+    assert "cells (multicut):" in capsys.readouterr().out
+
+
+def test_test_time_augmentation_of_an_affinity_model_uses_its_recorded_offsets(isbi_dir, tmp_path):
+    import affinities
+    from test_predict import affinity_model
+
+    model_path = affinity_model(tmp_path / "run", "1,5")
+    images, _ = data.load_isbi(isbi_dir)
+    outputs = evaluate.outputs_for(model_path, images, [0], tta=True)
+    model = runtimes.load_model(model_path, precision="auto")
+    expected = tiling.predict_stack(model, images[[0]], tta=True, progress=False,
+                                    offsets=affinities.parse_offsets("1,5"))
+    assert outputs.shape == (1, 512, 512, 4)
+    np.testing.assert_allclose(outputs, expected, atol=1e-5)

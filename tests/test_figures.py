@@ -7,7 +7,7 @@ from conftest import cell_mask
 from PIL import Image
 
 import figures
-import metrics
+from scores import segment_cells
 
 VALIDATION_PAGES = 3
 PAGE = 512
@@ -99,7 +99,7 @@ def test_results_grid_has_images_labels_and_predictions_titled_with_pixel_differ
 def test_results_grid_shows_the_cells_in_colour_titled_with_their_counts_and_v_rand():
     labels = np.ones((2, 32, 48), np.float32)
     labels[:, 15:17, :] = 0  # two cells per page
-    cells = np.stack([metrics.segment_cells(label > 0) for label in labels]).astype(np.uint32)
+    cells = np.stack([segment_cells(label > 0) for label in labels]).astype(np.uint32)
     cells[1] = 1  # the second page merges them, membrane and all
     figure = figures.results_grid(labels, labels, labels, cells=cells)
     assert len(figure.axes) == 8

@@ -2,6 +2,7 @@
 based fuzzing and known bad cases), and an interrupted write never replaces a good file."""
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -230,3 +231,20 @@ def test_a_16_bit_png_loads_as_uint16(tmp_path):
     path.write_bytes(png_bytes((np.arange(256) * 200).astype(np.uint16).reshape(16, 16)))
     pages = predict.read_image(path)
     assert pages.dtype == np.uint16 and pages.shape == (1, 16, 16) and pages.max() == 255 * 200
+
+
+# ---------------------------------------------------------------- outputs that would replace their inputs
+
+def test_an_output_that_is_an_input_by_any_name_or_link_is_refused(tmp_path):
+    source = tmp_path / "page.tif"
+    source.write_bytes(b"the user's data")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.tif").symlink_to(source)
+    os.link(source, tmp_path / "hard.tif")
+    (tmp_path / "alias").symlink_to(tmp_path)  # a folder reached by another name
+    for output in (source, tmp_path / "sub" / ".." / "page.tif", tmp_path / "link.tif", tmp_path / "hard.tif",
+                   tmp_path / "alias" / "page.tif"):
+        with pytest.raises(files.DataError, match="would overwrite the input .*page.tif; choose another"):
+            files.refuse_overwriting([tmp_path / "other.tif", output], [None, source])
+    files.refuse_overwriting([tmp_path / "page-prediction.tif", tmp_path / "new" / "page.tif", None], [source])
+    assert source.read_bytes() == b"the user's data"

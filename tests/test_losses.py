@@ -166,7 +166,7 @@ def test_losses_compute_in_float32_for_bfloat16_predictions():
 
 
 def test_l1_term_adds_the_pixel_difference_as_a_fraction():
-    from metrics import pixel_difference_np
+    from scores import pixel_difference_np
 
     y_true, y_pred = random_targets(np.random.default_rng(3), 1, channels=1)
     extra = float(bce_dice_l1_loss(y_true, y_pred)[0] - bce_dice_loss(y_true, y_pred)[0])

@@ -1,6 +1,8 @@
-"""unet-isbi.ipynb runs headless from a clean kernel with the 'tiny' preset and shows its results."""
+"""unet-isbi.ipynb runs headless from a clean kernel with the 'tiny' preset and shows its results; the committed one
+runs all with a user's defaults and shows the training in its steps, under the original design's names."""
 
 import json
+import typing
 
 import nbformat
 import pytest
@@ -12,12 +14,17 @@ NOTEBOOK = ROOT / "unet-isbi.ipynb"
 
 
 def run_notebook(tmp_path, **parameters) -> list:
-    """Run the notebook headless with `parameters`; return its executed code cells."""
+    """Run the notebook headless with `parameters` (TensorBoard skipped by default: no front end); return its executed
+    code cells."""
     out = tmp_path / "unet-isbi.out.ipynb"
-    parameters = {"tensorboard": False, **parameters}  # headless: no TensorBoard server left behind
     papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=parameters, kernel_name="python3", cwd=str(ROOT),
                                progress_bar=False)
     return [cell for cell in nbformat.read(out, as_version=4).cells if cell.cell_type == "code"]
+
+
+def printed(code_cells: list) -> str:
+    """Return what the cells printed."""
+    return "".join(output.get("text", "") for cell in code_cells for output in cell.outputs)
 
 
 def test_notebook_runs_with_tiny_preset_and_displays_the_results_grid(tmp_path, isbi_dir):
@@ -27,12 +34,20 @@ def test_notebook_runs_with_tiny_preset_and_displays_the_results_grid(tmp_path, 
     (results,) = [cell for cell in code_cells if "results" in cell.metadata.get("tags", [])]
     assert any("image/png" in output.get("data", {}) for output in results.outputs)
     assert (tmp_path / "nb" / "best.keras").is_file()
+    text = printed(code_cells)
+    assert "compiled with loss binary_crossentropy; metrics accuracy, pixel_difference" in text
+    assert all(f"\n{name}(" in text for name in ("TensorBoard", "ModelCheckpoint", "ImageHistory", "StopOnNaN"))
+    assert "TensorBoard skipped here" in text  # headless
+    # Run All again resumes the run folder, as the command line does
+    again = printed(run_notebook(tmp_path, preset="tiny", run_dir=str(tmp_path / "nb"), data_dir=str(isbi_dir),
+                                 epochs=3))
+    assert f"resuming from {tmp_path / 'nb' / 'last.keras'} in epoch 3 after batch 0" in again
 
 
 def test_notebook_without_training_shows_the_shipped_models_results(tmp_path, isbi_dir):
     code_cells = run_notebook(tmp_path, preset="tiny", run_dir=str(tmp_path / "empty"), data_dir=str(isbi_dir),
                               train_model=False)
-    text = "".join(output.get("text", "") for cell in code_cells for output in cell.outputs)
+    text = printed(code_cells)
     assert "showing the shipped models/unet-isbi-cpu.keras" in text
     card = json.loads((ROOT / "models" / "unet-isbi-cpu.json").read_text())["test_scores"]["mean"]
     mean_row = next(line.split() for line in text.splitlines() if line.split()[:1] == ["mean"])
@@ -51,7 +66,7 @@ def test_notebook_trains_on_a_folder_pair_of_own_pages_and_scores_its_validation
                               labels=str(pairs / "masks"), split="1", epochs=1)
     errors = [output for cell in code_cells for output in cell.outputs if output.output_type == "error"]
     assert not errors, errors
-    text = "".join(output.get("text", "") for cell in code_cells for output in cell.outputs)
+    text = printed(code_cells)
     assert "page-02.png" in text and "200x300" in text  # the data report names the validation page and its size
     assert "on pages [1]:" in text  # the scores are those of validation page 1, not of ISBI's test pages
     (results,) = [cell for cell in code_cells if "results" in cell.metadata.get("tags", [])]
@@ -95,3 +110,67 @@ def test_the_committed_notebooks_scores_are_the_shipped_models_card_to_the_digit
                                      f"{card['pixel_error']:.4f}", f"{card['v_rand']:.4f}", f"{card['v_info']:.4f}"]
     assert cell_mean[1:7] == [f"{card['cell_' + key]:.4f}" for key in
                               ("v_rand", "rand_split", "rand_merge", "v_info", "info_split", "info_merge")]
+
+
+# ---------------------------------------------------------------- the committed notebook's code
+
+def test_the_committed_notebook_runs_all_with_a_users_defaults():
+    cells = committed_code_cells()
+    assert not [cell for cell in cells if "injected-parameters" in cell.metadata.get("tags", [])]
+    defaults = {}
+    exec(tagged(cells, "parameters").source, defaults)
+    assert (defaults["preset"], defaults["train_model"], defaults["data_dir"], defaults["run_dir"]) == \
+        ("auto", True, None, None)
+    assert defaults["tensorboard"] is None  # inline where a front end shows it, skipped headless
+    text = NOTEBOOK.read_text()
+    assert "+dirty" not in text and "injected-parameters" not in text
+
+
+def test_the_committed_notebook_trains_in_sight_with_the_designs_callbacks():
+    import train
+
+    code = "\n".join(cell.source for cell in committed_code_cells())
+    assert "import model\n" not in code  # `model` is the network the notebook trains
+    for step in ("prepared = train.prepare(settings", "model = prepared.model", "train.describe_compiled(model)",
+                 "callbacks = train.make_callbacks(prepared)", "train.fit(prepared, callbacks"):
+        assert step in code, step
+    for name, kind in (("tensorboard", "TensorBoard"), ("model_checkpoint", "ModelCheckpoint"),
+                       ("image_history", "ImageHistory")):
+        assert f"callbacks.{name}" in code and typing.get_type_hints(train.RunCallbacks)[name].__name__ == kind
+
+
+# ---------------------------------------------------------------- tools/store_notebook.py
+
+@pytest.fixture(scope="module")
+def store_notebook():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("store_notebook", ROOT / "tools" / "store_notebook.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stored_outputs_drop_the_injected_parameters_and_count_the_cells_as_run_all_does(store_notebook):
+    cells = [nbformat.v4.new_code_cell("preset = 'auto'", execution_count=1),
+             nbformat.v4.new_code_cell("preset = 'cpu'", execution_count=2), nbformat.v4.new_markdown_cell("text"),
+             nbformat.v4.new_code_cell("1", execution_count=3,
+                                       outputs=[nbformat.v4.new_output("execute_result", {"text/plain": "1"},
+                                                                       execution_count=3)])]
+    cells[1].metadata["tags"] = ["injected-parameters"]
+    notebook = nbformat.v4.new_notebook(cells=cells)
+    store_notebook.without_injected_parameters(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert [cell.source for cell in code] == ["preset = 'auto'", "1"]
+    assert [cell.execution_count for cell in code] == [1, 2] and code[1].outputs[0].execution_count == 2
+
+
+@pytest.mark.parametrize("commit", ["421c306+dirty", None])
+def test_a_run_from_a_dirty_checkout_is_not_stored(store_notebook, tmp_path, commit):
+    import runs
+
+    runs.RunFolder(tmp_path).write_json(runs.RunFolder(tmp_path).summary, {"commit": commit})
+    with pytest.raises(ValueError, match="clean checkout"):
+        store_notebook.trained_commit(tmp_path)
+    runs.RunFolder(tmp_path).write_json(runs.RunFolder(tmp_path).summary, {"commit": "421c306"})
+    assert store_notebook.trained_commit(tmp_path) == "421c306"

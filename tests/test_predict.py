@@ -152,21 +152,21 @@ def test_read_images_reads_a_multipage_tiff_a_png_and_a_folder(tmp_path):
 # ---------------------------------------------------------------- cells
 
 def test_cells_of_the_shipped_model_on_a_test_page_are_about_as_many_as_the_true_ones(isbi_dir, tmp_path, capsys):
-    import metrics
+    import scores
 
     images, labels = data.load_isbi(isbi_dir)
     source = tiff(tmp_path / "page0.tif", images[0])
     assert predict.main([str(source), "--cells", "--overlay", "--cell-boundaries"]) == 0
     cells = tifffile.imread(tmp_path / "page0-cells.tif")
     assert cells.shape == (512, 512) and cells.dtype == np.uint32
-    found, true = len(np.unique(cells[cells > 0])), int(metrics.segment_cells(labels[0] > 0).max())
+    found, true = len(np.unique(cells[cells > 0])), int(scores.segment_cells(labels[0] > 0).max())
     assert 0.7 * true < found < 1.3 * true, (found, true)
     overlay = np.asarray(Image.open(tmp_path / "page0-cells.png"))
     assert overlay.shape == (512, 512, 3)
     submission = tifffile.imread(tmp_path / "page0-cells-boundaries.tif")  # 1 = cell, 0 = between two cells
-    np.testing.assert_array_equal(submission, ~metrics.label_boundaries(cells))
-    assert metrics.cell_scores(cells, labels[0])["v_rand"] == pytest.approx(
-        metrics.challenge_scores(submission, labels[0], thresholds=[0.5])["v_rand"])  # the challenge sees the cells
+    np.testing.assert_array_equal(submission, ~scores.label_boundaries(cells))
+    assert scores.cell_scores(cells, labels[0])["v_rand"] == pytest.approx(
+        scores.challenge_scores(submission, labels[0], thresholds=[0.5])["v_rand"])  # the challenge sees the cells
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'page0-cells.tif'} (multicut; cells per page: {found})" in out
 
@@ -192,9 +192,129 @@ def test_cells_of_a_zarr_prediction_are_cut_page_by_page_and_a_rerun_skips_them(
     probabilities = zarr.open_array(str(out), mode="r")
     assert cells.shape == (2, 256, 256) and cells.dtype == np.uint32
     for page in range(2):  # threshold: the 4-connected components of the stored map
-        import metrics
+        import scores
 
-        np.testing.assert_array_equal(cells[page], metrics.segment_cells(probabilities[page] > 0.5))
+        np.testing.assert_array_equal(cells[page], scores.segment_cells(probabilities[page] > 0.5))
     assert "2 pages computed, 0 skipped" in capsys.readouterr().out
     assert predict.main([str(source), "--out", str(out), "--cells", "--method", "threshold", "--block", "256"]) == 0
     assert "0 pages computed, 2 skipped" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- nothing lost
+
+SMALL = ["--tile", "64", "--overlap", "16"]
+
+
+def one_error_line(capsys, *fragments) -> str:
+    """Return the error line on stderr, after checking that there is one, holding `fragments`, and no traceback
+    (progress bars may come before it)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+    return lines[0]
+
+
+def test_an_output_that_would_replace_an_input_is_refused_before_any_work(tmp_path, unet_path, capsys):
+    import zarr
+
+    page = tiff(tmp_path / "page.tif", picture((32, 32)))
+    before = page.read_bytes()
+    (tmp_path / "link.tif").symlink_to(page)
+    cells_named = tiff(tmp_path / "b-cells.tif", picture((32, 32), seed=1))
+    model = ["--model", str(unet_path), *SMALL]
+    for argv in ([str(page), "--out", str(page), "--cells"],  # the prediction over its image
+                 [str(page), "--out", str(tmp_path / "link.tif")],  # through a link
+                 [str(cells_named), "--out", str(tmp_path / "b.tif"), "--cells"]):  # the cells over the image
+        assert predict.main([*argv, *model]) == 1
+        one_error_line(capsys, "would overwrite the input")
+    assert page.read_bytes() == before and not (tmp_path / "b.tif").exists()
+    volume = tmp_path / "v-cells.zarr"
+    zarr.create_array(str(volume), data=picture((1, 32, 32)))
+    assert predict.main([str(volume), "--out", str(tmp_path / "v.zarr"), "--cells", *model]) == 1
+    one_error_line(capsys, "v-cells.zarr: this output would overwrite the input")
+    assert not (tmp_path / "v.zarr").exists()  # refused before predicting
+
+
+def test_a_folder_predicted_twice_takes_only_its_own_images_again(tmp_path, unet_path, capsys):
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    tiff(folder / "stack.tif", picture((2, 32, 48)))
+    Image.fromarray(picture((40, 40), seed=1)).save(folder / "page.png")
+    argv = [str(folder), "--model", str(unet_path), *SMALL, "--cells", "--method", "threshold", "--overlay",
+            "--png", "--mask-tiff", "--cell-boundaries"]
+    assert predict.main(argv) == 0
+    first = sorted(p.name for p in folder.iterdir())
+    assert "stack-prediction-1.png" in first and "page-cells.png" in first and "stack-cells-boundaries.tif" in first
+    capsys.readouterr()
+    assert predict.main(argv) == 0
+    assert "predicting 2 image(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == first
+    assert [p.name for p in predict.image_files([folder])] == ["page.png", "stack.tif"]
+    assert not predict.is_own_output("cells-prediction-x.tif") and not predict.is_own_output("prediction.tif")
+
+
+def test_the_mutex_watershed_of_a_membrane_model_is_refused_before_predicting(tmp_path, unet_path, capsys):
+    page = tiff(tmp_path / "page.tif", picture((32, 32)))
+    model = ["--model", str(unet_path), *SMALL, "--cells", "--method", "mws"]
+    assert predict.main([str(page), *model]) == 1
+    one_error_line(capsys, "predicts a membrane map", "use --method multicut or threshold")
+    assert predict.main([str(page), *model, "--out", str(tmp_path / "p.zarr")]) == 1
+    one_error_line(capsys, "a zarr prediction keeps their cell map only")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.tif"]
+
+
+def affinity_model(folder, offsets: str = "1,3"):
+    """Return a tiny untrained affinity U-Net saved in `folder` as a run's best.keras, beside the run's
+    settings.json that records its `offsets` (distances)."""
+    import json
+
+    import affinities
+    from model import build_unet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    channels = len(affinities.parse_offsets(offsets))
+    build_unet((None, None, 1), filters=2, out_channels=channels).save(folder / "best.keras")
+    (folder / "settings.json").write_text(json.dumps({"target": "affinities", "offsets": offsets}))
+    return folder / "best.keras"
+
+
+def test_test_time_augmentation_of_an_affinity_model_moves_the_offsets_its_run_recorded(tmp_path, capsys):
+    import affinities
+    import zarr
+
+    model_path = affinity_model(tmp_path / "run")
+    page = tiff(tmp_path / "page.tif", picture((40, 48)))
+    assert predict.main([str(page), "--model", str(model_path), *SMALL, "--tta", "--cells"]) == 0
+    model = runtimes.load_model(model_path, precision="auto")
+    offsets = affinities.parse_offsets("1,3")
+    expected = affinities.cell_map(tiling.predict_image(model, picture((40, 48)), 64, 16, tta=True, offsets=offsets))
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "page-prediction.tif"), expected, atol=1e-5)
+    assert "(mws;" in capsys.readouterr().out
+    zarr_out = ["--out", str(tmp_path / "p.zarr")]
+    assert predict.main([str(page), "--model", str(model_path), *SMALL, "--tta", *zarr_out]) == 0
+    np.testing.assert_allclose(zarr.open_array(str(tmp_path / "p.zarr"), mode="r")[0], expected, atol=1e-5)
+
+
+def test_zarr_cells_of_another_models_prediction_are_refused_not_kept(tmp_path, unet_path, capsys):
+    import shutil
+
+    import zarr
+
+    from model import build_unet
+
+    model = tmp_path / "model.keras"
+    shutil.copy(unet_path, model)
+    source = tiff(tmp_path / "two.tif", picture((2, 32, 32)))
+    argv = [str(source), "--model", str(model), *SMALL, "--out", str(tmp_path / "two.zarr"), "--cells",
+            "--method", "threshold"]
+    assert predict.main(argv) == 0
+    cells = zarr.open_array(str(tmp_path / "two-cells.zarr"), mode="r")[:]
+    build_unet((None, None, 1), filters=4).save(model)  # retrained under the same name
+    capsys.readouterr()
+    assert predict.main(argv) == 1
+    one_error_line(capsys, "two.zarr holds a prediction made with model_sha256=")
+    shutil.rmtree(tmp_path / "two.zarr")  # as the message says
+    assert predict.main(argv) == 1
+    one_error_line(capsys, "two-cells.zarr holds a prediction made with prediction.model_sha256=")
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "two-cells.zarr"), mode="r")[:], cells)

@@ -1,15 +1,18 @@
 """segment.py: probability and affinity maps to cells, on synthetic pages whose cells are known."""
 
 import json
+import re
 import warnings
 
 import numpy as np
 import pytest
 import tifffile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import segment
 from affinities import OFFSETS, cells_of, label_affinities
-from metrics import cell_scores, segment_cells
+from scores import cell_scores, segment_cells
 from segment import GRIDS, SegmentParams
 
 
@@ -219,3 +222,83 @@ def test_command_line_refuses_bad_input_with_one_line_and_writes_nothing(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "[0, 1]" in err[0]
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- the command line's parameters and files
+
+def error_lines(capsys) -> list[str]:
+    """Return the error lines on stderr, after checking that it holds no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"threshold": "0.5"}, "threshold must be a number, got '0.5'"),
+    ({"beta": None}, "beta must be a number, got None"),
+    ({"sigma_seeds": True}, "sigma_seeds must be a number, got True"),
+    ({"sigma_weights": 1e6}, "sigma_weights must be >= 0 and at most 100 (pixels)"),
+    ({"min_size": 2.5}, "min_size must be a whole number"),
+    ({"min_size": None}, "min_size must be a whole number"),
+    ({"strides": "22"}, "strides must be two positive whole numbers"),
+    ({"strides": [1, None]}, "strides must be two positive whole numbers"),
+    ({"threshold": 10 ** 400}, "threshold must lie in (0, 1)"),
+    ([0.5], "expected a JSON object of SegmentParams fields, found list"),
+    ("{not json", "not a JSON file"),
+])
+def test_parameters_of_the_wrong_type_or_file_are_refused_with_one_line(tmp_path, capsys, content, message):
+    source = tmp_path / "probabilities.tif"
+    tifffile.imwrite(source, probability(grid_label()).astype(np.float32))
+    params = tmp_path / "params.json"
+    params.write_text(content if isinstance(content, str) else json.dumps(content))
+    out = tmp_path / "cells.tif"
+    assert segment.main([str(source), "--out", str(out), "--params", str(params)]) == 1
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith(f"error: {params}: ") and message in lines[0], lines
+    assert not out.exists()
+    if isinstance(content, dict):
+        with pytest.raises(ValueError, match=re.escape(message.split(",")[0])):
+            SegmentParams(**content)
+
+
+def test_an_output_over_the_map_or_the_parameters_is_refused(tmp_path, capsys):
+    source = tmp_path / "probabilities.tif"
+    tifffile.imwrite(source, probability(grid_label()).astype(np.float32))
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"beta": 0.5}))
+    before = source.read_bytes(), params.read_bytes()
+    for out in (source, params):
+        assert segment.main([str(source), "--out", str(out), "--params", str(params)]) == 1
+        lines = error_lines(capsys)
+        assert len(lines) == 1 and f"{out}: this output would overwrite the input {out}" in lines[0]
+    assert (source.read_bytes(), params.read_bytes()) == before
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6)
+FIELD_VALUES = JSON_VALUES | st.floats(-1, 120) | st.integers(-3, 400) | st.lists(st.integers(-1, 4), max_size=3)
+PARAMS_FILES = st.one_of(
+    st.dictionaries(st.sampled_from([*segment.SegmentParams.__dataclass_fields__, "alpha"]), FIELD_VALUES,
+                    max_size=4).map(json.dumps),
+    JSON_VALUES.map(json.dumps),
+    st.binary(max_size=40))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(content=PARAMS_FILES, method=st.sampled_from(["threshold", "multicut"]))
+def test_any_params_file_segments_or_gives_one_error_line(tmp_path, capsys, content, method):
+    source = tmp_path / "probabilities.tif"
+    if not source.exists():
+        tifffile.imwrite(source, np.stack([probability(grid_label((40, 48), step=16))] * 2).astype(np.float32))
+    params, out = tmp_path / "params.json", tmp_path / "cells.tif"
+    params.write_bytes(content.encode() if isinstance(content, str) else content)
+    out.unlink(missing_ok=True)
+    code = segment.main([str(source), "--out", str(out), "--params", str(params), "--method", method])
+    lines = error_lines(capsys)
+    if code == 0:
+        assert not lines and tifffile.imread(out).shape == (2, 40, 48)
+    else:
+        assert code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {params}: ") and not out.exists()
