@@ -33,7 +33,7 @@ import files
 import runs
 import segment
 from model import inference_model
-from scores import UNIFORM_CAUSES, cell_scores, challenge_scores, uniform_prediction
+from scores import FLAT_HINT, UNIFORM_CAUSES, cell_scores, challenge_scores, flat_side, uniform_prediction
 
 def predict_batch(model: keras.Model, images: np.ndarray) -> np.ndarray:
     """Return the model's float32 outputs for one batch of `images`, under any tf.distribute strategy.
@@ -186,6 +186,8 @@ class ImageHistory(SummaryCallback):
         if problem:
             print(f"warning: epoch {epoch + 1}: the validation prediction is (nearly) uniform: {problem}; "
                   f"{UNIFORM_CAUSES}", file=sys.stderr, flush=True)
+        elif (flat := flat_side(predictions)) and epoch + 1 == (self.params or {}).get("epochs"):
+            print(f"warning: the last epoch's validation prediction: {flat}; {FLAT_HINT}", file=sys.stderr, flush=True)
         scores = {"val_uniform": float(problem is not None)}
         if self.challenge_every and (epoch + 1) % self.challenge_every == 0:
             challenge, cells = self.challenge(outputs)

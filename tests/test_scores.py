@@ -382,3 +382,17 @@ def test_cell_scores_check_their_inputs():
         cell_scores(label / 255.0, label)
     with pytest.raises(ValueError, match="binary"):
         cell_scores(segment_cells(label), segment_cells(label))
+
+
+def test_a_map_with_a_flat_side_is_named_and_a_saturated_map_is_not():
+    from scores import flat_side
+
+    rng = np.random.default_rng(0)
+    healthy = rng.uniform(0, 1, (64, 64)).astype(np.float32)
+    healthy[:8] = 0.0  # saturated membranes: many pixels at exactly 0 are what training aims for
+    assert flat_side(healthy) is None
+    collapsed = healthy.copy()
+    collapsed[collapsed < 0.427] = np.float32(0.427)  # both head filters silent on membranes: sigmoid(bias)
+    assert "membrane side is flat" in flat_side(collapsed) and "0.427" in flat_side(collapsed)
+    capped = np.minimum(healthy, np.float32(0.88))
+    assert "cell side is flat" in flat_side(capped)
