@@ -464,12 +464,7 @@ def ensure_data(data_dir: str | os.PathLike | None = None, progress: bool = True
         return download(dest, progress=progress), True
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run data.py's command line (data_cli.py: fetch, check, report, example); return the exit code."""
+if __name__ == "__main__":  # the command line is data_cli.py
     import data_cli
 
-    return data_cli.main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(data_cli.main())
