@@ -542,7 +542,7 @@ def run(args: argparse.Namespace) -> None:
         except RuntimeError:
             raise ValueError("--threads must be set before TensorFlow starts (run benchmark.py afresh)") from None
     if args.preset:
-        from train import preset
+        from presets import preset
 
         settings = preset(args.preset)
         args.filters, args.size, args.batch = settings.filters, settings.crop, settings.batch_size

@@ -1,4 +1,4 @@
-"""Train the U-Net: settings, presets, and `train(settings)`, shared by the notebook and the command line.
+"""Train the U-Net: `train(settings)`, shared by the notebook and the command line (settings and presets: presets.py).
 
     python train.py                     # preset 'auto': 'original' on a GPU, 'cpu' otherwise
     python train.py --preset original   # 512x512, batch 5, 3 x 1000 steps, 64 filters
@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import math
 import signal
 import sys
 import threading
@@ -43,138 +42,18 @@ import distribute
 import files
 import hardware
 import losses
+import presets
 import runs
 import segment
 from callbacks import ImageHistory, ModelCheckpoint, StepBackup, StopOnNaN, TensorBoard, TimeLimit
 from metrics import MembraneDice, membrane_iou, pixel_difference
 from model import SIZE_MULTIPLE, build_unet, load_model
+from presets import (  # noqa: F401 (train.X names: the notebook, tests, bench/ and tools use them)
+    HIGHER_IS_BETTER, LR_SCHEDULES, PRESETS, TARGETS, TrainSettings, monitor_mode, preset,
+    settings_from, target_offsets)
+from sizing import BUDGET_MARGIN, VALIDATION_SHARE, size_to_budget, sizing_line  # noqa: F401
 
 CUSTOM_OBJECTS = {"pixel_difference": pixel_difference, "MembraneDice": MembraneDice, **losses.CUSTOM_OBJECTS}
-HIGHER_IS_BETTER = ("accuracy", "v_rand", "v_info", "dice", "iou")
-
-
-def monitor_mode(monitor: str) -> str:
-    """Return 'max' for scores where higher is better (accuracy, V_rand, V_info), else 'min'."""
-    return "max" if monitor.endswith(HIGHER_IS_BETTER) else "min"
-
-
-@dataclasses.dataclass
-class TrainSettings:
-    """Everything a training run depends on; defaults are the original notebook's."""
-
-    data_dir: str | None = None
-    # Your own data (see data.load_pages): images and labels are two multipage TIFFs or two folders of
-    # PNG/TIFF pages paired by name; None trains on the ISBI stacks in data_dir.
-    images: str | None = None
-    labels: str | None = None
-    val_images: str | None = None  # separate validation pages (then `split` is not used)
-    val_labels: str | None = None
-    split: str | None = None  # validation page indices '3,7', a fraction '0.2' (seeded), or 'isbi' (ISBI's default)
-    membrane_value: int | None = None  # the mask value of membranes (default: the lower of the two)
-    allow_unpaired: bool = False  # skip (and list) images without masks and masks without images
-    run_dir: str = "runs/original"
-    filters: int = 64
-    head_filters: int | None = None  # ReLU filters before the output layer (None: the original's 2 per output)
-    batch_norm: bool = False  # batch normalisation between each convolution and its ReLU (not in the original)
-    crop: int = 512  # side of the square training patches, pixels (512 = whole pages)
-    batch_size: int = 5
-    steps_per_epoch: int = 1000
-    epochs: int = 3
-    learning_rate: float = 1e-4
-    lr_schedule: str = "constant"  # or "cosine": from learning_rate down to 1 % of it over epochs x steps_per_epoch
-    loss: str = "binary_crossentropy"  # or weighted_bce (U-Net paper's border weights), dice, bce_dice
-    target: str = "membranes"  # what the network predicts: the original's membrane map, or affinities (affinities.py)
-    offsets: str = "1,3,9,27"  # affinity distances in pixels, each taken in y and in x (target affinities only)
-    precision: str = "auto"  # see hardware.choose_precision
-    data_workers: int = 0  # processes augmenting batches ahead of training (0: a thread of the training process)
-    strategy: str = "default"  # or mirrored / multiworker, see distribute.py; batch_size is the global batch
-    cpu_devices: int = 1  # split the CPU into this many logical devices (the mirrored strategy without GPUs)
-    monitor: str = "val_loss"  # what best.keras is chosen by (the original used training loss)
-    challenge_every: int = 1  # epochs between validation V_rand / V_info (0: never)
-    draw_interval: int = 100  # optimizer steps between validation pictures (callbacks.ImageHistory)
-    # epochs between TensorBoard's weight histograms (0: none, so that it opens on the curves and the image history)
-    histogram_freq: int = 0
-    weight_images: bool = False  # TensorBoard pictures of every kernel and bias (the original's write_images=True)
-    update_freq: int = 100
-    time_limit: float | None = None  # seconds; stops before an epoch that would end after it (callbacks.TimeLimit)
-    budget: float | None = None  # seconds for the whole run: steps_per_epoch is sized to this machine to fit it
-    seed: int = 0
-    deterministic: bool = False  # identical losses step by step on a rerun (TensorFlow op determinism; slower)
-    backup_every: int = 100  # optimizer steps between mid-epoch backups (backup.keras) a killed run resumes from
-    clear_all: bool = False  # delete the run's models and logs before starting
-    resume: bool = True  # continue from run_dir/last.keras when it is there
-    verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
-    augmentation: augment.Augmentation = dataclasses.field(default_factory=augment.Augmentation)
-    preset: str = "original"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-PRESETS = {
-    "original": TrainSettings(),
-    # Chosen for a 2-core CPU by measurement on AMD EPYC Zen 4 (docs/EXPERIMENTS.md):
-    # 16 filters, 256x256 crops, batch 4, Adam 1e-3 (it beat 5e-4). Cross-entropy plus
-    # the Dice of the membranes beat cross-entropy alone on every test score; the border-weighted
-    # loss was worse on both. 16 filters before the output (the original's 2 let a run train both
-    # onto one side of the membrane: 2 of 3 seeds, flat at 0.43 or 0.88) with a cosine decay of the
-    # rate: seeds 1-3 in bench/seeds-head16-cosine.json (docs/EXPERIMENTS.md).
-    # Batch normalisation costs 1.4x per step on this CPU (0.54 s against 0.38 s) but
-    # in 25 epochs beat 40 without it on test accuracy (0.916 against 0.908) and pixel
-    # difference (11.2 % against 11.5 %). With the fused normalisation 25 epochs take 13 minutes
-    # on Intel Sapphire Rapids; the budget shortens the epochs of a slower CPU to fit 30 minutes.
-    # Backups every 100 steps (at most one epoch, 30 s of training, at risk; none falls on an epoch end,
-    # where last.keras is saved). Weight histograms are off, as by default (--histogram-freq 5 draws them
-    # every 5 epochs, at 25 and 1 they cost about 2 s each of a 32 s epoch: docs/PERFORMANCE.md).
-    "cpu": TrainSettings(
-        run_dir="runs/cpu",
-        filters=16,
-        head_filters=16,
-        batch_norm=True,
-        crop=256,
-        batch_size=4,
-        steps_per_epoch=100,
-        epochs=25,
-        learning_rate=1e-3,
-        lr_schedule="cosine",
-        loss="bce_dice",
-        draw_interval=200,
-        time_limit=30 * 60,
-        budget=30 * 60,
-        backup_every=100,
-        augmentation=augment.Augmentation(vertical_flip=True, rot90=True),
-        preset="cpu",
-    ),
-    # For tests and the headless notebook check: seconds, not minutes.
-    "tiny": TrainSettings(
-        run_dir="runs/tiny",
-        filters=4,
-        crop=64,
-        batch_size=2,
-        steps_per_epoch=3,
-        epochs=2,
-        learning_rate=1e-3,
-        draw_interval=2,
-        histogram_freq=0,
-        update_freq=1,
-        challenge_every=0,
-        verbose=0,
-        preset="tiny",
-    ),
-}
-
-
-def preset(name: str = "auto", **overrides) -> TrainSettings:
-    """Return the settings of preset `name` ('auto' = 'original' on a GPU, else 'cpu') with overrides.
-
-    Overrides that are None are ignored, so that unset command-line flags and
-    notebook parameters keep the preset's value.
-    """
-    if name == "auto":
-        name = "original" if hardware.gpu_names() else "cpu"
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from auto, {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
 @contextlib.contextmanager
@@ -199,10 +78,6 @@ def state_settings(settings: TrainSettings, sizing: dict | None = None) -> dict:
     """Return the settings as saved beside a run, with the resolved precision policy (and the sizing, if any)."""
     saved = {**settings.to_dict(), "precision_policy": hardware.choose_precision(settings.precision)}
     return {**saved, "sizing": sizing} if sizing else saved
-
-
-BUDGET_MARGIN = 0.93  # of the budget planned for: the estimate's error, checkpoints, TensorBoard and the data report
-VALIDATION_SHARE = 0.25  # of the budget at most for the epochs' validation, when the recipe does not fit
 
 
 def measure_speed(settings: TrainSettings, split: dict, policy: str, steps: int = 3) -> dict:
@@ -236,67 +111,6 @@ def measure_speed(settings: TrainSettings, split: dict, policy: str, steps: int 
         pages.challenge(np.asarray(outputs, np.float32))
     scoring = (time.perf_counter() - began) / max(settings.challenge_every, 1)
     return {"step": step, "validation": 2 * predicting + scoring}
-
-
-def size_to_budget(settings: TrainSettings, split: dict, policy: str, previous: dict | None,
-                   spent: float = 0.0) -> tuple[TrainSettings, dict]:
-    """Return (settings with epochs and steps_per_epoch sized so that the run ends within `budget` seconds on
-    this machine, what was measured and chosen). A recipe that fits is kept whole. Otherwise the epochs are
-    shortened; where validating every epoch would take more than VALIDATION_SHARE of the budget, there are
-    fewer, longer epochs (never more steps than the recipe's in all). A resumed run keeps the sizing it
-    started with (`previous`: its saved settings). `spent`: seconds already gone (the data load)."""
-    recipe = {"recipe_epochs": settings.epochs, "recipe_steps_per_epoch": settings.steps_per_epoch}
-    if previous and all(previous.get("sizing", {}).get(key) == value for key, value in recipe.items()) and \
-            previous.get("budget") == settings.budget:
-        sizing = {**previous["sizing"], "resumed": True}
-        return dataclasses.replace(settings, epochs=sizing["epochs"], steps_per_epoch=sizing["steps_per_epoch"]), sizing
-    began = time.perf_counter()
-    speed = measure_speed(settings, split, policy)
-    left = BUDGET_MARGIN * settings.budget - spent - (time.perf_counter() - began)
-    epochs, steps = settings.epochs, settings.steps_per_epoch
-    if epochs * (steps * speed["step"] + speed["validation"]) > left:
-        total = epochs * steps
-        epochs = int(min(epochs, max(1, VALIDATION_SHARE * left // max(speed["validation"], 1e-9))))
-        steps = int(max(1, min(math.ceil(total / epochs), (left / epochs - speed["validation"]) // speed["step"])))
-    sizing = {"seconds_per_step": round(speed["step"], 4), "validation_seconds": round(speed["validation"], 2),
-              **recipe, "epochs": epochs, "steps_per_epoch": steps,
-              "planned_minutes": round((epochs * (steps * speed["step"] + speed["validation"])) / 60, 1)}
-    return dataclasses.replace(settings, epochs=epochs, steps_per_epoch=steps), sizing
-
-
-def sizing_line(settings: TrainSettings, sizing: dict) -> str:
-    """Return the line that says how the run was sized to the machine, and why."""
-    if sizing.get("resumed"):
-        return (f"sized when this run started: {settings.epochs} epochs x {sizing['steps_per_epoch']} steps "
-                f"({sizing['seconds_per_step']:.2f} s per step then)")
-    epochs, recipe = sizing["recipe_epochs"], sizing["recipe_steps_per_epoch"]
-    whole = epochs * (recipe * sizing["seconds_per_step"] + sizing["validation_seconds"]) / 60
-    if (sizing["epochs"], sizing["steps_per_epoch"]) == (epochs, recipe):
-        verdict = f"the whole recipe, {epochs} x {recipe} steps, fits"
-    elif sizing["epochs"] == epochs:
-        verdict = (f"the recipe's {recipe} steps per epoch would take {whole:.0f} min, so "
-                   f"{sizing['steps_per_epoch']} steps per epoch (all {epochs} epochs)")
-    else:
-        verdict = (f"the recipe, {epochs} x {recipe} steps, would take {whole:.0f} min, and its {epochs} "
-                   f"validations more than {VALIDATION_SHARE:.0%} of the budget, so {sizing['epochs']} epochs "
-                   f"x {sizing['steps_per_epoch']} steps")
-    return (f"sized to this machine: {sizing['seconds_per_step']:.2f} s per train step and "
-            f"{sizing['validation_seconds']:.1f} s of validation per epoch, measured; {verdict}; about "
-            f"{sizing['planned_minutes']:.0f} of the {settings.budget / 60:.0f}-minute budget")
-
-
-LR_SCHEDULES = ("constant", "cosine")
-TARGETS = ("membranes", "affinities")
-
-
-def target_offsets(settings: TrainSettings) -> tuple | None:
-    """Return the affinity offsets the network predicts, or None for the membrane map."""
-    if settings.target not in TARGETS:
-        raise ValueError(f"unknown target {settings.target!r}; choose from {', '.join(TARGETS)}")
-    if settings.target != "membranes" and losses.needs_weight_map(settings.loss):
-        raise ValueError(f"loss {settings.loss!r} weighs membrane pixels; with target {settings.target!r} use "
-                         "binary_crossentropy, dice or bce_dice")
-    return affinities.parse_offsets(settings.offsets) if settings.target == "affinities" else None
 
 
 def label_target(settings: TrainSettings) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -600,9 +414,7 @@ def prepare(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
     run, shared = runs.RunFolder(write_dir.path), runs.RunFolder(settings.run_dir)
     run.path.mkdir(parents=True, exist_ok=True)
     policy = hardware.choose_precision(settings.precision)
-    losses.get_loss(settings.loss)  # unknown names fail here, before the data load
-    target_offsets(settings)  # and unknown targets or offsets
-    learning_rate(settings)  # and unknown schedules
+    settings.check()  # made valid, but perhaps changed since: refused here, before the data load
     keras.utils.set_random_seed(settings.seed)
     if settings.deterministic:
         import tensorflow as tf
@@ -617,7 +429,8 @@ def prepare(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
     sizing = None
     if settings.budget:
         previous = shared.saved_settings() if settings.resume and not settings.clear_all else None
-        settings, sizing = size_to_budget(settings, split, policy, previous, time.monotonic() - setup_began)
+        measure = functools.partial(measure_speed, settings, split, policy)
+        settings, sizing = size_to_budget(settings, measure, previous, time.monotonic() - setup_began)
         say(sizing_line(settings, sizing))
     saved = state_settings(settings, sizing)
     with strategy.scope():
@@ -649,44 +462,9 @@ def _save_interrupted(model: keras.Model, backup: Path | None, steps_per_epoch: 
                            + ". Run the same command again to resume from there.")
 
 
-AUGMENTATION_HELP = {
-    "elastic_grid": "elastic deformation grid points per side (0: off; paper: 3)",
-    "elastic_sigma": "elastic displacement standard deviation, pixels",
-    "rot90": "random quarter turns (see docs/EXPERIMENTS.md: the ISBI labels are not symmetric up/down)",
-}
-
-
-def _add_fields(parser: argparse.ArgumentParser, fields, helps: dict[str, str], default_type=str) -> None:
-    """Add one flag per dataclass field: --name-with-dashes, booleans as --x / --no-x, unset = None."""
-    types = {"int": int, "float": float, "float | None": float, "int | None": int}
-    for field in fields:
-        flag, text = "--" + field.name.replace("_", "-"), helps.get(field.name)
-        if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            parser.add_argument(flag, type=types.get(field.type, default_type), default=None, help=text)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """Return the command line: --preset, then one flag per field of TrainSettings and of augment.Augmentation."""
-    parser = cli.parser(__doc__)
-    parser.add_argument("--preset", default="auto", help="auto (default), " + ", ".join(PRESETS))
-    _add_fields(parser, [f for f in dataclasses.fields(TrainSettings) if f.name not in ("augmentation", "preset")], {})
-    _add_fields(parser, dataclasses.fields(augment.Augmentation),
-                {f.name: AUGMENTATION_HELP.get(f.name, "augmentation setting (augment.Augmentation)")
-                 for f in dataclasses.fields(augment.Augmentation)}, float)
-    return parser
-
-
-def settings_from(args: argparse.Namespace) -> TrainSettings:
-    """Return the settings the parsed command line names: the preset's, with every flag given overriding it."""
-    values = {k: v for k, v in vars(args).items() if k != "tf_logs"}
-    changes = {f.name: values.pop(f.name) for f in dataclasses.fields(augment.Augmentation)}
-    settings = preset(values.pop("preset"), **values)
-    changes = {name: value for name, value in changes.items() if value is not None}
-    if changes:
-        settings.augmentation = dataclasses.replace(settings.augmentation, **changes)
-    return settings
+    """Return train.py's command line (presets.build_parser, headed by this module's docstring)."""
+    return presets.build_parser(__doc__)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainSettings:

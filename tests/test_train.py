@@ -470,36 +470,6 @@ def test_load_data_fetches_missing_isbi_stacks_only_when_asked(tmp_path, isbi_di
         server.shutdown()
 
 
-def test_a_budget_sizes_the_epochs_to_the_measured_speed_and_a_resumed_run_keeps_the_sizing(monkeypatch):
-    settings = train.preset("tiny", epochs=2, steps_per_epoch=100, budget=60.0)
-    monkeypatch.setattr(train, "measure_speed", lambda *args, **kwargs: {"step": 1.0, "validation": 5.0})
-    sized, sizing = train.size_to_budget(settings, {}, "float32", previous=None)
-    # 93 % of 60 s over 2 epochs, less 5 s of validation each: 22 steps of 1 s per epoch
-    assert sized.steps_per_epoch == 22 and sized.epochs == 2 and sizing["recipe_steps_per_epoch"] == 100
-    line = train.sizing_line(sized, sizing)
-    assert "1.00 s per train step" in line and "so 22 steps per epoch (all 2 epochs)" in line
-    fast, fits = train.size_to_budget(dataclasses.replace(settings, steps_per_epoch=10), {}, "float32", None)
-    assert fast.steps_per_epoch == 10 and "the whole recipe, 2 x 10 steps, fits" in train.sizing_line(fast, fits)
-    monkeypatch.setattr(train, "measure_speed", lambda *args, **kwargs: pytest.fail("a resumed run re-measured"))
-    saved = train.state_settings(sized, sizing)
-    resumed, again = train.size_to_budget(settings, {}, "float32", previous=saved)
-    assert resumed.steps_per_epoch == 22 and resumed.epochs == 2 and again["resumed"]
-
-
-def test_a_budget_where_validation_would_crowd_out_training_gives_fewer_longer_epochs(monkeypatch):
-    settings = train.preset("tiny", epochs=25, steps_per_epoch=100, budget=210.0)
-    monkeypatch.setattr(train, "measure_speed", lambda *args, **kwargs: {"step": 1.0, "validation": 20.0})
-    sized, sizing = train.size_to_budget(settings, {}, "float32", previous=None)
-    # 195 s to plan: a quarter of it validates twice; each epoch then has 97.6 - 20 s for 77 steps
-    assert (sized.epochs, sized.steps_per_epoch) == (2, 77) == (sizing["epochs"], sizing["steps_per_epoch"])
-    assert "so 2 epochs x 77 steps" in train.sizing_line(sized, sizing)
-    monkeypatch.setattr(train, "measure_speed", lambda *args, **kwargs: {"step": 0.01, "validation": 20.0})
-    sized, _ = train.size_to_budget(settings, {}, "float32", previous=None)
-    assert sized.epochs == 2 and sized.steps_per_epoch == 1250  # never more steps than the recipe's 2,500
-    resumed, _ = train.size_to_budget(settings, {}, "float32", previous=train.state_settings(sized, _))
-    assert (resumed.epochs, resumed.steps_per_epoch) == (2, 1250)
-
-
 def test_a_budgeted_tiny_run_measures_this_machine_and_says_what_it_chose(isbi_dir, tmp_path):
     lines = []
     settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=1,

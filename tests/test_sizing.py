@@ -1,0 +1,40 @@
+"""sizing.py: a budget sizes the epochs to the measured speed, and a resumed run keeps its sizing."""
+
+import dataclasses
+
+import pytest
+
+import presets
+import sizing
+import train
+
+
+def speed(step: float, validation: float):
+    """Return a stand-in for train.measure_speed that says this machine takes `step` and `validation` seconds."""
+    return lambda: {"step": step, "validation": validation}
+
+
+def test_a_budget_sizes_the_epochs_to_the_measured_speed_and_a_resumed_run_keeps_the_sizing():
+    settings = presets.preset("tiny", epochs=2, steps_per_epoch=100, budget=60.0)
+    sized, chosen = sizing.size_to_budget(settings, speed(1.0, 5.0), previous=None)
+    # 93 % of 60 s over 2 epochs, less 5 s of validation each: 22 steps of 1 s per epoch
+    assert sized.steps_per_epoch == 22 and sized.epochs == 2 and chosen["recipe_steps_per_epoch"] == 100
+    line = sizing.sizing_line(sized, chosen)
+    assert "1.00 s per train step" in line and "so 22 steps per epoch (all 2 epochs)" in line
+    fast, fits = sizing.size_to_budget(dataclasses.replace(settings, steps_per_epoch=10), speed(1.0, 5.0), None)
+    assert fast.steps_per_epoch == 10 and "the whole recipe, 2 x 10 steps, fits" in sizing.sizing_line(fast, fits)
+    saved = train.state_settings(sized, chosen)
+    resumed, again = sizing.size_to_budget(settings, lambda: pytest.fail("a resumed run re-measured"), previous=saved)
+    assert resumed.steps_per_epoch == 22 and resumed.epochs == 2 and again["resumed"]
+
+
+def test_a_budget_where_validation_would_crowd_out_training_gives_fewer_longer_epochs():
+    settings = presets.preset("tiny", epochs=25, steps_per_epoch=100, budget=210.0)
+    sized, chosen = sizing.size_to_budget(settings, speed(1.0, 20.0), previous=None)
+    # 195 s to plan: a quarter of it validates twice; each epoch then has 97.6 - 20 s for 77 steps
+    assert (sized.epochs, sized.steps_per_epoch) == (2, 77) == (chosen["epochs"], chosen["steps_per_epoch"])
+    assert "so 2 epochs x 77 steps" in sizing.sizing_line(sized, chosen)
+    sized, chosen = sizing.size_to_budget(settings, speed(0.01, 20.0), previous=None)
+    assert sized.epochs == 2 and sized.steps_per_epoch == 1250  # never more steps than the recipe's 2,500
+    resumed, _ = sizing.size_to_budget(settings, speed(0.01, 20.0), previous=train.state_settings(sized, chosen))
+    assert (resumed.epochs, resumed.steps_per_epoch) == (2, 1250)
