@@ -19,7 +19,8 @@ from conftest import ROOT
 MODULES = sorted(path.stem for path in ROOT.glob("*.py"))
 # The layers of the project's map (ARCHITECTURE.md), top to bottom. The jobs are functions of the faces
 # (train(), predict_files(), evaluate(), export_*()) and of blocks.py and segment.py, not modules of their own.
-FACES = ["train", "predict", "evaluate", "export", "benchmark", "figures", "data_cli"]
+FACES = ["train", "predict", "evaluate", "export", "benchmark", "op_profile", "figures", "data_cli"]  # op_profile:
+# benchmark.py's FLOP count and per-op profile
 # presets: what a run is made of (the settings, the presets, their flags); sizing: a run sized to a time budget.
 TRAINING = ["presets", "sizing", "callbacks", "runs", "distribute", "losses"]  # losses: a Keras module that only
 # training reaches
