@@ -95,10 +95,17 @@ def cells_for(source: str | Path, outputs: np.ndarray, method: str | None = None
     return segment.segment_stack(outputs, how, params, offsets), how
 
 
-def model_for_results(run_dir: str | Path) -> Path:
-    """Return the model whose results to show: the run's best.keras, or the shipped model if the run has none."""
+def model_for_results(run_dir: str | Path, tune_cells: bool = False, data_dir: str | Path | None = None) -> Path:
+    """Return the model whose results to show: the run's best.keras, or the shipped model if the run has none.
+
+    With `tune_cells` (a model of the ISBI stacks in `data_dir`), a run's model whose card does not say yet how
+    to cut its output into cells has that chosen first on the validation pages (`tune`), as `make run` does.
+    """
     best = runs.RunFolder(run_dir).best
     if best.is_file():
+        card = runtimes.model_card(best) if runtimes.card_path(best).is_file() else {}
+        if tune_cells and "segmentation" not in card:
+            tune(best, data_dir)
         return best
     if not runtimes.DEFAULT_MODEL.is_file():
         raise FileNotFoundError(f"{best}: no trained model, and the shipped {runtimes.DEFAULT_MODEL} is missing too")
