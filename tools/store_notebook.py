@@ -76,6 +76,11 @@ def store() -> Path:
     out = NOTEBOOK.with_suffix(".executing.ipynb")
     papermill.execute_notebook(str(NOTEBOOK), str(out), cwd=str(ROOT), kernel_name="python3", progress_bar=False)
     trained_commit(run_dir)
+    return stored(out)
+
+
+def stored(out: Path) -> Path:
+    """Write the executed notebook `out` in place of the committed one, its stderr cleaned, as Run All numbers it."""
     notebook = nbformat.read(out, as_version=4)
     for cell in notebook.cells:
         if cell.cell_type != "code":
