@@ -118,7 +118,8 @@ def test_a_damaged_timings_file_is_timed_again_with_a_warning_naming_it(unet_pat
     timings.write_bytes(content)
     with pytest.warns(UserWarning, match=f"{timings}: .*timing again") as caught:
         model, chosen = runtimes.load_for_prediction(unet_path, "auto")
-    assert len(caught) == 1
+    # one warning about the file (the first conversion in a process may add the converter's own deprecations)
+    assert len([w for w in caught if str(timings) in str(w.message)]) == 1
     assert isinstance(model, runtimes.OnnxModel)
     assert chosen == {"runtime": "onnx", "seconds": {"keras": 0.3, "onnx": 0.1}, "cached": False}
     assert json.loads(timings.read_text())[key_of(unet_path)]["runtime"] == "onnx"  # repaired

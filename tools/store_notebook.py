@@ -97,6 +97,9 @@ def stored(out: Path) -> Path:
             kept.append(output)
         if stderr is not None:
             stderr.text = cleaned(stderr.text)
+        for output in kept:  # the project's own paths as the reader's checkout has them: relative
+            if output.output_type == "stream":
+                output.text = output.text.replace(f"{ROOT}/", "")
         cell.outputs = [output for output in kept if output is not stderr or stderr.text.strip()]
     without_injected_parameters(notebook)
     notebook.metadata.get("papermill", {}).update({"input_path": NOTEBOOK.name, "output_path": NOTEBOOK.name})
