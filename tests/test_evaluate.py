@@ -157,6 +157,27 @@ def test_tuning_on_the_validation_pages_goes_into_the_card_that_prediction_reads
     assert runtimes.segmentation_for(model, channels=1, method="threshold")[1] == segment.SegmentParams()
 
 
+def test_a_runs_model_shown_as_results_has_its_cells_tuned_once_and_the_shipped_one_is_left_as_it_is(
+        isbi_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(runtimes.DEFAULT_MODEL, run / "best.keras")
+    assert evaluate.model_for_results(run, tune_cells=False, data_dir=isbi_dir) == run / "best.keras"
+    assert not (run / "best.json").exists()  # a lab's own data: nothing is tuned on the ISBI pages
+    assert evaluate.model_for_results(run, tune_cells=True, data_dir=isbi_dir) == run / "best.keras"
+    card = json.loads((run / "best.json").read_text())
+    assert card["segmentation"]["tuned_on"]["pages"] == list(data.VALIDATION_PAGES)
+    stamp = (run / "best.json").stat().st_mtime_ns
+    evaluate.model_for_results(run, tune_cells=True, data_dir=isbi_dir)
+    assert (run / "best.json").stat().st_mtime_ns == stamp  # tuned already: the card is kept
+    shipped_card = runtimes.card_path(runtimes.DEFAULT_MODEL).read_bytes()
+    with pytest.warns(UserWarning, match="holds no trained model"):
+        assert evaluate.model_for_results(tmp_path / "empty", tune_cells=True) == runtimes.DEFAULT_MODEL
+    assert runtimes.card_path(runtimes.DEFAULT_MODEL).read_bytes() == shipped_card
+
+
 # ---------------------------------------------------------------- nothing lost, refusals first
 
 def test_tuning_refuses_a_page_out_of_range_before_writing_the_card(unet_path, isbi_dir, tmp_path, capsys):
