@@ -187,10 +187,11 @@ def cached_model(model_path: str, runtime: str | None = None):
     return runtimes.load_for_prediction(model_path, runtime)[0]
 
 
-def _block_task(index: Block, *, model_path: str, source: str, target: str, settings: dict) -> Block:
+def _block_task(index: Block, *, model_path: str, runtime: str | None, source: str, target: str,
+                settings: dict) -> Block:
     """One Dask task: predict and write one block, opening everything by path; return its index."""
     out = zarr.open_array(target, mode="r+")
-    return predict_block(cached_model(model_path), open_volume(source), out, target, index, **settings)
+    return predict_block(cached_model(model_path, runtime), open_volume(source), out, target, index, **settings)
 
 
 # ---------------------------------------------------------------- the job
@@ -208,6 +209,8 @@ def predict_volume(
     client=None,
     progress: bool = True,
     on_block: Callable[[Block], None] | None = None,
+    *,
+    runtime: str | None = None,
 ) -> dict:
     """Predict a volume block by block into the zarr array `target`, skipping blocks already done;
     return {"blocks", "computed", "skipped", "seconds"} (counts of blocks, wall time in seconds).
@@ -221,6 +224,7 @@ def predict_volume(
             each loading the model once. None predicts in this process.
         on_block: called with each block's index (page, row, column) once it is written.
         tile, overlap, batch_size, tta: as for `tiling.predict_image`.
+        runtime: what runs a .keras model, keras, onnx or auto (`runtimes.load_for_prediction`; None: its default).
     """
     start = time.perf_counter()
     if block < 1:
@@ -248,7 +252,7 @@ def predict_volume(
     block_settings = dict(block=block, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta,
                           offsets=runtimes.recorded_offsets(model_path))
     with tqdm(total=len(pending), desc=target.name, unit="block", disable=not progress) as bar:
-        for index in _run(pending, volume, out, target, model_path, source, client, block_settings):
+        for index in _run(pending, volume, out, target, model_path, source, client, block_settings, runtime):
             bar.update(1)
             if on_block is not None:
                 on_block(index)
@@ -297,19 +301,19 @@ def segment_volume(source: PathLike, target: PathLike, method: str = "multicut",
 
 
 def _run(pending: list[Block], volume, out, target: Path, model_path: Path, source, client,
-         settings: dict) -> Iterator[Block]:
+         settings: dict, runtime: str | None = None) -> Iterator[Block]:
     """Yield the index of each pending block once written: here, or as the Dask tasks complete."""
     if not pending:
         return
     if client is None:
-        model, _ = runtimes.load_for_prediction(model_path)
+        model, _ = runtimes.load_for_prediction(model_path, runtime)
         for index in pending:
             yield predict_block(model, volume, out, target, index, **settings)
         return
     from distributed import as_completed
 
     # The settings go as one dict: Client.map has a `batch_size` argument of its own.
-    futures = client.map(_block_task, pending, pure=False, model_path=str(model_path),
+    futures = client.map(_block_task, pending, pure=False, model_path=str(model_path), runtime=runtime,
                          source=str(Path(source).resolve()), target=str(target), settings=settings)
     try:
         for future in as_completed(futures):

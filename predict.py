@@ -355,6 +355,8 @@ def predict_volumes(
     cells: bool = False,
     method: str | None = None,
     say: Callable[[str], None] | None = None,
+    *,
+    runtime: str | None = None,
 ) -> list[Path]:
     """Predict each .zarr or TIFF input block by block into a zarr array (`blocks.predict_volume`); return their paths.
 
@@ -395,7 +397,7 @@ def predict_volumes(
         for source, target in zip(inputs, targets):
             target.parent.mkdir(parents=True, exist_ok=True)
             stats = blocks.predict_volume(model_path, str(source), target, block, tile, overlap, batch_size, tta,
-                                          uint8, client=client)
+                                          uint8, client=client, runtime=runtime)
             say(f"wrote {target}: {stats['computed']} blocks computed, {stats['skipped']} skipped, "
                   f"{stats['seconds']:.1f} s")
             if cells:
@@ -455,7 +457,8 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError("--png, --mask-tiff, --overlay and --cell-boundaries are for TIFF output; a zarr "
                              "output can be thresholded or drawn later")
         predict_volumes(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta,
-                        args.uint8, args.block, args.workers, args.dask, args.cells, args.method, say=print)
+                        args.uint8, args.block, args.workers, args.dask, args.cells, args.method, say=print,
+                        runtime=args.runtime)
         return
     for flag in ("block", "workers", "dask"):
         if getattr(args, flag) is not None:

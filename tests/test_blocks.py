@@ -219,6 +219,17 @@ def test_command_line_predicts_a_tiff_into_zarr_and_resumes(tmp_path, unet_path,
     assert "made with tile=64, not 128" in capsys.readouterr().err
 
 
+def test_command_line_runtime_reaches_a_zarr_prediction(tmp_path, unet_path, volume, monkeypatch, capsys):
+    asked = []
+    load = runtimes.load_for_prediction
+    monkeypatch.setattr(runtimes, "load_for_prediction", lambda path, runtime=None: asked.append(runtime)
+                        or load(path, runtime))
+    tifffile.imwrite(tmp_path / "volume.tif", volume, photometric="minisblack")
+    assert predict.main([str(tmp_path / "volume.tif"), "--model", str(unet_path), "--tile", "64", "--overlap", "16",
+                         "--out", str(tmp_path / "out.zarr"), "--runtime", "keras"]) == 0
+    assert asked and set(asked) == {"keras"}
+
+
 def test_command_line_writes_a_zarr_input_beside_it(tmp_path, unet_path, source, capsys):
     assert predict.main([str(source), "--model", str(unet_path), "--tile", "64", "--overlap", "16", "--uint8"]) == 0
     assert read(tmp_path / "volume-prediction.zarr").dtype == np.uint8
