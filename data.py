@@ -464,7 +464,8 @@ def ensure_data(data_dir: str | os.PathLike | None = None, progress: bool = True
         return download(dest, progress=progress), True
 
 
-if __name__ == "__main__":  # the command line is data_cli.py
-    import data_cli
+if __name__ == "__main__":
+    # `python data.py ...` runs the command line, data_cli.py, as a script: a leaf never imports a face
+    import runpy
 
-    sys.exit(data_cli.main())
+    runpy.run_path(str(Path(__file__).with_name("data_cli.py")), run_name="__main__")
