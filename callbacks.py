@@ -186,7 +186,7 @@ class ImageHistory(SummaryCallback):
         if problem:
             print(f"warning: epoch {epoch + 1}: the validation prediction is (nearly) uniform: {problem}; "
                   f"{UNIFORM_CAUSES}", file=sys.stderr, flush=True)
-        elif (flat := flat_side(predictions)) and epoch + 1 == (self.params or {}).get("epochs"):
+        elif epoch + 1 == (self.params or {}).get("epochs") and (flat := flat_side(predictions)):
             print(f"warning: the last epoch's validation prediction: {flat}; {FLAT_HINT}", file=sys.stderr, flush=True)
         scores = {"val_uniform": float(problem is not None)}
         if self.challenge_every and (epoch + 1) % self.challenge_every == 0:
