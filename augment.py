@@ -141,7 +141,8 @@ def augment_pair(
     crop: int | None = None,
     weight: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
-    """Return one randomly transformed (image, label) pair of (H, W) arrays, optionally a random crop;
+    """Return one randomly transformed (image, label) pair of (H, W) arrays (the image may be (H, W, C): its
+    channels move together), optionally a random crop;
     (image, label, weight) when a per-pixel `weight` map is given to move along.
 
     The same transform moves all; the image is interpolated bilinearly, the
@@ -151,7 +152,9 @@ def augment_pair(
     deformation, when `aug` asks for one, is composed with the affine transform
     and the crop, so that the image is interpolated only once.
     """
-    h, w = image.shape
+    h, w = label.shape
+    if image.shape[:2] != (h, w):
+        raise ValueError(f"image {image.shape} and label {label.shape} differ in height or width")
     out_h, out_w = (crop, crop) if crop else (h, w)
     if out_h > h or out_w > w:
         raise ValueError(f"crop {crop} is larger than the image {image.shape}")
@@ -162,8 +165,11 @@ def augment_pair(
     displacement = None
     if aug.elastic:
         displacement = _elastic_displacement((out_h, out_w), aug.elastic_grid, aug.elastic_sigma, rng)
-    arrays = ((image, 1), (label, 0)) + (((weight, 0),) if weight is not None else ())
+    channels = [image] if image.ndim == 2 else [image[..., c] for c in range(image.shape[-1])]
+    arrays = (*((channel, 1) for channel in channels), (label, 0)) + (((weight, 0),) if weight is not None else ())
     outputs = _resample(arrays, matrix, (out_h, out_w), displacement)
+    if image.ndim == 3:  # neighbouring sections (data.with_context) move as one
+        outputs = [np.stack(outputs[: len(channels)], axis=-1), *outputs[len(channels) :]]
     if aug.rot90:
         # Quarter turns keep the shape only for square outputs; otherwise half turns.
         k = int(rng.integers(4)) if out_h == out_w else 2 * int(rng.integers(2))
@@ -172,7 +178,8 @@ def augment_pair(
 
 
 class AugmentedBatches(keras.utils.PyDataset):
-    """Keras dataset of augmented training batches, without end: (images, labels), float32 NHWC.
+    """Keras dataset of augmented training batches, without end: (images, labels), float32 NHWC (images with C
+    channels: 1, or neighbouring sections, data.with_context).
 
     Batch i is optimizer step `first_step` + i of epochs of `steps_per_epoch`
     steps: it draws `batch_size` random pages, transforms each pair with its own
@@ -206,11 +213,11 @@ class AugmentedBatches(keras.utils.PyDataset):
         if first_step < 0 or steps_per_epoch < 1:
             raise ValueError(f"first_step must be >= 0 and steps_per_epoch positive, got {first_step} and "
                              f"{steps_per_epoch}")
-        if images.shape != labels.shape:
+        if images.shape[:3] != labels.shape[:3] or labels.shape[3:] != (1,):
             raise DataError(f"images {images.shape} and labels {labels.shape} differ in shape")
         if weights is not None and weights.shape != labels.shape[:3]:
             raise DataError(f"weights {weights.shape} do not match the labels {labels.shape[:3]}")
-        self.images = images[..., 0]
+        self.images = images[..., 0] if images.shape[-1] == 1 else images
         self.labels = labels[..., 0]
         self.weights = weights
         self.target = target
@@ -237,4 +244,4 @@ class AugmentedBatches(keras.utils.PyDataset):
         ]
         x, y, *w = (np.stack(parts).astype(np.float32) for parts in zip(*samples))
         y = y[..., np.newaxis] if self.target is None else np.stack([self.target(page) for page in y])
-        return (x[..., np.newaxis], y.astype(np.float32), *w)
+        return (x[..., np.newaxis] if x.ndim == 3 else x, y.astype(np.float32), *w)

@@ -143,8 +143,9 @@ class ImageHistory(SummaryCallback):
                  segmenter: Callable[[np.ndarray], np.ndarray] | None = None):
         super().__init__(Path(log_dir) / "images")
         images, labels = np.asarray(images, dtype=np.float32), np.asarray(labels, dtype=np.float32)
-        if images.ndim != 4 or images.shape[-1] != 1 or images.shape != labels.shape:
-            raise ValueError(f"images and labels must both be (N, H, W, 1), got {images.shape} and {labels.shape}")
+        if images.ndim != 4 or labels.shape[3:] != (1,) or images.shape[:3] != labels.shape[:3]:
+            raise ValueError(f"images must be (N, H, W, C) and labels (N, H, W, 1) of the same pages, got "
+                             f"{images.shape} and {labels.shape}")
         if len(images) == 0:
             raise ValueError("images is empty")
         if challenge_every < 0 or draw_interval < 0 or batch_size < 1:
@@ -194,7 +195,7 @@ class ImageHistory(SummaryCallback):
             scores.update(challenge)
             if cells is not None:
                 with self.writer.as_default(), recording():
-                    tf.summary.image("cells", segment.overlay(self.images[0, ..., 0], cells[0])[np.newaxis],
+                    tf.summary.image("cells", segment.overlay(self.images[0, ..., self.images.shape[-1] // 2], cells[0])[np.newaxis],
                                      step=epoch + 1)
         self.scores, self._done_epoch = scores, epoch
         self._picture("epoch", epoch + 1, outputs)

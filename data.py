@@ -117,6 +117,42 @@ def add_channel(stack: np.ndarray) -> np.ndarray:
     return stack[..., np.newaxis]
 
 
+def check_context(context: int) -> int:
+    """Return `context` (sections seen at once) after checking that it is a positive odd whole number."""
+    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 1 or context % 2 == 0:
+        raise ValueError(f"context must be an odd number of sections (1, 3, 5, ...), got {context!r}")
+    return int(context)
+
+
+def neighbour_indices(index: int, count: int, context: int) -> list[int]:
+    """Return the `context` page indices centred on `index` in a stack of `count` pages, mirrored at its ends
+    (page -1 is page 1, page `count` is page `count` - 2), as numpy's 'reflect' padding does."""
+    check_context(context)
+    if not 0 <= index < count:
+        raise IndexError(f"page {index} is not in a stack of {count} page(s)")
+    period = max(2 * (count - 1), 1)
+    indices = []
+    for j in range(index - context // 2, index + context // 2 + 1):
+        j %= period
+        indices.append(min(j, period - j) if count > 1 else 0)
+    return indices
+
+
+def with_context(pages, context: int = 1):
+    """Return the pages of a stack ((N, H, W) array or list of (H, W) pages) as network inputs: unchanged for
+    `context` 1, else each (H, W, context) with its neighbours in stack order around it (`neighbour_indices`).
+    DataError when the pages differ in size (neighbours must line up)."""
+    if check_context(context) == 1:
+        return pages
+    shapes = {np.shape(page) for page in pages}
+    if len(shapes) > 1:
+        raise DataError(f"context {context} stacks each page with its neighbours, so all pages must have one "
+                        f"size; got {sorted(shapes)}")
+    made = [np.stack([np.asarray(pages[j]) for j in neighbour_indices(i, len(pages), context)], axis=-1)
+            for i in range(len(pages))]
+    return np.stack(made) if isinstance(pages, np.ndarray) else made
+
+
 # ---------------------------------------------------------------- splitting
 
 def split_indices(n_pages: int = 30) -> dict[str, list[int]]:
@@ -263,14 +299,16 @@ def _fit_page(page: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Return an (H, W) page reflect-padded where smaller than `shape` and centre-cropped where larger."""
     missing = [max(target - size, 0) for size, target in zip(page.shape, shape)]
     if any(missing):
-        page = np.pad(page, [(m // 2, m - m // 2) for m in missing], mode="reflect")
+        page = np.pad(page, [(m // 2, m - m // 2) for m in missing] + [(0, 0)] * (page.ndim - 2), mode="reflect")
     top, left = (page.shape[0] - shape[0]) // 2, (page.shape[1] - shape[1]) // 2
     return page[top : top + shape[0], left : left + shape[1]]
 
 
 def stack_pages(pages: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    """Return (H, W) pages as one (N, *shape, 1) float32 array, each reflect-padded or centre-cropped to `shape`."""
-    return add_channel(np.stack([_fit_page(np.asarray(page, dtype=np.float32), shape) for page in pages]))
+    """Return (H, W) or (H, W, C) pages as one (N, *shape, C) float32 array (C = 1 for (H, W) pages), each
+    reflect-padded or centre-cropped to `shape`."""
+    stack = np.stack([_fit_page(np.asarray(page, dtype=np.float32), shape) for page in pages])
+    return add_channel(stack) if stack.ndim == 3 else stack
 
 
 def part_shapes(train_sizes: list[tuple[int, int]], validation_sizes: list[tuple[int, int]],
@@ -294,6 +332,7 @@ def load_pages(
     allow_unpaired: bool = False,
     data_dir: str | os.PathLike | None = None,
     seed: int = 0,
+    context: int = 1,
 ) -> tuple[dict[str, tuple[list[np.ndarray], list[np.ndarray]]], dict]:
     """Return ({part: (images, labels)}, report): pages as lists of float32 (H, W) arrays, images in [0, 1],
     labels 1 = cell, 0 = membrane, and the data report (`data_report`).
@@ -301,7 +340,9 @@ def load_pages(
     Without `images` the ISBI stacks (`find_data_dir(data_dir)`) with the
     original split; otherwise `images` and `labels` are two multipage TIFFs or
     two folders of PNG/TIFF pages paired by stem, split by `split`
-    (`parse_split`) or by separate `val_images` / `val_labels`.
+    (`parse_split`) or by separate `val_images` / `val_labels`. With `context` > 1 each image is
+    (H, W, context), its neighbours in its own stack's page order around it (`with_context`), taken before
+    the split: a training page may see a held-out page's image, never its label.
     """
     if (images is None) != (labels is None) or (val_images is None) != (val_labels is None):
         raise DataError("give images and labels together (and val_images with val_labels)")
@@ -322,10 +363,12 @@ def load_pages(
     all_labels = [page for source in sources.values() for page in source["labels"]]
     where = f"{labels}" + (f" and {val_labels}" if val_labels else "")
     convention = label_convention(all_labels, where, membrane_value)
+    inputs = {name: with_context([normalize_images(page) for page in source["images"]], context)
+              for name, source in sources.items()}
     parts = {}
     for part, idx in indices.items():
         source = sources.get(part, sources["train"])
-        parts[part] = ([normalize_images(source["images"][i]) for i in idx],
+        parts[part] = ([inputs.get(part, inputs["train"])[i] for i in idx],
                        [(source["labels"][i] != convention["membrane_value"]).astype(np.float32) for i in idx])
     report = data_report(sources, indices, convention, {"images": str(images), "labels": str(labels),
                          "val_images": val_images and str(val_images), "val_labels": val_labels and str(val_labels),

@@ -12,6 +12,7 @@ import dataclasses
 
 import affinities
 import augment
+import data
 import cli
 import distribute
 import hardware
@@ -49,6 +50,8 @@ class TrainSettings:
     membrane_value: int | None = setting(None, "the mask value of membranes (default: the lower of the two)")
     allow_unpaired: bool = setting(False, "skip (and list) images without masks and masks without images")
     run_dir: str = setting("runs/original", "the run folder: models, logs, settings, what a rerun resumes from")
+    context: int = setting(1, "sections the network sees at once: the page and its neighbours as input channels "
+                              "(1, 3, 5; the stack's ends mirrored, data.with_context)")
     filters: int = setting(64, "filters of the first convolutions (doubled at each of the 4 poolings)")
     head_filters: int | None = setting(None, "ReLU filters before the output layer (default: the original's 2 "
                                              "per output)")
@@ -116,6 +119,7 @@ class TrainSettings:
         for name in ("filters", "crop", "batch_size", "steps_per_epoch", "epochs", "cpu_devices", "update_freq"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)!r}")
+        data.check_context(self.context)
         if self.head_filters is not None and self.head_filters <= 0:
             raise ValueError(f"head_filters must be a positive whole number or None, got {self.head_filters!r}")
         if self.crop % SIZE_MULTIPLE:

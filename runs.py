@@ -29,7 +29,7 @@ import files
 PROJECT_DIR = Path(__file__).resolve().parent
 TENSORBOARD_PARTS = ("train", "validation", "images")  # the log folders a restart mark goes into
 # settings a resumed run cannot change
-MUST_MATCH = ("filters", "head_filters", "batch_norm", "precision_policy", "loss", "target", "offsets")
+MUST_MATCH = ("context", "filters", "head_filters", "batch_norm", "precision_policy", "loss", "target", "offsets")
 
 
 class RunFolder:

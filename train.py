@@ -169,7 +169,7 @@ def load_data(settings: TrainSettings, fetch: bool = False) -> tuple[dict[str, t
         data.ensure_data(settings.data_dir)
     pages, report = data.load_pages(settings.images, settings.labels, settings.val_images, settings.val_labels,
                                     settings.split, settings.membrane_value, settings.allow_unpaired,
-                                    settings.data_dir, settings.seed)
+                                    settings.data_dir, settings.seed, settings.context)
     sizes = {part: [page.shape for page in images] for part, (images, _) in pages.items()}
     shapes = data.part_shapes(sizes["train"], sizes["validation"], settings.crop, SIZE_MULTIPLE)
     shapes.update({part: shapes["validation"] for part in pages if part not in shapes})
@@ -215,6 +215,8 @@ def banner(settings: TrainSettings, model: keras.Model, policy: str, start: runs
     ]
     if settings.target != "membranes":
         parts.insert(2, f"target {settings.target} (offsets {settings.offsets})")
+    if settings.context > 1:
+        parts.insert(2, f"context {settings.context} sections")
     if settings.strategy != "default":
         writer = "" if chief else f", not the chief: writing to {run.path}"
         parts.append(f"strategy {settings.strategy} ({distribute.replicas(strategy)} replicas{writer})")
@@ -226,7 +228,7 @@ def banner(settings: TrainSettings, model: keras.Model, policy: str, start: runs
 def build_model(settings: TrainSettings, policy: str) -> keras.Model:
     """Return a new U-Net for `settings`, compiled with its optimizer, loss and metrics."""
     offsets = target_offsets(settings)
-    model = build_unet((None, None, 1), filters=settings.filters, dtype_policy=policy, batch_norm=settings.batch_norm,
+    model = build_unet((None, None, settings.context), filters=settings.filters, dtype_policy=policy, batch_norm=settings.batch_norm,
                        out_channels=1 if offsets is None else len(offsets), head_filters=settings.head_filters)
     model.compile(
         optimizer=make_optimizer(learning_rate(settings), policy),

@@ -172,3 +172,18 @@ def test_batches_are_float32_nhwc_binary_and_reproducible(synthetic_stacks):
     assert not np.array_equal(batches[2 + 7][0], bx)  # the next epoch's third step draws new transforms
     resumed = augment.AugmentedBatches(x, y, batch_size=3, steps_per_epoch=7, crop=32, seed=5, first_step=9)
     np.testing.assert_array_equal(resumed[0][0], batches[9][0])  # a resumed run sees the same batches
+
+
+@pytest.mark.parametrize("aug", [augment.Augmentation(40, 0.2, 0.2, 10, 0.2, True, True, True, elastic_grid=3,
+                                                      elastic_sigma=5)])
+def test_neighbouring_sections_move_with_the_page_under_one_transform(aug):
+    rng = np.random.default_rng(3)
+    image = rng.random((64, 64)).astype(np.float32)
+    label = (image > 0.5).astype(np.float32)
+    moved, moved_label = augment.augment_pair(np.stack([image, image, 1 - image], -1), label, aug,
+                                              np.random.default_rng(7), crop=32)
+    alone, alone_label = augment.augment_pair(image, label, aug, np.random.default_rng(7), crop=32)
+    assert moved.shape == (32, 32, 3)
+    np.testing.assert_allclose(moved[..., 0], alone, atol=1e-6)
+    np.testing.assert_allclose(moved[..., 2], 1 - alone, atol=1e-5)
+    np.testing.assert_array_equal(moved_label, alone_label)

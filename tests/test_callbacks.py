@@ -182,7 +182,7 @@ def test_image_history_steps_continue_after_resume(tmp_path):
 
 def test_rejects_mismatched_shapes_and_negative_intervals():
     images, labels = cell_images(n=2)
-    with pytest.raises(ValueError, match="both be"):
+    with pytest.raises(ValueError, match="of the same pages"):
         ImageHistory(images, labels[:1], "unused")
     with pytest.raises(ValueError, match=">= 0"):
         ImageHistory(images, labels, "unused", challenge_every=-1)

@@ -270,3 +270,36 @@ def test_pages_are_padded_up_to_the_crop_and_validation_cut_to_sixteens():
     padded = data.stack_pages([page], (256, 256))[0, ..., 0]
     assert padded.shape == (256, 256)
     np.testing.assert_array_equal(padded[78:178, 68:188], page)  # the page in the middle, mirrored around it
+
+
+def test_neighbours_are_mirrored_at_the_ends_of_the_stack():
+    assert data.neighbour_indices(0, 30, 3) == [1, 0, 1]
+    assert data.neighbour_indices(29, 30, 5) == [27, 28, 29, 28, 27]
+    assert data.neighbour_indices(10, 30, 3) == [9, 10, 11]
+    assert data.neighbour_indices(0, 1, 3) == [0, 0, 0]  # a single page is its own neighbour
+    for bad in (0, 2, -3, 1.0):
+        with pytest.raises(ValueError, match="odd number of sections"):
+            data.check_context(bad)
+
+
+def test_context_stacks_each_page_with_its_neighbours_as_channels(isbi_dir):
+    images, _ = data.load_isbi(isbi_dir)
+    stack = data.with_context(data.normalize_images(images), 3)
+    assert stack.shape == (30, 512, 512, 3)
+    np.testing.assert_array_equal(stack[10, ..., 1], data.normalize_images(images[10]))
+    np.testing.assert_array_equal(stack[10, ..., 0], data.normalize_images(images[9]))
+    np.testing.assert_array_equal(stack[0, ..., 0], stack[0, ..., 2])  # page -1 is page 1
+    assert data.with_context(images, 1) is images
+    with pytest.raises(data.DataError, match="one size"):
+        data.with_context([np.zeros((4, 4)), np.zeros((4, 6))], 3)
+
+
+def test_context_pages_keep_their_stack_order_across_the_split_and_labels_stay_single(isbi_dir):
+    parts, _ = data.load_pages(data_dir=isbi_dir, context=3)
+    images, labels = parts["validation"]
+    assert images[0].shape == (512, 512, 3) and labels[0].shape == (512, 512)
+    full = data.normalize_images(data.load_isbi(isbi_dir)[0])
+    page = data.VALIDATION_PAGES[0]
+    np.testing.assert_array_equal(images[0], np.stack([full[page - 1], full[page], full[page + 1]], -1))
+    stacked = data.stack_pages(images, (256, 256))
+    assert stacked.shape == (len(images), 256, 256, 3)

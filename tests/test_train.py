@@ -481,3 +481,20 @@ def test_a_budgeted_tiny_run_measures_this_machine_and_says_what_it_chose(isbi_d
     assert 0 < sizing["seconds_per_step"] < 20 and saved["steps_per_epoch"] == sizing["steps_per_epoch"] <= 50
     assert len(result["history"]["loss"]) == 1
     assert f"{sizing['seconds_per_step']:.2f} s per train step" in line
+
+
+@pytest.mark.parametrize("target", ["membranes", "affinities"])
+def test_a_context_run_sees_three_sections_and_resume_refuses_another_context(isbi_dir, tmp_path, target):
+    settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), context=3, target=target,
+                            offsets="1,3")
+    split, _ = train.load_data(settings)
+    assert split["train"][0].shape[-1] == 3 and split["train"][1].shape[-1] == 1
+    x, y = train.training_batches(settings, split)[0]
+    assert x.shape == (settings.batch_size, settings.crop, settings.crop, 3)
+    result = train.train(settings)
+    model = runtimes.load_model(result["best"])
+    assert model.input_shape[-1] == 3 and model.output_shape[-1] == (1 if target == "membranes" else 4)
+    with pytest.raises(ValueError, match="context"):
+        train.train(dataclasses.replace(settings, context=1, epochs=3))
+    with pytest.raises(ValueError, match="odd number of sections"):
+        train.preset("tiny", context=2)
