@@ -20,6 +20,12 @@ Offset = tuple[int, int]
 
 # Wolf et al. (2020), "The Mutex Watershed and its Objective", used 1, 3, 9 and 27 on ISBI 2012.
 OFFSETS: tuple[Offset, ...] = ((-1, 0), (0, -1), (-3, 0), (0, -3), (-9, 0), (0, -9), (-27, 0), (0, -27))
+# The field's ISBI set (the mutex watershed's experiments): attractive edges to the nearest neighbours only,
+# repulsive ones 9 and 27 pixels away and around a radius of 9 on the diagonals. Closed under the flips and
+# quarter turns of test-time augmentation, up to the sign of an offset.
+FIELD_OFFSETS: tuple[Offset, ...] = ((-1, 0), (0, -1), (-9, 0), (0, -9), (-9, -9), (9, -9), (-9, -4), (-4, -9),
+                                     (4, -9), (9, -4), (-27, 0), (0, -27))
+NAMED_OFFSETS = {"field": FIELD_OFFSETS}
 
 
 def check_offsets(offsets: Sequence[Sequence[int]]) -> tuple[Offset, ...]:
@@ -46,11 +52,15 @@ def offsets_for(channels: int, offsets: Sequence[Sequence[int]] | None = None) -
 
 
 def parse_offsets(text: str) -> tuple[Offset, ...]:
-    """Return offsets from the command line's form: distances '1,3,9,27' (each taken in y and in x)."""
+    """Return offsets from the command line's form: distances '1,3,9,27' (each taken in y and in x), or a
+    name of NAMED_OFFSETS ('field')."""
+    if str(text).strip() in NAMED_OFFSETS:
+        return NAMED_OFFSETS[str(text).strip()]
     try:
         distances = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"offsets must be comma-separated whole numbers of pixels, e.g. 1,3,9,27; got {text!r}") from None
+        raise ValueError(f"offsets must be comma-separated whole numbers of pixels, e.g. 1,3,9,27, or "
+                         f"{' or '.join(NAMED_OFFSETS)}; got {text!r}") from None
     if not distances or distances[0] != 1 or min(distances) < 1 or len(set(distances)) != len(distances):
         raise ValueError(f"offsets must start at 1 and be distinct positive distances, e.g. 1,3,9,27; got {text!r}")
     return check_offsets([o for d in distances for o in ((-d, 0), (0, -d))])

@@ -69,8 +69,9 @@ class TrainSettings:
                                                "border weights; losses.py)")
     target: str = setting("membranes", f"what the network predicts: {' or '.join(TARGETS)} (the original's "
                                        "membrane map, or affinities.py's)")
-    offsets: str = setting("1,3,9,27", "affinity distances in pixels, each taken in y and in x (target "
-                                       "affinities only)")
+    offsets: str = setting("1,3,9,27", "affinity distances in pixels, each taken in y and in x, or 'field' (the "
+                                       "mutex watershed's ISBI set: 1, then 9 and 27 and radius-9 diagonals; "
+                                       "target affinities only)")
     precision: str = setting("auto", f"{', '.join(hardware.PRECISIONS)} (auto: the fastest correct one here, "
                                      "hardware.choose_precision)")
     data_workers: int = setting(0, "processes augmenting batches ahead of training (0: a thread of the training "

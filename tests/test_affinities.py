@@ -42,20 +42,24 @@ def test_offsets_parse_from_distances_and_bad_ones_are_refused():
     with pytest.raises(ValueError, match="8 channels but 4 offsets"):
         affinities.offsets_for(8, affinities.parse_offsets("1,3"))
     assert affinities.offsets_for(8) == affinities.OFFSETS
+    field = affinities.parse_offsets("field")
+    assert len(field) == 12 and field[:2] == ((-1, 0), (0, -1)) and (-3, 0) not in field
+    assert {max(abs(dy), abs(dx)) for dy, dx in field[2:]} == {9, 27}  # repulsive only beyond the neighbours
 
 
-def test_each_flip_or_turn_of_exact_affinities_maps_back_to_them():
+@pytest.mark.parametrize("offsets", [affinities.OFFSETS, affinities.FIELD_OFFSETS])
+def test_each_flip_or_turn_of_exact_affinities_maps_back_to_them(offsets):
     rng = np.random.default_rng(0)
     label = np.ones((40, 36))
     label[rng.integers(0, 40, 6), :] = 0
     label[:, rng.integers(0, 36, 5)] = 0
     cells = affinities.cells_of(label)
-    exact = affinities.affinities_of(cells)[np.newaxis]
+    exact = affinities.affinities_of(cells, offsets)[np.newaxis]
     seen_everywhere = np.zeros(exact.shape, np.float32)
     for k in range(8):
         moved_cells = tiling._dihedral(cells[np.newaxis, ..., np.newaxis], k)[0, ..., 0]
-        answer = tiling._undo_dihedral(affinities.affinities_of(moved_cells)[np.newaxis], k)  # a perfect network
-        back, weight = affinities.undo_moved_affinities(answer, k, affinities.OFFSETS)
+        answer = tiling._undo_dihedral(affinities.affinities_of(moved_cells, offsets)[np.newaxis], k)  # perfect
+        back, weight = affinities.undo_moved_affinities(answer, k, offsets)
         np.testing.assert_array_equal(back * weight, exact * weight)
         seen_everywhere += weight
     assert seen_everywhere.min() >= 1  # every channel at every pixel answered by some view (the unmoved one)
@@ -89,13 +93,14 @@ def test_the_cell_map_of_affinities_marks_both_sides_of_every_cut():
     np.testing.assert_array_equal(stacked[1], cell_map)
 
 
-@pytest.mark.parametrize("page", [5, 15, 25])
-def test_true_affinities_of_a_validation_page_cut_by_the_mutex_watershed_give_back_its_cells(isbi_dir, page):
+@pytest.mark.parametrize("page, offsets", [(5, affinities.OFFSETS), (15, affinities.OFFSETS),
+                                           (25, affinities.OFFSETS), (20, affinities.FIELD_OFFSETS)])
+def test_true_affinities_of_a_validation_page_cut_by_the_mutex_watershed_give_back_its_cells(isbi_dir, page, offsets):
     import data
     import scores
     import segment
 
     _, raw_labels = data.load_isbi(isbi_dir)
     label = data.binarize_labels(raw_labels)[page]
-    cells = segment.segment(affinities.label_affinities(label, affinities.OFFSETS), "mws", offsets=affinities.OFFSETS)
+    cells = segment.segment(affinities.label_affinities(label, offsets), "mws", offsets=offsets)
     assert scores.cell_scores(cells, label)["v_rand"] >= 0.99
