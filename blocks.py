@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -33,12 +34,13 @@ import tifffile
 import zarr
 from tqdm import tqdm
 
-import affinities
+import cards
 import files
 import runtimes
 import segment
-import tiling
+from data import normalize_images
 from files import PathLike
+from tiling import TileSettings, predict_region, to_uint8
 
 DEFAULT_BLOCK = 1024  # pixels; a block and the tiles around it fit easily in memory
 DONE_FOLDER = ".done"  # inside the output zarr: one empty file per finished block
@@ -164,34 +166,34 @@ def open_output(target: PathLike, shape: tuple[int, int, int], settings: dict) -
 
 
 def predict_block(model, volume, out: zarr.Array, target: PathLike, index: Block, *, block: int,
-                  tile: int, overlap: int, batch_size: int, tta: bool, offsets=None) -> Block:
-    """Predict block `index` of `volume`, write it into `out` and then its marker beside it; return `index`.
-    `offsets`: an affinity model's, for `tta` (`tiling.predict_region`)."""
+                  tiling: TileSettings, io: cards.ModelIO) -> Block:
+    """Predict block `index` of `volume` with the model described by `io` (an affinity model's offsets move under
+    TTA), write its cell map into `out` and then its marker beside it; return `index`."""
     z, by, bx = index
     _, height, width = volume_shape(volume)
     rows = (by * block, min((by + 1) * block, height))
     cols = (bx * block, min((bx + 1) * block, width))
-    probabilities = tiling.predict_region(model, PageView(volume, z), (rows, cols), tile, overlap, batch_size, tta,
-                                          offsets=offsets)
-    if probabilities.ndim == 3:  # an affinity model: its cell map
-        probabilities = affinities.cell_map(probabilities)
-    out[z, slice(*rows), slice(*cols)] = tiling.to_uint8(probabilities) if out.dtype == np.uint8 else probabilities
+    outputs = predict_region(model, PageView(volume, z), (rows, cols), tiling=tiling, offsets=io.offsets)
+    probabilities = io.cell_map(outputs)
+    out[z, slice(*rows), slice(*cols)] = to_uint8(probabilities) if out.dtype == np.uint8 else probabilities
     _marker(Path(target), index).touch()  # only after the data: an interrupted write leaves no marker
     return index
 
 
 @functools.lru_cache(maxsize=2)
-def cached_model(model_path: str, runtime: str | None = None):
-    """Return the model at `model_path` in the fastest runtime (`runtimes.load_for_prediction`), loaded once per
-    process (so once per Dask worker)."""
-    return runtimes.load_for_prediction(model_path, runtime)[0]
+def cached_model(model_path: str, runtime: str | None = None) -> tuple[object, cards.ModelIO]:
+    """Return (the model at `model_path` in the fastest runtime, `runtimes.load_for_prediction`; what it takes and
+    gives, `cards.model_io`), loaded once per process (so once per Dask worker)."""
+    model = runtimes.load_for_prediction(model_path, runtime)[0]
+    return model, cards.model_io(model_path, model)
 
 
 def _block_task(index: Block, *, model_path: str, runtime: str | None, source: str, target: str,
                 settings: dict) -> Block:
     """One Dask task: predict and write one block, opening everything by path; return its index."""
     out = zarr.open_array(target, mode="r+")
-    return predict_block(cached_model(model_path, runtime), open_volume(source), out, target, index, **settings)
+    model, io = cached_model(model_path, runtime)
+    return predict_block(model, open_volume(source), out, target, index, io=io, **settings)
 
 
 # ---------------------------------------------------------------- the job
@@ -200,39 +202,37 @@ def predict_volume(
     model_path: PathLike,
     source,
     target: PathLike,
+    *,
     block: int = DEFAULT_BLOCK,
-    tile: int = tiling.DEFAULT_TILE,
-    overlap: int = tiling.DEFAULT_OVERLAP,
-    batch_size: int = tiling.DEFAULT_BATCH_SIZE,
-    tta: bool = False,
+    tiling: TileSettings = TileSettings(),
     uint8: bool = False,
     client=None,
     progress: bool = True,
     on_block: Callable[[Block], None] | None = None,
-    *,
     runtime: str | None = None,
 ) -> dict:
     """Predict a volume block by block into the zarr array `target`, skipping blocks already done;
     return {"blocks", "computed", "skipped", "seconds"} (counts of blocks, wall time in seconds).
 
     Args:
+        model_path: any model `runtimes.resolve_model` takes (.keras, .onnx, bioimage.io .zip, SavedModel folder).
         source: a .zarr or TIFF path (`open_volume`), or in-process also a (pages, H, W)
             array-like with numpy slicing. A Dask `client` needs a path its workers can open.
-        target: the output .zarr folder: float32 probabilities, or 0-255 with `uint8`.
+        target: the output .zarr folder: float32 probabilities (an affinity model's cell map), or 0-255 with `uint8`.
         block: side of the (1, block, block) blocks in pixels, and of the output's chunks.
+        tiling: tiles, overlap, batch and TTA, as for `tiling.predict_image`.
         client: a `distributed.Client`; its workers then predict one block per task,
             each loading the model once. None predicts in this process.
         on_block: called with each block's index (page, row, column) once it is written.
-        tile, overlap, batch_size, tta: as for `tiling.predict_image`.
         runtime: what runs a .keras model, keras, onnx or auto (`runtimes.load_for_prediction`; None: its default).
     """
     start = time.perf_counter()
     if block < 1:
         raise ValueError(f"block must be a positive number of pixels, got {block}")
-    tiling.tile_grid((1, 1), tile, overlap)  # check the settings before the slow part
-    model_path = Path(model_path).resolve()
-    if not model_path.is_file():
-        raise FileNotFoundError(f"{model_path}: no such model file (train one with `python train.py`)")
+    model_path = runtimes.resolve_model(model_path).resolve()
+    if cards.model_io(model_path).context > 1:
+        raise ValueError(f"{model_path} sees each page with its neighbouring sections; zarr output predicts page by "
+                         "page without them: predict the stack to TIFF (predict.py without a .zarr name)")
     from_path = isinstance(source, (str, Path))
     if client is not None and not from_path:
         raise ValueError("a Dask cluster needs the input as a path that its workers can open, not an array")
@@ -242,22 +242,32 @@ def predict_volume(
         raise ValueError(f"expected a volume (pages, height, width) or one (height, width) page, got shape {shape}")
     target = Path(target).resolve()
     # The model's digest too: a model retrained under the same name must not fill the blocks left.
-    settings = {"model": str(model_path), "model_sha256": files.sha256(model_path),
+    settings = {"model": str(model_path), "model_sha256": model_digest(model_path),
                 "source": str(Path(source).resolve()) if from_path else None,
-                "tile": tile, "overlap": overlap, "tta": tta, "block": block,
+                "tile": tiling.tile, "overlap": tiling.overlap, "tta": tiling.tta, "block": block,
                 "dtype": "uint8" if uint8 else "float32"}
     out = open_output(target, shape, settings)
     blocks = block_layout(shape, block)
     pending = [index for index in blocks if not _marker(target, index).exists()]
-    block_settings = dict(block=block, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta,
-                          offsets=runtimes.recorded_offsets(model_path))
     with tqdm(total=len(pending), desc=target.name, unit="block", disable=not progress) as bar:
-        for index in _run(pending, volume, out, target, model_path, source, client, block_settings, runtime):
+        for index in _run(pending, volume, out, target, model_path, source, client,
+                          dict(block=block, tiling=tiling), runtime):
             bar.update(1)
             if on_block is not None:
                 on_block(index)
     return {"blocks": len(blocks), "computed": len(pending), "skipped": len(blocks) - len(pending),
             "seconds": time.perf_counter() - start}
+
+
+def model_digest(path: PathLike) -> str:
+    """Return the hex SHA-256 of a model file, or of a SavedModel folder's files (their paths and contents)."""
+    path = Path(path)
+    if path.is_file():
+        return files.sha256(path)
+    digest = hashlib.sha256()
+    for part in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{part.relative_to(path).as_posix()}\0{files.sha256(part)}\0".encode())
+    return digest.hexdigest()
 
 
 def made_with(volume) -> dict | None:
@@ -291,9 +301,8 @@ def segment_volume(source: PathLike, target: PathLike, method: str = "multicut",
                 "params": params.as_dict(), "block": min(DEFAULT_BLOCK, max(shape[1:])), "dtype": "uint32"}
     out = open_output(target, shape, settings)
     pending = [z for z in range(shape[0]) if not _marker(target, (z,)).exists()]
-    scale = 255.0 if volume.dtype == np.uint8 else 1.0
     for z in tqdm(pending, desc=target.name, unit="page", disable=not progress):
-        page = np.asarray(volume[z], dtype=np.float32) / scale
+        page = normalize_images(volume[z])  # 0-255 or float32 probabilities: float32 in [0, 1]
         out[z] = segment.segment(page, method, params)
         _marker(target, (z,)).touch()  # only after the data
     return {"pages": shape[0], "computed": len(pending), "skipped": shape[0] - len(pending),
@@ -307,8 +316,9 @@ def _run(pending: list[Block], volume, out, target: Path, model_path: Path, sour
         return
     if client is None:
         model, _ = runtimes.load_for_prediction(model_path, runtime)
+        io = cards.model_io(model_path, model)
         for index in pending:
-            yield predict_block(model, volume, out, target, index, **settings)
+            yield predict_block(model, volume, out, target, index, io=io, **settings)
         return
     from distributed import as_completed
 

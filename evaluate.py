@@ -20,14 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-import affinities
+import cards
 import data
 import files
 import runs
 import runtimes
 import segment
-import tiling
+from files import TIFF_SUFFIXES
 from scores import accuracy_np, cell_scores, challenge_scores, pixel_difference_np, pixel_error
+from tiling import TileSettings, predict_stack
 
 
 CELL_KEYS = ("v_rand", "rand_split", "rand_merge", "v_info", "info_split", "info_merge", "cells", "true_cells")
@@ -65,33 +66,41 @@ def score_pages(labels: np.ndarray, predictions: np.ndarray | None = None, cells
                                                     none if cells is None else cells)]
 
 
-def outputs_for(source: str | Path, images: np.ndarray, pages: list[int], tta: bool = False,
+def _predicted(source: str | Path, images: np.ndarray, pages: list[int], tiling: TileSettings,
+               runtime: str | None) -> tuple[np.ndarray, cards.ModelIO]:
+    """Return (`outputs_for`, what made them: the model's `cards.ModelIO`; for a TIFF, one map's)."""
+    source = Path(source)
+    if source.suffix.lower() not in TIFF_SUFFIXES:
+        model, _ = runtimes.load_for_prediction(source, runtime)
+        io = cards.model_io(source, model)
+        inputs = data.with_context(images, io.context)[pages]  # each page with its neighbours in the stack
+        return predict_stack(model, inputs, tiling=tiling, desc="predicting", offsets=io.offsets), io
+    stack = files.read_stack(source)
+    if stack.shape[1:] != images.shape[1:]:
+        raise files.DataError(f"{source}: pages of {stack.shape[1:]} pixels, the labels have {images.shape[1:]}")
+    if len(stack) == len(images):
+        stack = stack[pages]
+    elif len(stack) != len(pages):
+        raise files.DataError(f"{source}: {len(stack)} pages; expected {len(images)} (the stack) or {len(pages)}")
+    if stack.dtype == np.uint8:  # probabilities rounded to 0-255
+        return data.normalize_images(stack), cards.ModelIO()
+    return stack if np.issubdtype(stack.dtype, np.integer) else stack.astype(np.float32), cards.ModelIO()
+
+
+def outputs_for(source: str | Path, images: np.ndarray, pages: list[int], *, tiling: TileSettings = TileSettings(),
                 runtime: str | None = None) -> np.ndarray:
     """Return the model's outputs for `pages`: (len(pages), H, W) cell probabilities, or (len(pages), H, W, K)
     affinities; or a TIFF's pages, holding either every page of the stack or exactly the pages asked for
     (probabilities as float, or as uint8 0-255 as `predict.py --uint8` writes them; cells as other integer
     labels)."""
-    source = Path(source)
-    if source.suffix.lower() in (".tif", ".tiff"):
-        stack = files.read_stack(source)
-        if stack.shape[1:] != images.shape[1:]:
-            raise files.DataError(f"{source}: pages of {stack.shape[1:]} pixels, the labels have {images.shape[1:]}")
-        if len(stack) == len(images):
-            stack = stack[pages]
-        elif len(stack) != len(pages):
-            raise files.DataError(f"{source}: {len(stack)} pages; expected {len(images)} (the stack) or {len(pages)}")
-        if stack.dtype == np.uint8:  # probabilities rounded to 0-255
-            return (stack / 255.0).astype(np.float32)
-        return stack if np.issubdtype(stack.dtype, np.integer) else stack.astype(np.float32)
-    model, _ = runtimes.load_for_prediction(source, runtime)
-    return tiling.predict_stack(model, images[pages], tta=tta, desc="predicting",
-                                offsets=runtimes.recorded_offsets(source))
+    return _predicted(source, images, pages, tiling, runtime)[0]
 
 
-def cells_for(source: str | Path, outputs: np.ndarray, method: str | None = None) -> tuple[np.ndarray, str]:
-    """Return ((N, H, W) uint32 cells, the method) of a model's outputs, cut as its card says (`runtimes.segmentation_for`)."""
-    channels = 1 if outputs.ndim == 3 else outputs.shape[-1]
-    how, params, offsets = runtimes.segmentation_for(source, channels, method)
+def cells_for(source: str | Path, outputs: np.ndarray, io: cards.ModelIO,
+              method: str | None = None) -> tuple[np.ndarray, str]:
+    """Return ((N, H, W) uint32 cells, the method) of the outputs of the model `io` describes, cut as its card
+    says (`cards.ModelIO.segmentation`)."""
+    how, params, offsets = io.segmentation(source, method)
     return segment.segment_stack(outputs, how, params, offsets), how
 
 
@@ -103,7 +112,7 @@ def model_for_results(run_dir: str | Path, tune_cells: bool = False, data_dir: s
     """
     best = runs.RunFolder(run_dir).best
     if best.is_file():
-        card = runtimes.model_card(best) if runtimes.card_path(best).is_file() else {}
+        card = cards.model_card(best) if cards.card_path(best).is_file() else {}
         if tune_cells and "segmentation" not in card:
             tune(best, data_dir)
         return best
@@ -134,13 +143,12 @@ def scores_of(source: str | Path, pages: list, images: np.ndarray, labels: np.nd
     }
 
 
-def _scores_of_outputs(source, pages, images, labels, outputs, part, method, with_cells) -> dict:
+def _scores_of_outputs(source, pages, images, labels, outputs, io, part, method, with_cells) -> dict:
     """Return `scores_of` a model's or a TIFF's outputs: its probabilities, and its cells (cut here unless it is cells)."""
     if np.issubdtype(outputs.dtype, np.integer):  # a label image: cells only
         return scores_of(source, pages, images, labels, None, part, outputs, "given")
-    predictions = outputs if outputs.ndim == 3 else affinities.cell_map(outputs)
-    cells, how = cells_for(source, outputs, method) if with_cells else (None, None)
-    return scores_of(source, pages, images, labels, predictions, part, cells, how)
+    cells, how = cells_for(source, outputs, io, method) if with_cells else (None, None)
+    return scores_of(source, pages, images, labels, io.cell_map(outputs), part, cells, how)
 
 
 def checked_pages(pages, count: int) -> list[int]:
@@ -151,49 +159,49 @@ def checked_pages(pages, count: int) -> list[int]:
     return pages
 
 
-def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.TEST_PAGES, tta: bool = False,
-             method: str | None = None, cells: bool = True, runtime: str | None = None) -> dict:
+def evaluate(source: str | Path, data_dir: str | Path | None = None, pages=data.TEST_PAGES, *,
+             tiling: TileSettings = TileSettings(), method: str | None = None, cells: bool = True,
+             runtime: str | None = None) -> dict:
     """Return `scores_of` a model (.keras ...), a probability TIFF or a cell label TIFF against the labelled ISBI
-    stack's `pages` (default: the test pages 0, 10, 20); with `cells` the model's cells are cut and scored too
-    (by `method`, default the model card's)."""
+    stack's `pages` (default: the test pages 0, 10, 20), a model's predicted with `tiling`; with `cells` the
+    model's cells are cut and scored too (by `method`, default the model card's)."""
     raw_images, raw_labels = data.load_isbi(data_dir)
     pages = checked_pages(pages, len(raw_images))
     images = data.normalize_images(raw_images)
     labels = data.binarize_labels(raw_labels)[pages]
-    outputs = outputs_for(source, raw_images, pages, tta, runtime)
-    return _scores_of_outputs(source, pages, images[pages], labels, outputs, "test", method, cells)
+    outputs, io = _predicted(source, raw_images, pages, tiling, runtime)
+    return _scores_of_outputs(source, pages, images[pages], labels, outputs, io, "test", method, cells)
 
 
-def evaluate_held_out(source: str | Path, parts: dict, report: dict, tta: bool = False, method: str | None = None,
-                      cells: bool = True) -> dict:
+def evaluate_held_out(source: str | Path, parts: dict, report: dict, *, tiling: TileSettings = TileSettings(),
+                      method: str | None = None, cells: bool = True) -> dict:
     """Return `scores_of` a model on the pages held out of training by `train.load_data`: its 'test' part
     (the ISBI test pages) if there is one, else the 'validation' part (a lab's own data)."""
     part = "test" if "test" in parts else "validation"
     images, labels = (stack[..., 0] for stack in parts[part])
     model, _ = runtimes.load_for_prediction(source)
-    outputs = tiling.predict_stack(model, images, tta=tta, desc="predicting",
-                                   offsets=runtimes.recorded_offsets(source))
-    return _scores_of_outputs(source, report["split_pages"][part], images, labels, outputs, part, method, cells)
+    io = cards.model_io(source, model)
+    outputs = predict_stack(model, images, tiling=tiling, desc="predicting", offsets=io.offsets)
+    return _scores_of_outputs(source, report["split_pages"][part], images, labels, outputs, io, part, method, cells)
 
 
-def tune(source: str | Path, data_dir: str | Path | None = None, pages=data.VALIDATION_PAGES,
+def tune(source: str | Path, data_dir: str | Path | None = None, pages=data.VALIDATION_PAGES, *,
          method: str | None = None, runtime: str | None = None) -> dict:
     """Choose the segmentation parameters of a model on the validation `pages` (`segment.tune`, never the test
-    pages) and record them in its card (`runtimes.card_path`); return the card's 'segmentation' entry."""
+    pages) and record them in its card (`cards.card_path`); return the card's 'segmentation' entry."""
     raw_images, raw_labels = data.load_isbi(data_dir)
     pages = checked_pages(pages, len(raw_images))
-    outputs = outputs_for(source, raw_images, pages, runtime=runtime)
-    channels = 1 if outputs.ndim == 3 else outputs.shape[-1]
-    how, _, offsets = runtimes.segmentation_for(source, channels, method)
+    outputs, io = _predicted(source, raw_images, pages, TileSettings(), runtime)
+    how, _, offsets = io.segmentation(source, method)
     labels = data.binarize_labels(raw_labels)[pages]
     params, table = segment.tune(outputs, labels, how, offsets=offsets)
     best = max(table, key=lambda row: row["v_rand"])
     chosen = {"method": how, "params": params.as_dict(), "tuned_on": {"pages": pages, "v_rand": best["v_rand"],
                                                                       "v_info": best["v_info"]},
               "offsets": None if offsets is None else [list(o) for o in offsets]}
-    card = runtimes.model_card(source) if runtimes.card_path(source).is_file() else {}
+    card = cards.model_card(source) if cards.card_path(source).is_file() else {}
     card["segmentation"] = chosen
-    files.write_atomic(runtimes.card_path(source), json.dumps(card, indent=2) + "\n")
+    files.write_atomic(cards.card_path(source), json.dumps(card, indent=2) + "\n")
     return chosen
 
 
@@ -242,12 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_source(source: str) -> None:
+    """Raise DataError unless `source` is a TIFF file or a model `runtimes.resolve_model` takes."""
+    missing = files.DataError(f"{source}: no such model or TIFF file (train a model with `python train.py`)")
+    if Path(source).suffix.lower() in TIFF_SUFFIXES:
+        if not Path(source).is_file():
+            raise missing
+        return
+    try:
+        runtimes.resolve_model(source)
+    except FileNotFoundError as err:
+        raise missing from err
+
+
 def run(args: argparse.Namespace) -> None:
     """Score what the parsed command line names; print the table, write the files asked for."""
-    if not Path(args.source).is_file():
-        raise files.DataError(f"{args.source}: no such model or TIFF file (train a model with `python train.py`)")
+    _check_source(args.source)
     folder = data.find_data_dir(args.data_dir)
-    card = [runtimes.card_path(args.source)] if runtimes.is_model(args.source) else []  # read, and --tune writes it
+    card = [cards.card_path(args.source)] if runtimes.is_model(args.source) else []  # read, and --tune writes it
     files.refuse_overwriting([args.out, args.grid], [args.source, *card, folder / data.IMAGES_FILE,
                                                      folder / data.LABELS_FILE])
     for output in filter(None, (args.out, args.grid)):
@@ -257,8 +277,9 @@ def run(args: argparse.Namespace) -> None:
         chosen = tune(args.source, args.data_dir, method=args.method, runtime=args.runtime)
         print(f"segmentation chosen on validation pages {chosen['tuned_on']['pages']}: {chosen['method']} "
               f"{chosen['params']} (V_rand {chosen['tuned_on']['v_rand']:.4f}); kept in "
-              f"{runtimes.card_path(args.source)}")
-    result = evaluate(args.source, args.data_dir, args.pages, args.tta, args.method, args.cells, args.runtime)
+              f"{cards.card_path(args.source)}")
+    result = evaluate(args.source, args.data_dir, args.pages, tiling=TileSettings(tta=args.tta), method=args.method,
+                      cells=args.cells, runtime=args.runtime)
     print(report(result))
     if args.out:
         keep = {k: result[k] for k in ("source", "pages", "per_page", "mean", "method")}

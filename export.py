@@ -31,27 +31,19 @@ from pathlib import Path
 
 import numpy as np
 
-import affinities
+import cards
 import data
 import files
 import hardware
 import runs
 import runtimes
-from model import SIZE_MULTIPLE, fold_batch_norm, load_model, with_dtype_policy
+from model import SIZE_MULTIPLE, inference_model, load_model
 from runtimes import INPUT_NAME, ONNX_OPSET, environment_kept, write_onnx
 
 PROJECT_DIR = runtimes.PROJECT_DIR
 DEFAULT_DEST = runtimes.DEFAULT_MODEL
 MAX_MB = 10
 LICENSE = "MIT"  # SPDX id of the exported packages' licence, the project's own (LICENSE)
-
-
-def output_description(channels: int, offsets=None) -> str:
-    """Return the card's words for a model's output of `channels` channels (affinities along `offsets`)."""
-    if channels == 1:
-        return "probability of cell (1) against membrane (0), float32"
-    return (f"{channels} affinity channels, float32: probability that the pixel and the one at offset (dy, dx) lie "
-            f"in the same cell, offsets {offsets}")
 
 
 def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: str | Path | None = None) -> dict:
@@ -67,13 +59,13 @@ def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: s
     if not run.best.is_file():
         raise FileNotFoundError(f"{run.best}: no best model in this run; train it first")
     dest = Path(dest)
-    model = with_dtype_policy(fold_batch_norm(load_model(run.best)), "float32")
+    model = inference_model(load_model(run.best), float32=True)
     files.write_atomic(dest, model.save)
     size_mb = dest.stat().st_size / 2**20
     if size_mb > MAX_MB:
         raise ValueError(f"{dest} is {size_mb:.1f} MB, more than the {MAX_MB} MB a shipped model may take")
 
-    card_path = runtimes.card_path(dest)
+    card_path = cards.card_path(dest)
     card_path.unlink(missing_ok=True)  # a card left from an earlier model names that model's choices
     files.write_atomic(card_path, json.dumps({"training": {"settings": run.read_json(run.settings)}}) + "\n")
     # Keras, the reference runtime: the card's figures do not depend on which runtime is faster where it ships
@@ -85,7 +77,7 @@ def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: s
         "size_mb": round(size_mb, 2),
         "parameters": model.count_params(),
         "input": "grey EM image, any size (tiled by predict.py), scaled to [0, 1]",
-        "output": output_description(model.output_shape[-1], segmentation.get("offsets")),
+        "output": cards.model_io(dest, model).describe(),
         "training": {
             "settings": run.read_json(run.settings),
             "summary": run.read_json(run.summary),
@@ -147,36 +139,41 @@ def check_test_page(page: np.ndarray, model, name: str) -> None:
     """Raise ValueError naming `name` if the 2-D uint8 `page` is not an input the model's package may declare."""
     if page.dtype != np.uint8:
         raise ValueError(f"{name}: the test page is {page.dtype}; the package takes 8-bit pages (uint8)")
-    if model.input_shape[3] != 1:
-        raise ValueError(f"{name}: expected a model of one input channel, got "
-                         f"{model.input_shape} -> {model.output_shape}")
+    sections = page.shape[2] if page.ndim == 3 else 1
+    if sections != model.input_shape[3]:
+        raise ValueError(f"{name}: the model takes {model.input_shape[3]} section(s) per page, the test page has "
+                         f"{sections}")
     fixed = valid_input_size(model)
     if fixed is not None:
-        if page.shape != fixed:
+        if page.shape[:2] != fixed:
             raise ValueError(f"{name}: the test page is {page.shape[0]}x{page.shape[1]} pixels but the model only "
                              f"takes {fixed[0]}x{fixed[1]}")
-    elif min(page.shape) < MIN_SIZE or any(side % SIZE_MULTIPLE for side in page.shape):
+    elif min(page.shape[:2]) < MIN_SIZE or any(side % SIZE_MULTIPLE for side in page.shape[:2]):
         raise ValueError(f"{name}: the test page is {page.shape[0]}x{page.shape[1]} pixels; the model's valid "
                          f"sizes are multiples of {SIZE_MULTIPLE} from {MIN_SIZE}, crop it to fit")
 
 
-def read_test_page(test_image: str | Path | None = None, data_dir: str | Path | None = None) -> tuple[np.ndarray, str]:
-    """Return (page 0 of `test_image`, default the ISBI test-volume.tif, as a 2-D array; a name for messages)."""
+def read_test_page(test_image: str | Path | None = None, data_dir: str | Path | None = None,
+                   sections: int = 1) -> tuple[np.ndarray, str]:
+    """Return (page 0 of `test_image`, default the ISBI test-volume.tif, as a 2-D array, or (H, W, sections) with
+    its neighbours for a model that sees them (`data.with_context`); a name for messages)."""
     path = Path(test_image) if test_image is not None else data.find_data_dir(data_dir) / data.TEST_FILE
-    return files.read_stack(path)[0], f"{path} page 0"
+    return data.with_context(files.read_stack(path), sections)[0], f"{path} page 0"
 
 
 def _with_batch(page: np.ndarray) -> np.ndarray:
-    """Return a 2-D page as the model's float32 input (1, height, width, 1), scaled to [0, 1] as in training."""
-    return data.normalize_images(page)[np.newaxis, ..., np.newaxis]
+    """Return a page ((H, W) or (H, W, sections)) as the model's float32 input (1, H, W, sections), scaled to
+    [0, 1] as in training."""
+    page = data.normalize_images(page)
+    return (page if page.ndim == 3 else page[..., np.newaxis])[np.newaxis]
 
 
 def write_savedmodel(model, dest: Path) -> Path:
     """Write `model` as a TensorFlow SavedModel folder: function `serve` (= signature serving_default),
-    input `raw` (batch, y, x, 1) float32 in [0, 1], output dict {"prediction": (batch, y, x, 1)}."""
+    input `raw` (batch, y, x, sections) float32 in [0, 1], output dict {"prediction": (batch, y, x, C)}."""
     import tensorflow as tf
 
-    spec = [tf.TensorSpec((None, None, None, 1), tf.float32, name=INPUT_NAME)]
+    spec = [tf.TensorSpec((None, None, None, runtimes.input_sections(model)), tf.float32, name=INPUT_NAME)]
     # A plain tf.Module stores each weight once (keras.export.ExportArchive stores them twice).
     module = tf.Module()
     module.weights = [variable.value for variable in model.variables]
@@ -207,8 +204,9 @@ def _cover(page: np.ndarray, probabilities: np.ndarray, dest: Path) -> Path:
     return dest
 
 
-def _documentation(model_path: Path, card: dict | None, dest: Path) -> Path:
-    """Write the package's README.md: what it segments, how it was trained, its test scores, its limits."""
+def _documentation(model_path: Path, card: dict | None, dest: Path, io: cards.ModelIO = cards.ModelIO()) -> Path:
+    """Write the package's README.md: what it segments, how it was trained, its test scores, its limits; `io`:
+    what the model takes and gives."""
     lines = [
         f"# U-Net for neuronal membranes in ISBI 2012 EM images ({model_path.name})", "",
         "Segments cell membranes in serial-section transmission electron microscopy (ssTEM) images of the",
@@ -216,7 +214,7 @@ def _documentation(model_path: Path, card: dict | None, dest: Path) -> Path:
         "is, per pixel, the probability of *cell* (1) against *membrane* (0). A U-Net (Ronneberger et al.",
         "2015) with 'same' padding, exported by the unet-isbi project (`python export.py --format bioimageio`).",
         "", "## Input and output", "",
-        "- input `raw`: one grey 8-bit page (batch, y, x, channel = 1); it is scaled to [0, 1] (divided by 255),",
+        f"- input `raw`: {io.describe_input()}; it is scaled to [0, 1] (divided by 255),",
         f"  as in training. Sides: any multiple of {SIZE_MULTIPLE} from {MIN_SIZE} pixels; tools should tile",
         f"  large images and crop a halo of {HALO} pixels from each tile edge.",
         "- output `prediction`: float32 probability of cell, the size of the input. Threshold at 0.5 for a mask.",
@@ -224,7 +222,7 @@ def _documentation(model_path: Path, card: dict | None, dest: Path) -> Path:
     ]
     if card and card.get("training", {}).get("settings"):
         settings = card["training"]["settings"]
-        keys = ("preset", "filters", "crop", "batch_size", "steps_per_epoch", "epochs", "learning_rate", "loss",
+        keys = ("preset", "context", "filters", "crop", "batch_size", "steps_per_epoch", "epochs", "learning_rate", "loss",
                 "precision_policy", "augmentation", "seed")
         held_out = len(data.VALIDATION_PAGES) + len(data.TEST_PAGES)
         lines += [f"Trained with `train.py` on {30 - held_out} of the 30 ISBI 2012 training pages (validation pages "
@@ -247,7 +245,8 @@ def _documentation(model_path: Path, card: dict | None, dest: Path) -> Path:
         "- Gives probabilities, not instance labels: cut them into cells with the project's segment.py",
         "  (multicut on a membrane map, mutex watershed on affinities; python-elf), with the parameters in",
         "  the model's card (`segmentation`), or with the bioimage.io tools' own watershed.",
-        "- 2-D only; each page of a stack is predicted on its own.",
+        ("- 2-D only; each page of a stack is predicted on its own." if io.context == 1 else
+         f"- Sees {io.context} sections at once: predict a stack, each page with its neighbours, not single images."),
         "", "## Training data", "",
         "ISBI 2012 EM segmentation challenge, training and test volumes (Cardona et al. 2010; "
         "Arganda-Carreras et al. 2015, doi:10.3389/fnana.2015.00142).", "",
@@ -256,34 +255,49 @@ def _documentation(model_path: Path, card: dict | None, dest: Path) -> Path:
     return dest
 
 
-def model_description(model, parts: dict[str, Path], offsets=None):
-    """Return the bioimage.io (spec 0.5) ModelDescr of `model` from the `parts` written for it; an affinity
-    model's channels are named by their `offsets` (affinities.OFFSETS if None)."""
+def _weights_description(parts: dict[str, Path]):
+    """Return the bioimage.io (spec 0.5) WeightsDescr of the Keras, SavedModel and ONNX weights in `parts`."""
     import keras
     import tensorflow as tf
+    from bioimageio.spec.model import v0_5
+
+    tf_version = v0_5.Version(tf.__version__)
+    return v0_5.WeightsDescr(
+        keras_v3=v0_5.KerasV3WeightsDescr(source=parts["keras"], keras_version=v0_5.Version(keras.__version__),
+                                          backend=("tensorflow", tf_version)),
+        tensorflow_saved_model_bundle=v0_5.TensorflowSavedModelBundleWeightsDescr(
+            source=parts["savedmodel"], tensorflow_version=tf_version, parent="keras_v3",
+            comment="keras.export.ExportArchive, endpoint 'serve'"),
+        onnx=v0_5.OnnxWeightsDescr(source=parts["onnx"], opset_version=ONNX_OPSET, parent="keras_v3",
+                                   comment="tf2onnx from the Keras model"),
+    )
+
+
+def model_description(model, parts: dict[str, Path], io: cards.ModelIO):
+    """Return the bioimage.io (spec 0.5) ModelDescr of `model` from the `parts` written for it; `io` says what it
+    gives (an affinity model's channels are named by their offsets)."""
     from bioimageio.spec.dataset.v0_3 import DatasetDescr
     from bioimageio.spec.model import v0_5
 
-    channels = model.output_shape[-1]
-    offsets = None if channels == 1 else affinities.offsets_for(channels, offsets)
-    channel_names = ["cell"] if channels == 1 else [f"same_cell_{dy}_{dx}".replace("-", "m") for dy, dx in offsets]
+    channel_names = (["cell"] if not io.is_affinities
+                     else [f"same_cell_{dy}_{dx}".replace("-", "m") for dy, dx in io.offsets])
     size = valid_input_size(model)
     y_size, x_size = size if size else (v0_5.ParameterizedSize(min=MIN_SIZE, step=SIZE_MULTIPLE),) * 2
     input_id, output_id = v0_5.TensorId(INPUT_NAME), v0_5.TensorId(OUTPUT_NAME)
     to_float = v0_5.EnsureDtypeDescr(kwargs=v0_5.EnsureDtypeKwargs(dtype="float32"))
     inputs = v0_5.InputTensorDescr(
-        id=input_id, description="grey EM page, 8-bit",
+        id=input_id, description=io.describe_input(),
         axes=[v0_5.BatchAxis(), v0_5.SpaceInputAxis(id=v0_5.AxisId("y"), size=y_size),
               v0_5.SpaceInputAxis(id=v0_5.AxisId("x"), size=x_size),
-              v0_5.ChannelAxis(channel_names=[v0_5.Identifier("raw")])],
+              v0_5.ChannelAxis(channel_names=[v0_5.Identifier(name) for name in io.input_names()])],
         test_tensor=v0_5.FileDescr(source=parts["test_input"]),
-        sample_tensor=v0_5.FileDescr(source=parts["sample_input"]),
+        sample_tensor=v0_5.FileDescr(source=parts["sample_input"]) if io.context == 1 else None,
         data=v0_5.IntervalOrRatioDataDescr(type="uint8"),
         preprocessing=[to_float, v0_5.ScaleLinearDescr(kwargs=v0_5.ScaleLinearKwargs(gain=1 / 255, offset=0.0)),
                        to_float],
     )
     outputs = v0_5.OutputTensorDescr(
-        id=output_id, description=output_description(len(channel_names), offsets),
+        id=output_id, description=io.describe(),
         axes=[v0_5.BatchAxis(),
               *(v0_5.SpaceOutputAxisWithHalo(id=v0_5.AxisId(axis), halo=HALO,
                                              size=v0_5.SizeReference(tensor_id=input_id, axis_id=v0_5.AxisId(axis)))
@@ -293,16 +307,7 @@ def model_description(model, parts: dict[str, Path], offsets=None):
         sample_tensor=v0_5.FileDescr(source=parts["sample_output"]),
         data=v0_5.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
     )
-    tf_version = v0_5.Version(tf.__version__)
-    weights = v0_5.WeightsDescr(
-        keras_v3=v0_5.KerasV3WeightsDescr(source=parts["keras"], keras_version=v0_5.Version(keras.__version__),
-                                          backend=("tensorflow", tf_version)),
-        tensorflow_saved_model_bundle=v0_5.TensorflowSavedModelBundleWeightsDescr(
-            source=parts["savedmodel"], tensorflow_version=tf_version, parent="keras_v3",
-            comment="keras.export.ExportArchive, endpoint 'serve'"),
-        onnx=v0_5.OnnxWeightsDescr(source=parts["onnx"], opset_version=ONNX_OPSET, parent="keras_v3",
-                                   comment="tf2onnx from the Keras model"),
-    )
+    weights = _weights_description(parts)
     cite = [v0_5.CiteEntry(text=text, doi=v0_5.Doi(doi)) for text, doi in CITATIONS]
     training_data = DatasetDescr(
         name="ISBI 2012 EM segmentation challenge",
@@ -361,7 +366,7 @@ def write_package(model, model_path: Path, page: np.ndarray, reference: np.ndarr
     from bioimageio.spec import save_bioimageio_package
     from PIL import Image
 
-    card = runtimes.model_card(model_path) or None
+    card = cards.model_card(model_path) or None
     with tempfile.TemporaryDirectory(prefix="bioimageio-") as tmp:
         folder = Path(tmp)
         parts = {"keras": folder / "weights.keras", "onnx": write_onnx(model, folder / "weights.onnx"),
@@ -369,16 +374,17 @@ def write_package(model, model_path: Path, page: np.ndarray, reference: np.ndarr
         model.save(parts["keras"])
         saved = write_savedmodel(model, folder / "savedmodel")
         parts["savedmodel"] = Path(shutil.make_archive(str(folder / "weights-savedmodel"), "zip", saved))
-        np.save(parts["test_input"], page[np.newaxis, ..., np.newaxis])
+        np.save(parts["test_input"], (page if page.ndim == 3 else page[..., np.newaxis])[np.newaxis])
         np.save(parts["test_output"], reference)
         parts["sample_input"], parts["sample_output"] = folder / "sample_input.png", folder / "sample_output.tif"
-        Image.fromarray(page).save(parts["sample_input"])  # images for people and viewers; the tests use the .npy
-        cells = reference[0, ..., 0] if reference.shape[-1] == 1 else affinities.cell_map(reference[0])
+        middle = page if page.ndim == 2 else page[..., page.shape[2] // 2]  # the page itself, not a neighbour
+        Image.fromarray(middle).save(parts["sample_input"])  # images for people and viewers; the tests use the .npy
+        io = cards.model_io(model_path, model)
+        cells = io.cell_map(reference[0], raw=True)
         tifffile.imwrite(parts["sample_output"], cells)  # a picture for people: the cell map
-        parts["cover"] = _cover(page, cells, folder / "cover.png")
-        parts["documentation"] = _documentation(model_path, card, folder / "README.md")
-        offsets = (card or {}).get("segmentation", {}).get("offsets")
-        save_bioimageio_package(model_description(model, parts, offsets), output_path=dest)
+        parts["cover"] = _cover(middle, cells, folder / "cover.png")
+        parts["documentation"] = _documentation(model_path, card, folder / "README.md", io)
+        save_bioimageio_package(model_description(model, parts, io), output_path=dest)
     return dest
 
 def export_model(
@@ -399,18 +405,15 @@ def export_model(
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    model_path = Path(model_path) if model_path is not None else DEFAULT_DEST
-    if not model_path.is_file() or model_path.suffix != ".keras":
-        raise FileNotFoundError(f"{model_path}: no such .keras model (train one, or ship a run with export.py RUN)")
+    model_path = runtimes.resolve_model(model_path, kinds=("keras",))
     out = Path(out) if out is not None else default_out(model_path, fmt)
     suffix = {"bioimageio": ".zip", "onnx": ".onnx"}.get(fmt)
     if suffix and out.suffix.lower() != suffix:
         raise ValueError(f"{out}: the {fmt} export is one {suffix} file; give a name ending in {suffix}")
     check_writable(out, fmt)
-    page, name = read_test_page(test_image, data_dir)
-
     # Portable exports compute in float32, the normalisation folded into the convolutions.
-    model = with_dtype_policy(fold_batch_norm(load_model(model_path)), "float32")
+    model = inference_model(load_model(model_path), float32=True)
+    page, name = read_test_page(test_image, data_dir, runtimes.input_sections(model))
     check_test_page(page, model, name)
     x = _with_batch(page)
     reference = np.asarray(model.predict_on_batch(x), dtype=np.float32)

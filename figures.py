@@ -31,6 +31,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
+import cards
 import files
 import runs
 import scores
@@ -421,11 +422,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def run_architecture(run_dir: str | os.PathLike) -> Figure:
-    """Return `architecture_figure` of the network a run trained (its settings.json; the original's without one)."""
+    """Return `architecture_figure` of the network a run trained (its settings.json and its model's outputs,
+    `cards.model_io`; the original's without them)."""
     run = runs.RunFolder(run_dir)
     settings = run.read_json(run.settings) if run.settings.is_file() else {}
-    channels = 1 if settings.get("target", "membranes") == "membranes" else 2 * len(settings["offsets"].split(","))
-    return architecture_figure(settings.get("filters", 64), out_channels=channels,
+    return architecture_figure(settings.get("filters", 64), out_channels=cards.model_io(run.best).channels,
                                batch_norm=settings.get("batch_norm", False))
 
 

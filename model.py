@@ -230,16 +230,19 @@ def fold_batch_norm(model: keras.Model) -> keras.Model:
     return folded
 
 
-def inference_model(model: keras.Model) -> keras.Model:
-    """Return `model` for inference: its layers as a model with no optimizer and no compile config, the
-    batch normalisation folded into the convolutions (`fold_batch_norm`).
+def inference_model(model: keras.Model, float32: bool = False) -> keras.Model:
+    """Return `model` for inference, the one place that makes it: its layers as a model with no optimizer and no
+    compile config, the batch normalisation folded into the convolutions (`fold_batch_norm`); with `float32`,
+    computing in float32 whatever its precision (`with_dtype_policy`), as the shipped model, the portable
+    exports and the ONNX runtime take it.
 
     Saved, it holds Keras layers only, so it loads with plain
     `keras.models.load_model(path)` in a process that never imported this
     project (Keras 3 does not import the module of a custom loss or metric
     named in a compile config; it fails instead).
     """
-    return fold_batch_norm(keras.Model(model.inputs, model.outputs, name=model.name))
+    folded = fold_batch_norm(keras.Model(model.inputs, model.outputs, name=model.name))
+    return with_dtype_policy(folded, "float32") if float32 else folded
 
 
 def load_model(path: str | os.PathLike, precision: str | None = None, custom_objects: dict | None = None) -> keras.Model:

@@ -30,6 +30,7 @@ if __name__ == "__main__":
     cli.quiet_native_logs()  # before TensorFlow loads
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -38,14 +39,14 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-import affinities
+import cards
 import data
 import files
 import runtimes
 import scores
 import segment
 from files import TIFF_SUFFIXES, ZARR_SUFFIX, PathLike, is_zarr
-from tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE, predict_stack, tile_grid, to_uint8
+from tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE, TileSettings, predict_stack, to_uint8
 
 PREDICTION_SUFFIX = "-prediction"
 CELLS_SUFFIX = "-cells"
@@ -191,13 +192,33 @@ def warn_if_uniform(name: str, probabilities: np.ndarray) -> str | None:
     return message
 
 
-def output_files(target: Path, pages: int, png: bool = False, mask_tiff: bool = False, cells: bool = False,
-                 overlay: bool = False, boundaries: bool = False) -> list[Path]:
-    """Return every file that predicting `pages` pages to `target` writes with these options (`predict_files`'s)."""
-    chosen = [target, *(mask_paths(target, pages) if png else []), *([_mask_tiff_path(target)] if mask_tiff else [])]
-    endings = [ending for ending, wanted in ((".tif", cells), (".png", overlay), ("-boundaries.tif", boundaries))
-               if wanted]
-    return chosen + [_cells_path(target, ending) for ending in endings]
+@dataclasses.dataclass(frozen=True)
+class OutputSettings:
+    """What predicting an image writes: its probabilities (float32, or 0-255 with `uint8`), 0/255 masks (`png` per
+    page, one `mask_tiff`), and with `cells` the cells (by `method`, default the model card's), their `overlay`
+    picture and their `boundaries` map; checked on creation."""
+
+    uint8: bool = False
+    png: bool = False
+    mask_tiff: bool = False
+    cells: bool = False
+    method: str | None = None
+    overlay: bool = False
+    boundaries: bool = False
+
+    def __post_init__(self):
+        if self.method is not None and self.method not in segment.METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(segment.METHODS)}")
+        if (self.overlay or self.boundaries) and not self.cells:
+            raise ValueError("--overlay and --cell-boundaries draw the cells: add --cells")
+
+    def paths(self, target: Path, pages: int) -> list[Path]:
+        """Return every file that predicting `pages` pages to `target` writes with these settings."""
+        chosen = [target, *(mask_paths(target, pages) if self.png else []),
+                  *([_mask_tiff_path(target)] if self.mask_tiff else [])]
+        endings = [ending for ending, wanted in ((".tif", self.cells), (".png", self.overlay),
+                                                 ("-boundaries.tif", self.boundaries)) if wanted]
+        return chosen + [_cells_path(target, ending) for ending in endings]
 
 
 def output_path(input_path: PathLike, out: PathLike | None = None, suffix: str = ".tif") -> Path:
@@ -221,14 +242,11 @@ def _silent(line: str) -> None:
     """Say nothing (the default of the jobs' `say`)."""
 
 
-def _cutting(model_path: Path, channels: int | None, method: str | None):
-    """Return (method, params, offsets) to cut the `channels`-channel outputs of the model into cells
-    (`runtimes.segmentation_for`), checked before anything is predicted; None when the channels are not known
-    (a model that does not say: then they are chosen after its first prediction)."""
-    if channels is None:
-        return None
-    how, params, offsets = runtimes.segmentation_for(model_path, channels, method)
-    if how == "mws" and channels == 1:
+def _cutting(model_path: Path, io: cards.ModelIO, method: str | None):
+    """Return (method, params, offsets) to cut the outputs of the model `io` describes into cells
+    (`cards.ModelIO.segmentation`), checked before anything is predicted."""
+    how, params, offsets = io.segmentation(model_path, method)
+    if how == "mws" and not io.is_affinities:
         raise ValueError(f"{model_path} predicts a membrane map, which the mutex watershed (mws) cannot cut: it "
                          "needs an affinity model; use --method multicut or threshold")
     return how, params, offsets
@@ -240,9 +258,10 @@ def _zarr_cutting(model_path: Path, method: str | None) -> tuple[str, segment.Se
     if method == "mws":
         raise ValueError("--method mws cuts affinities, and a zarr prediction keeps their cell map only: use "
                          "--method multicut or threshold, or predict to TIFF")
-    how, params, _ = runtimes.segmentation_for(model_path, 1, method)
+    cell_map = cards.ModelIO()  # what the zarr holds: one channel, as a membrane model's
+    how, params, _ = cell_map.segmentation(model_path, method)
     if how == "mws":  # an affinity model's default: its cell map is cut by the multicut instead
-        how, params, _ = runtimes.segmentation_for(model_path, 1, "multicut")
+        how, params, _ = cell_map.segmentation(model_path, "multicut")
     return how, params
 
 
@@ -253,119 +272,138 @@ def _refuse_shared_outputs(targets: list[Path], what: str) -> None:
         raise ValueError(f"two inputs would write the same {what} ({', '.join(sorted(repeated))}); predict them apart")
 
 
+def _tiff_targets(names: list[str], out: PathLike | None) -> list[Path]:
+    """Return where the prediction TIFF of each image goes: `out` when it is a .tif name (one image only), else
+    `output_path` in folder `out`; ValueError when two images would share one."""
+    if out is not None and Path(out).suffix.lower() in TIFF_SUFFIXES:
+        if len(names) != 1:
+            raise ValueError(f"--out {out} is a file name, but there are {len(names)} input images; give a folder")
+        return [Path(out)]
+    targets = [output_path(name, out) for name in names]
+    _refuse_shared_outputs(targets, "file")
+    return targets
+
+
+def _zarr_targets(inputs: Sequence[PathLike], out: PathLike | None) -> list[Path]:
+    """Return where the zarr prediction of each input goes: `out` when it is a .zarr name (one input only), else
+    `output_path` in folder `out`; ValueError when two inputs would share one."""
+    if out is not None and is_zarr(out):
+        if len(inputs) != 1:
+            raise ValueError(f"--out {out} is one zarr array, but there are {len(inputs)} inputs; give a folder")
+        return [Path(out)]
+    targets = [output_path(path, out, ZARR_SUFFIX) for path in inputs]
+    _refuse_shared_outputs(targets, "array")
+    return targets
+
+
+def _write_cells(target: Path, pages: np.ndarray, outputs: np.ndarray, cutting, output: OutputSettings,
+                 say: Callable[[str], None]) -> None:
+    """Cut the model's `outputs` of `pages` into cells as `cutting` says, write them (and their overlay and
+    boundaries if `output` asks) beside `target`, and say what was written."""
+    how, params, offsets = cutting
+    labels = segment.segment_stack(outputs, how, params, offsets)
+    count = ", ".join(str(len(np.unique(page[page > 0]))) for page in labels[:5])
+    say(f"wrote {write_cells(target, labels)} ({how}; cells per page: {count}" + (", ..." if len(labels) > 5 else "")
+        + ")")
+    if output.overlay:
+        say(f"wrote {write_overlay(target, pages[0], labels[0])}")
+    if output.boundaries:
+        say(f"wrote {write_cell_boundaries(target, labels)}")
+
+
+def _write_outputs(name: str, pages: np.ndarray, outputs: np.ndarray, target: Path, io: cards.ModelIO,
+                   output: OutputSettings, cutting, say: Callable[[str], None]) -> None:
+    """Write what `output` asks of the model's `outputs` for the image `name` (its `pages`) beside `target`."""
+    probabilities = io.cell_map(outputs)
+    pages_out = probabilities if len(probabilities) > 1 else probabilities[0]  # one page: a 2-D TIFF
+    write_prediction(target, pages_out, output.uint8)
+    warn_if_uniform(name, probabilities)
+    if output.png:
+        for path in write_masks(target, probabilities):
+            say(f"wrote {path}")
+    if output.mask_tiff:
+        say(f"wrote {write_mask_tiff(target, pages_out)}")
+    if output.cells:
+        _write_cells(target, pages, outputs, cutting, output, say)
+    say(f"wrote {target} ({len(pages)} page(s) of {pages.shape[1]}x{pages.shape[2]}, "
+        f"{'uint8 0-255' if output.uint8 else 'float32 probabilities'})")
+
+
+def _check_sections(images: list[tuple[str, np.ndarray]], context: int) -> None:
+    """Raise DataError if a model that sees `context` sections at once is given a single page (no neighbours)."""
+    single = [name for name, pages in images if len(pages) < 2]
+    if context > 1 and single:
+        raise files.DataError(f"{single[0]}: one page, but the model sees {context} sections at once (each page "
+                              "with its neighbours in the stack); give the stack, a multipage TIFF")
+
+
 def predict_files(
     inputs: Sequence[PathLike],
     model_path: PathLike | None = None,
+    *,
     out: PathLike | None = None,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    tta: bool = False,
-    uint8: bool = False,
-    png: bool = False,
-    mask_tiff: bool = False,
-    cells: bool = False,
-    method: str | None = None,
-    overlay: bool = False,
+    tiling: TileSettings = TileSettings(),
+    output: OutputSettings = OutputSettings(),
     runtime: str | None = None,
-    boundaries: bool = False,
     say: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Predict every image named by `inputs` (files or folders) and write one TIFF each; return their paths.
 
-    With `png` / `mask_tiff` also the 0/255 masks (threshold 0.5) as PNGs /
-    one `-mask.tif` beside each prediction. With `cells` also the cells, a
-    uint32 `-cells.tif` (`segment.segment` by `method`, default the model
-    card's), with `overlay` a `-cells.png` picture of the first page's, and with `boundaries` their boundary map
-    `-cells-boundaries.tif` (a challenge submission of the cells).
-    An affinity model's prediction TIFF holds its cell map (`affinities.cell_map`). `runtime`: keras, onnx, or
-    auto (the faster on this machine, `runtimes.load_for_prediction`; None: its default). A prediction that is (nearly)
-    uniform gets a warning naming the likely causes. `say` receives a line
-    per step and per file written (the command line prints them).
+    `tiling`: how images are cut into tiles (`tiling.TileSettings`). `output`: what else is written beside each
+    prediction (`OutputSettings`): the 0/255 masks (threshold 0.5), the cells (`segment.segment`, a uint32
+    `-cells.tif`), a `-cells.png` picture of the first page's and their boundary map `-cells-boundaries.tif`
+    (a challenge submission of the cells). An affinity model's prediction TIFF holds its cell map
+    (`cards.ModelIO.cell_map`). `runtime`: keras, onnx, or auto (the faster on this machine,
+    `runtimes.load_for_prediction`; None: its default). A prediction that is (nearly) uniform gets a warning
+    naming the likely causes. `say` receives a line per step and per file written (the command line prints them).
 
     `out` is a folder for the predictions (default: beside each input), or a
     .tif/.tiff file name when there is exactly one input image. Before anything is predicted, an output that
     would replace an input (`files.refuse_overwriting`) and a method that cannot cut the model's output are refused.
     """
     model_path = runtimes.resolve_model(model_path)
-    tile_grid((1, 1), tile, overlap)  # check the settings before the slow part
-    if method is not None and method not in segment.METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(segment.METHODS)}")
-    if (overlay or boundaries) and not cells:
-        raise ValueError("--overlay and --cell-boundaries draw the cells: add --cells")
     images = read_images(inputs)
-    if out is not None and Path(out).suffix.lower() in TIFF_SUFFIXES:
-        if len(images) != 1:
-            raise ValueError(f"--out {out} is a file name, but there are {len(images)} input images; give a folder")
-        targets = [Path(out)]
-    else:
-        targets = [output_path(name, out) for name, _ in images]
-    _refuse_shared_outputs(targets, "file")
-    files.refuse_overwriting(
-        [path for (_, pages), target in zip(images, targets)
-         for path in output_files(target, len(pages), png, mask_tiff, cells, overlay, boundaries)],
-        [*(name for name, _ in images), model_path])
-
+    _check_sections(images, cards.model_io(model_path).context)
+    targets = _tiff_targets([name for name, _ in images], out)
+    files.refuse_overwriting([path for (_, pages), target in zip(images, targets)
+                              for path in output.paths(target, len(pages))],
+                             [*(name for name, _ in images), model_path])
     say = say or _silent
     model, chosen = runtimes.load_for_prediction(model_path, runtime)
     say(runtime_line(chosen))
-    cutting = _cutting(model_path, runtimes.output_channels(model), method) if cells else None
-    offsets = runtimes.recorded_offsets(model_path)  # an affinity model's, which test-time augmentation moves
-    say(f"predicting {len(images)} image(s) with {model_path}: tiles {tile}, overlap {overlap}, "
-        f"batch {batch_size}" + (", 8-fold test-time augmentation" if tta else ""))
+    io = cards.model_io(model_path, model)
+    cutting = _cutting(model_path, io, output.method) if output.cells else None
+    say(f"predicting {len(images)} image(s) with {model_path}: {tiling.describe()}")
     for (name, pages), target in zip(images, targets):
-        outputs = predict_stack(model, pages, tile, overlap, batch_size, tta, desc=Path(name).name, offsets=offsets)
-        probabilities = outputs if outputs.ndim == 3 else affinities.cell_map(outputs)
-        pages_out = probabilities if len(probabilities) > 1 else probabilities[0]  # one page: a 2-D TIFF
-        write_prediction(target, pages_out, uint8)
-        warn_if_uniform(name, probabilities)
-        if png:
-            for path in write_masks(target, probabilities):
-                say(f"wrote {path}")
-        if mask_tiff:
-            say(f"wrote {write_mask_tiff(target, pages_out)}")
-        if cells:
-            how, params, cell_offsets = cutting or _cutting(model_path, 1 if outputs.ndim == 3 else outputs.shape[-1],
-                                                            method)
-            labels = segment.segment_stack(outputs, how, params, cell_offsets)
-            count = ", ".join(str(len(np.unique(page[page > 0]))) for page in labels[:5])
-            say(f"wrote {write_cells(target, labels)} ({how}; cells per page: {count}"
-                + (", ..." if len(labels) > 5 else "") + ")")
-            if overlay:
-                say(f"wrote {write_overlay(target, pages[0], labels[0])}")
-            if boundaries:
-                say(f"wrote {write_cell_boundaries(target, labels)}")
-        say(f"wrote {target} ({len(pages)} page(s) of {pages.shape[1]}x{pages.shape[2]}, "
-            f"{'uint8 0-255' if uint8 else 'float32 probabilities'})")
+        outputs = predict_stack(model, data.with_context(pages, io.context), tiling=tiling, desc=Path(name).name,
+                                offsets=io.offsets)
+        _write_outputs(name, pages, outputs, target, io, output, cutting, say)
     return targets
 
 
 def predict_volumes(
     inputs: Sequence[PathLike],
     model_path: PathLike | None = None,
+    *,
     out: PathLike | None = None,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    tta: bool = False,
+    tiling: TileSettings = TileSettings(),
     uint8: bool = False,
+    cells: bool = False,
+    method: str | None = None,
     block: int | None = None,
     workers: int | None = None,
     dask: str | None = None,
-    cells: bool = False,
-    method: str | None = None,
-    say: Callable[[str], None] | None = None,
-    *,
     runtime: str | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Predict each .zarr or TIFF input block by block into a zarr array (`blocks.predict_volume`); return their paths.
 
     With `cells` each prediction is then cut into cells page by page (`blocks.segment_volume`, resumable too)
     into `<stem>-cells.zarr` beside it, by `method` (threshold or multicut on the stored cell map).
 
-    `out` is a folder (default: beside each input, as `<stem>-prediction.zarr`),
-    or a .zarr name when there is one input. With `workers` (a local cluster of
-    that many processes) or `dask` (a scheduler's address) the blocks run on Dask.
+    `out` is a folder (default: beside each input, as `<stem>-prediction.zarr`), or a .zarr name when there is
+    one input. With `workers` (a local cluster of that many processes) or `dask` (a scheduler's address) the
+    blocks run on Dask.
     `say` receives a line per step and per array written. An output that would replace an input, and `method`
     mws (the zarr keeps the cell map, not the affinities), are refused before anything is predicted.
     """
@@ -375,31 +413,23 @@ def predict_volumes(
     block = blocks.DEFAULT_BLOCK if block is None else block
     if block < 1:
         raise ValueError(f"--block must be a positive number of pixels, got {block}")
-    tile_grid((1, 1), tile, overlap)  # check the settings before the slow part
     for path in map(Path, inputs):
         if not (is_zarr(path) or path.suffix.lower() in TIFF_SUFFIXES):
             raise files.DataError(f"{path}: zarr output needs .zarr or TIFF inputs; predict other images to TIFF")
         blocks.open_volume(path)  # readable, grey
-    if out is not None and is_zarr(out):
-        if len(inputs) != 1:
-            raise ValueError(f"--out {out} is one zarr array, but there are {len(inputs)} inputs; give a folder")
-        targets = [Path(out)]
-    else:
-        targets = [output_path(path, out, ZARR_SUFFIX) for path in inputs]
-    _refuse_shared_outputs(targets, "array")
+    targets = _zarr_targets(inputs, out)
     files.refuse_overwriting([*targets, *(_cells_path(t, ZARR_SUFFIX) for t in targets if cells)],
                              [*inputs, model_path])
     how, params = _zarr_cutting(model_path, method) if cells else (None, None)
     say = say or _silent
-    say(f"predicting {len(inputs)} volume(s) with {model_path}: blocks {block}, tiles {tile}, overlap {overlap}, "
-          f"batch {batch_size}" + (", 8-fold test-time augmentation" if tta else ""))
+    say(f"predicting {len(inputs)} volume(s) with {model_path}: blocks {block}, {tiling.describe()}")
     with blocks.dask_client(workers, dask) as client:
         for source, target in zip(inputs, targets):
             target.parent.mkdir(parents=True, exist_ok=True)
-            stats = blocks.predict_volume(model_path, str(source), target, block, tile, overlap, batch_size, tta,
-                                          uint8, client=client, runtime=runtime)
+            stats = blocks.predict_volume(model_path, str(source), target, block=block, tiling=tiling, uint8=uint8,
+                                          client=client, runtime=runtime)
             say(f"wrote {target}: {stats['computed']} blocks computed, {stats['skipped']} skipped, "
-                  f"{stats['seconds']:.1f} s")
+                f"{stats['seconds']:.1f} s")
             if cells:
                 labels = _cells_path(target, ZARR_SUFFIX)
                 done = blocks.segment_volume(target, labels, how, params)
@@ -452,22 +482,24 @@ def run(args: argparse.Namespace) -> None:
         args.inputs = [*args.inputs, data.find_data_dir(args.data_dir) / data.TEST_FILE]
     if not args.inputs:
         raise ValueError("no input: name image files or folders, or use --challenge")
+    tiling = TileSettings(args.tile, args.overlap, args.batch_size, args.tta)
     if any(is_zarr(path) for path in [*args.inputs, args.out or ""]):
         if args.png or args.mask_tiff or args.overlay or args.cell_boundaries:
             raise ValueError("--png, --mask-tiff, --overlay and --cell-boundaries are for TIFF output; a zarr "
                              "output can be thresholded or drawn later")
-        predict_volumes(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta,
-                        args.uint8, args.block, args.workers, args.dask, args.cells, args.method, say=print,
-                        runtime=args.runtime)
+        predict_volumes(args.inputs, args.model, out=args.out, tiling=tiling, uint8=args.uint8,
+                        cells=args.cells, method=args.method, block=args.block, workers=args.workers, dask=args.dask,
+                        runtime=args.runtime, say=print)
         return
     for flag in ("block", "workers", "dask"):
         if getattr(args, flag) is not None:
             raise ValueError(f"--{flag} is for zarr output: give a .zarr input or --out NAME.zarr")
+    output = OutputSettings(args.uint8, args.png, args.mask_tiff, args.cells, args.method, args.overlay,
+                            args.cell_boundaries)
     if args.out and Path(args.out).suffix.lower() in TIFF_SUFFIXES:
         files.prepare_output(args.out)
-    predict_files(args.inputs, args.model, args.out, args.tile, args.overlap, args.batch_size, args.tta, args.uint8,
-                  args.png, args.mask_tiff, args.cells, args.method, args.overlay, args.runtime,
-                  args.cell_boundaries, say=print)
+    predict_files(args.inputs, args.model, out=args.out, tiling=tiling, output=output, runtime=args.runtime,
+                  say=print)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,29 +30,38 @@ ONNX_OPSET = 17
 INPUT_NAME = "raw"  # the input's name in the ONNX, SavedModel and bioimage.io exports
 PACKAGE_WEIGHTS = ("onnx", "keras_v3", "tensorflow_saved_model_bundle")  # the first one a package has is used
 PACKAGE_GAIN = 1 / 255  # the scaling to [0, 1] that predict.py applies before the model
+MODEL_KINDS = ("keras", "onnx", "package", "savedmodel")  # the formats `load_model` reads
+KIND_NAMES = {"keras": ".keras", "onnx": ".onnx", "package": "bioimage.io .zip", "savedmodel": "SavedModel folder"}
+
+
+def model_kind(path: str | os.PathLike) -> str | None:
+    """Return the format of the model at `path` by its name (one of MODEL_KINDS; a SavedModel is a folder holding
+    saved_model.pb), or None for anything else."""
+    path = Path(path)
+    if path.is_dir():
+        return "savedmodel" if (path / SAVEDMODEL_FILE).is_file() else None
+    return {KERAS_SUFFIX: "keras", ONNX_SUFFIX: "onnx", PACKAGE_SUFFIX: "package"}.get(path.suffix.lower())
 
 
 def is_model(path: str | os.PathLike) -> bool:
     """Return True if `path` is a model file or folder of a format `load_model` reads."""
-    path = Path(path)
-    if path.is_dir():
-        return (path / SAVEDMODEL_FILE).is_file()
-    return path.is_file() and path.suffix.lower() in (KERAS_SUFFIX, ONNX_SUFFIX, PACKAGE_SUFFIX)
+    return model_kind(path) is not None and Path(path).exists()
 
 
-def resolve_model(path: str | os.PathLike | None = None) -> Path:
-    """Return the model to use: `path` (.keras, .onnx, bioimage.io .zip or SavedModel folder), else DEFAULT_MODEL;
-    FileNotFoundError saying what to do if missing."""
-    if path is not None:
-        if not Path(path).is_file() and not (Path(path) / SAVEDMODEL_FILE).is_file():
-            raise FileNotFoundError(f"{path}: no such model file (train one with `python train.py`)")
-        return Path(path)
-    if not DEFAULT_MODEL.is_file():
-        raise FileNotFoundError(
-            f"no model given and the default {DEFAULT_MODEL} is not there; train one with "
-            "`python train.py` and pass --model runs/<run>/best.keras"
-        )
-    return DEFAULT_MODEL
+def resolve_model(path: str | os.PathLike | None = None, *, kinds: tuple[str, ...] = MODEL_KINDS) -> Path:
+    """Return the model to use, the one place that picks and checks a model path: `path`, else DEFAULT_MODEL;
+    FileNotFoundError saying what to do if it is missing, ValueError if it is none of `kinds` (what the caller runs)."""
+    if path is None and not DEFAULT_MODEL.is_file():
+        raise FileNotFoundError(f"no model given and the default {DEFAULT_MODEL} is not there; train one with "
+                                "`python train.py` and pass --model runs/<run>/best.keras")
+    path = DEFAULT_MODEL if path is None else Path(path)
+    if not path.is_file() and not (path / SAVEDMODEL_FILE).is_file():
+        raise FileNotFoundError(f"{path}: no such model file (train one with `python train.py`)")
+    names = [KIND_NAMES[kind] for kind in kinds]
+    if model_kind(path) not in kinds:
+        raise ValueError(f"{path}: not a model this project reads ({', '.join(names)})" if kinds == MODEL_KINDS
+                         else f"{path}: not a {' or '.join(names)} model, which this needs")
+    return path
 
 
 class OnnxModel:
@@ -153,16 +162,16 @@ def load_model(path: str | os.PathLike, precision: str | None = None):
     """Return the model at `path` for inference: a .keras file (in `precision`, see `model.load_model`),
     an .onnx file, a SavedModel folder or a bioimage.io package (.zip)."""
     path = Path(path)
-    if path.is_dir():
-        if not (path / SAVEDMODEL_FILE).is_file():
-            raise ValueError(f"{path}: a folder, but not a SavedModel (no {SAVEDMODEL_FILE} in it)")
+    kind = model_kind(path)
+    if path.is_dir() and kind is None:
+        raise ValueError(f"{path}: a folder, but not a SavedModel (no {SAVEDMODEL_FILE} in it)")
+    if kind == "savedmodel":
         return SavedModel(path)
-    suffix = path.suffix.lower()
-    if suffix == ONNX_SUFFIX:
+    if kind == "onnx":
         return OnnxModel(path)
-    if suffix == PACKAGE_SUFFIX:
+    if kind == "package":
         return load_package(path, precision)
-    if suffix != KERAS_SUFFIX:
+    if kind != "keras":
         raise ValueError(f"{path}: not a model this project reads (.keras, .onnx, bioimage.io .zip, SavedModel folder)")
     if path.is_file() and not zipfile.is_zipfile(path):  # Keras would call it "File not found"
         import files
@@ -171,88 +180,6 @@ def load_model(path: str | os.PathLike, precision: str | None = None):
     from model import load_model as load_keras  # Keras and TensorFlow load here
 
     return load_keras(path, precision=precision)
-
-
-def output_channels(model) -> int | None:
-    """Return how many channels a loaded model outputs (1: a membrane map, more: affinities); None if it does
-    not say."""
-    shape = getattr(model, "output_shape", None)
-    channels = shape[-1] if isinstance(shape, tuple) and shape else None
-    return channels if isinstance(channels, int) else None
-
-
-# ---------------------------------------------------------------- the model card
-
-CARD_SUFFIX = ".json"  # a model's card sits beside it: models/unet-isbi-cpu.json, runs/cpu/best.json
-
-
-def card_path(path: str | os.PathLike) -> Path:
-    """Return where the card of the model at `path` is (it may not exist yet)."""
-    path = Path(path)
-    return path.with_suffix(CARD_SUFFIX) if path.suffix else path.parent / (path.name + CARD_SUFFIX)
-
-
-def _json_object(path: Path) -> dict:
-    """Return the JSON object in the file `path`; DataError naming it if it holds something else."""
-    import files
-
-    try:
-        found = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as err:
-        raise files.DataError(f"{path}: not a JSON file ({files.error_reason(err)})") from err
-    if not isinstance(found, dict):
-        raise files.DataError(f"{path}: expected a JSON object, found {type(found).__name__}")
-    return found
-
-
-def model_card(path: str | os.PathLike) -> dict:
-    """Return the card of the model at `path` ({} if it has none); a model in a run folder without a card
-    of its own gets {'training': {'settings': the run's settings.json}}. DataError if the file is not a JSON object."""
-    card = card_path(path)
-    if card.is_file():
-        return _json_object(card)
-    settings = Path(path).parent / "settings.json"
-    return {"training": {"settings": _json_object(settings)}} if settings.is_file() else {}
-
-
-def _card_entry(path: str | os.PathLike, *keys) -> dict:
-    """Return the object at card[keys[0]][keys[1]]... of the model at `path` ({} where it is missing);
-    DataError naming the card if one of them is not an object."""
-    import files
-
-    entry = model_card(path)
-    for depth, key in enumerate(keys, 1):
-        entry = entry.get(key) or {}
-        if not isinstance(entry, dict):
-            raise files.DataError(f"{card_path(path)}: its {'.'.join(keys[:depth])} is not a JSON object")
-    return entry
-
-
-def recorded_offsets(path: str | os.PathLike):
-    """Return the affinity offsets the model at `path` predicts, as its card or its run's settings record them:
-    the training settings' distances, else the tuned segmentation's offsets; None when neither records any
-    (a membrane model, or the default offsets, affinities.OFFSETS)."""
-    import affinities
-
-    settings = _card_entry(path, "training", "settings")
-    if settings.get("target") == "affinities" and settings.get("offsets"):
-        return affinities.parse_offsets(str(settings["offsets"]))
-    tuned = _card_entry(path, "segmentation").get("offsets")
-    return affinities.check_offsets(tuned) if tuned else None
-
-
-def segmentation_for(path: str | os.PathLike, channels: int, method: str | None = None):
-    """Return (method, segment.SegmentParams, offsets or None) to cut the model's `channels`-channel outputs
-    into cells: the card's tuned choice (segment.tune via evaluate.py --tune), else the defaults (mws on
-    affinities, multicut on a membrane map); `method` overrides the card's method."""
-    import affinities
-    import segment
-
-    chosen = _card_entry(path, "segmentation")
-    offsets = affinities.offsets_for(channels, recorded_offsets(path)) if channels > 1 else None
-    method = method or chosen.get("method") or ("mws" if channels > 1 else "multicut")
-    params = _card_entry(path, "segmentation", "params") if chosen.get("method") == method else {}
-    return method, segment.SegmentParams.from_dict(params), offsets
 
 
 # ---------------------------------------------------------------- ONNX, and the fastest runtime
@@ -273,14 +200,20 @@ def environment_kept():
         os.environ.update(saved)
 
 
+def input_sections(model) -> int:
+    """Return how many sections (input channels) a loaded model takes per page: 1, or a page and its neighbours."""
+    return int(model.input_shape[-1] or 1)
+
+
 def write_onnx(model, dest: Path) -> Path:
-    """Write `model` as ONNX (opset ONNX_OPSET) with tf2onnx: input `raw` (batch, y, x, 1) float32 in [0, 1]."""
+    """Write `model` as ONNX (opset ONNX_OPSET) with tf2onnx: input `raw` (batch, y, x, sections) float32 in
+    [0, 1], sections = the model's input channels (1, or a page and its neighbours)."""
     import tensorflow as tf
 
     with environment_kept():
         import tf2onnx
 
-        spec = [tf.TensorSpec((None, None, None, 1), tf.float32, name=INPUT_NAME)]
+        spec = [tf.TensorSpec((None, None, None, input_sections(model)), tf.float32, name=INPUT_NAME)]
         function = tf.function(lambda x: model(x, training=False), input_signature=spec)
         tf2onnx.convert.from_function(function, input_signature=spec, opset=ONNX_OPSET, output_path=str(dest))
     return dest
@@ -328,7 +261,7 @@ def _onnx_model(path: Path, digest: str, fallback: bool) -> OnnxModel | None:
     Keras); without it, the conversion is made in a temporary folder and loaded from there.
     """
     import files
-    from model import fold_batch_norm, with_dtype_policy
+    from model import inference_model
 
     dest = cache_dir() / f"{digest}.onnx"
     if _cached_file(dest):
@@ -336,17 +269,15 @@ def _onnx_model(path: Path, digest: str, fallback: bool) -> OnnxModel | None:
             return OnnxModel(dest)
         except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for a broken file
             _warn(f"{dest}: a damaged cached ONNX conversion ({files.error_reason(err)}); converting the model again")
-    model = with_dtype_policy(fold_batch_norm(load_model(path)), "float32")
+    model = inference_model(load_model(path), float32=True)
     try:
         files.write_atomic(dest, lambda part: write_onnx(model, Path(part)))
         return OnnxModel(dest)
     except OSError as err:
+        then = "predicting with Keras" if fallback else "converting it for this run only"
+        _warn(f"{dest}: cannot keep the ONNX conversion in the runtime cache ({_os_reason(err)}); {then}")
         if fallback:
-            _warn(f"{dest}: cannot keep the ONNX conversion in the runtime cache ({_os_reason(err)}); "
-                  "predicting with Keras")
             return None
-        _warn(f"{dest}: cannot keep the ONNX conversion in the runtime cache ({_os_reason(err)}); "
-              "converting it for this run only")
         with tempfile.TemporaryDirectory(prefix="unet-isbi-onnx-") as folder:
             return OnnxModel(write_onnx(model, Path(folder) / "model.onnx"))  # onnxruntime holds it in memory
 
@@ -417,7 +348,7 @@ def _remember(path: Path, key: str, timing: dict) -> None:
 
 def _seconds_per_call(model, repeats: int = 3) -> float:
     """Return the best time (seconds) of `repeats` predictions of one tile, after a warm-up call."""
-    tile = np.random.default_rng(0).random((1, TIMING_SIDE, TIMING_SIDE, 1), dtype=np.float32)
+    tile = np.random.default_rng(0).random((1, TIMING_SIDE, TIMING_SIDE, input_sections(model)), dtype=np.float32)
     model.predict_on_batch(tile)
     times = []
     for _ in range(repeats):

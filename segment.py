@@ -32,6 +32,7 @@ from tqdm import tqdm
 import affinities
 import cli
 import files
+from data import normalize_images
 from scores import UNIFORM_CAUSES, cell_scores, label_boundaries, segment_cells, uniform_prediction
 
 METHODS = ("threshold", "multicut", "mws")
@@ -292,8 +293,7 @@ def overlay(image: np.ndarray, cells: np.ndarray, alpha: float = 0.4) -> np.ndar
     image, cells = np.asarray(image), np.asarray(cells)
     if image.shape != cells.shape or image.ndim != 2:
         raise ValueError(f"image and cells must be 2-D of one shape, got {image.shape}, {cells.shape}")
-    grey = image / np.iinfo(image.dtype).max if image.dtype.kind in "ui" else image.astype(np.float64)
-    rgb = np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=-1)
+    rgb = np.repeat(np.clip(normalize_images(image).astype(np.float64), 0.0, 1.0)[..., None], 3, axis=-1)
     ids, inverse = np.unique(cells, return_inverse=True)
     colour = np.random.default_rng(0).uniform(0.2, 1.0, (len(ids), 3))[inverse.reshape(cells.shape)]
     rgb = np.where((cells > 0)[..., None], (1.0 - alpha) * rgb + alpha * colour, rgb)
@@ -305,10 +305,7 @@ def overlay(image: np.ndarray, cells: np.ndarray, alpha: float = 0.4) -> np.ndar
 
 def read_probabilities(path: str | Path) -> np.ndarray:
     """Return a probability TIFF's pages as float32 (N, H, W); integer pages are divided by their type's maximum."""
-    stack = files.read_stack(path)
-    if stack.dtype.kind in "ui":
-        return (stack / np.iinfo(stack.dtype).max).astype(np.float32)
-    return stack.astype(np.float32)
+    return normalize_images(files.read_stack(path))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,6 +69,34 @@ def _axis_layout(size: int, tile: int, overlap: int, fit: bool) -> tuple[int, tu
     return tile, (before, after), starts
 
 
+def _check_geometry(tile: int, overlap: int) -> None:
+    """Raise ValueError unless `tile` is a positive multiple of 16 and 0 <= `overlap` < `tile` (pixels)."""
+    if tile < SIZE_MULTIPLE or tile % SIZE_MULTIPLE:
+        raise ValueError(f"tile must be a positive multiple of {SIZE_MULTIPLE}, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be at least 0 and smaller than the tile ({tile}), got {overlap}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TileSettings:
+    """How an image is tiled for prediction: tile side and overlap (pixels), tiles per model call, 8-fold TTA."""
+
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
+    batch_size: int = DEFAULT_BATCH_SIZE
+    tta: bool = False
+
+    def __post_init__(self):
+        _check_geometry(self.tile, self.overlap)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size}")
+
+    def describe(self) -> str:
+        """Return the settings in words: "tiles 576, overlap 64, batch 4[, 8-fold test-time augmentation]"."""
+        return (f"tiles {self.tile}, overlap {self.overlap}, batch {self.batch_size}"
+                + (", 8-fold test-time augmentation" if self.tta else ""))
+
+
 def tile_grid(
     shape: tuple[int, int], tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, fit: bool = True
 ) -> TileGrid:
@@ -83,10 +111,7 @@ def tile_grid(
     """
     if len(shape) != 2 or min(shape) < 1:
         raise ValueError(f"shape must be (height, width) of at least one pixel, got {shape}")
-    if tile < SIZE_MULTIPLE or tile % SIZE_MULTIPLE:
-        raise ValueError(f"tile must be a positive multiple of {SIZE_MULTIPLE}, got {tile}")
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be at least 0 and smaller than the tile ({tile}), got {overlap}")
+    _check_geometry(tile, overlap)
     (tile_h, pad_h, rows), (tile_w, pad_w, cols) = (_axis_layout(size, tile, overlap, fit) for size in shape)
     origins = tuple((y, x) for y in rows for x in cols)
     return TileGrid(tuple(shape), (tile_h, tile_w), overlap, (pad_h, pad_w), origins)
@@ -132,13 +157,25 @@ def _fixed_input_size(model) -> tuple[int, int] | None:
     return (height, width) if height is not None and width is not None else None
 
 
+def _check_sections(model, sections: int) -> None:
+    """Raise ValueError unless the predictor takes `sections` input channels (a page and its neighbours,
+    data.with_context), as far as it says (a plain function says nothing)."""
+    shape = getattr(model, "input_shape", None)
+    wanted = shape[-1] if shape is not None and len(shape) == 4 else None
+    if isinstance(wanted, int) and wanted != sections:
+        raise ValueError(f"the model takes {wanted} section(s) per page (each page with its neighbours, "
+                         f"data.with_context) but was given {sections}"
+                         + ("; predict a stack of pages, whose neighbours it sees" if sections == 1 else ""))
+
+
 def _predictor(model) -> Callable[[np.ndarray], np.ndarray]:
     """Return the function that maps a batch of tiles to the model's outputs."""
     return getattr(model, "predict_on_batch", model)
 
 
 def _predict_tiles(model, tiles: np.ndarray, tta: bool, offsets: Sequence | None = None) -> np.ndarray:
-    """Return the model's (N, H, W, C) outputs for (N, H, W, 1) tiles, averaged over the 8 flips if `tta`.
+    """Return the model's (N, H, W, C) outputs for (N, H, W, S) tiles (S sections: 1, or a page and its
+    neighbours), averaged over the 8 flips if `tta`.
 
     With C > 1 the channels are affinities along `offsets` (affinities.py), which a flip or turn permutes
     and negates: each view's answer is mapped back channel by channel (`affinities.undo_moved_affinities`).
@@ -180,14 +217,34 @@ def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
     return np.where(positions < size, positions, period - positions)
 
 
+def _blend(model, padded: np.ndarray, boxes: list[tuple[int, int]], grid: TileGrid, tiling: TileSettings, progress,
+           offsets) -> tuple[np.ndarray, np.ndarray]:
+    """Return (the sum of the tiles' outputs weighted by the blend window, the sum of the windows), float32
+    (H, W, C) and (H, W, 1), of the tiles starting at `boxes` (top, left) in the normalised `padded` image
+    ((H, W), or (H, W, sections))."""
+    tile_h, tile_w = grid.tile
+    window = blend_window(grid.tile, grid.overlap)[..., np.newaxis]
+    total = None
+    weight = np.zeros(padded.shape[:2] + (1,), np.float32)
+    for batch in _batches(boxes, tiling.batch_size):
+        tiles = np.stack([padded[y : y + tile_h, x : x + tile_w] for y, x in batch])
+        outputs = _predict_tiles(model, tiles if tiles.ndim == 4 else tiles[..., np.newaxis], tiling.tta, offsets)
+        if total is None:
+            total = np.zeros(padded.shape[:2] + outputs.shape[3:], np.float32)
+        for (y, x), probabilities in zip(batch, outputs):
+            total[y : y + tile_h, x : x + tile_w] += window * probabilities
+            weight[y : y + tile_h, x : x + tile_w] += window
+        if progress is not None:
+            progress.update(len(batch))
+    return total, weight
+
+
 def predict_region(
     model,
     page,
     region: tuple[tuple[int, int], tuple[int, int]],
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    tta: bool = False,
+    *,
+    tiling: TileSettings = TileSettings(),
     progress=None,
     offsets: Sequence | None = None,
 ) -> np.ndarray:
@@ -200,19 +257,21 @@ def predict_region(
     size. Only the pixels that the tiles touching the region need are read.
 
     Args:
-        model, tile, overlap, batch_size, tta, progress, offsets: as for `predict_image`.
+        model, tiling, progress, offsets: as for `predict_image`.
         page: a (height, width) array, or anything with `shape` and
-            ``page[rows, cols]`` slicing (e.g. a lazily read page of a zarr array).
+            ``page[rows, cols]`` slicing (e.g. a lazily read page of a zarr array); (height, width, sections)
+            for a model that sees each page with its neighbours (`data.with_context`).
         region: ((top, bottom), (left, right)) in page pixels, ends exclusive.
     """
-    if len(page.shape) != 2 or min(page.shape) < 1:
-        raise ValueError(f"expected one grey page of shape (height, width), got shape {tuple(page.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if len(page.shape) not in (2, 3) or min(page.shape) < 1:
+        raise ValueError(f"expected one grey page of shape (height, width), or (height, width, sections) with its "
+                         f"neighbours, got shape {tuple(page.shape)}")
+    _check_sections(model, 1 if len(page.shape) == 2 else page.shape[2])
+    tile, overlap = tiling.tile, tiling.overlap
     fixed = _fixed_input_size(model)
     if fixed is not None and fixed != (tile, tile):
         raise ValueError(f"the model only takes {fixed[0]}x{fixed[1]} inputs; use tile={fixed[0]}")
-    height, width = page.shape
+    height, width = page.shape[:2]
     (y0, y1), (x0, x1) = region
     if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
         raise ValueError(f"region {region} is empty or not inside the page of {height}x{width} pixels")
@@ -232,20 +291,8 @@ def predict_region(
     read = np.asarray(page[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1])
     padded = normalize_images(read)[np.ix_(rows - rows.min(), cols - cols.min())]
 
-    window = blend_window(grid.tile, overlap)[..., np.newaxis]
-    total = None
-    weight = np.zeros(padded.shape + (1,), np.float32)
-    for batch in _batches(origins, batch_size):
-        boxes = [(y - box_y0, x - box_x0) for y, x in batch]
-        tiles = np.stack([padded[y : y + tile_h, x : x + tile_w] for y, x in boxes])[..., np.newaxis]
-        outputs = _predict_tiles(model, tiles, tta, offsets)
-        if total is None:
-            total = np.zeros(padded.shape + outputs.shape[3:], np.float32)
-        for (y, x), probabilities in zip(boxes, outputs):
-            total[y : y + tile_h, x : x + tile_w] += window * probabilities
-            weight[y : y + tile_h, x : x + tile_w] += window
-        if progress is not None:
-            progress.update(len(batch))
+    boxes = [(y - box_y0, x - box_x0) for y, x in origins]
+    total, weight = _blend(model, padded, boxes, grid, tiling, progress, offsets)
     rows_out = slice(y0 + top - box_y0, y1 + top - box_y0)
     cols_out = slice(x0 + left - box_x0, x1 + left - box_x0)
     result = total[rows_out, cols_out] / weight[rows_out, cols_out]
@@ -255,10 +302,8 @@ def predict_region(
 def predict_image(
     model,
     image: np.ndarray,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    tta: bool = False,
+    *,
+    tiling: TileSettings = TileSettings(),
     progress=None,
     offsets: Sequence | None = None,
 ) -> np.ndarray:
@@ -269,46 +314,45 @@ def predict_image(
         model: a predictor (module docstring) mapping (N, H, W, 1) images in [0, 1] to
             (N, H, W, 1) probabilities, for H and W multiples of 16 (as `model.build_unet` makes).
         image: (H, W) or (H, W, 1), any size, any integer or float dtype; it is
-            normalised as for training (`data.normalize_images`).
-        tile: side of the square tiles in pixels, a multiple of 16. Must equal the
-            model's input size if it takes only one.
-        overlap: pixels shared by neighbouring tiles (and twice the mirrored border).
-        batch_size: tiles per model call.
-        tta: average the predictions of the 8 flips and quarter turns of each tile.
+            normalised as for training (`data.normalize_images`). (H, W, S) for a model that sees S sections
+            at once: the page and its neighbours (`data.with_context`).
+        tiling: the tile side (a multiple of 16, the model's input size if it takes only one), the overlap
+            of neighbouring tiles (twice the mirrored border), tiles per model call, and whether to average
+            the predictions of the 8 flips and quarter turns of each tile (`TileSettings`).
         progress: a tqdm bar (or anything with `update(n)`) advanced by the tiles done.
-        offsets: of an affinity model's channels, needed for `tta` when they are not `affinities.OFFSETS`.
+        offsets: of an affinity model's channels, needed for TTA when they are not `affinities.OFFSETS`.
 
-    Example: ``predict_image(model.load_model("runs/cpu/best.keras", precision="auto"), page, tile=256)``.
+    Example: ``predict_image(model.load_model("runs/cpu/best.keras", precision="auto"), page,
+    tiling=TileSettings(tile=256))``.
     """
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
-    if image.ndim != 2 or image.size == 0:
-        raise ValueError(f"expected one grey image of shape (height, width), got shape {image.shape}")
+    if image.ndim not in (2, 3) or image.size == 0:
+        raise ValueError(f"expected one grey image of shape (height, width), or (height, width, sections) with "
+                         f"its neighbours, got shape {image.shape}")
     whole = ((0, image.shape[0]), (0, image.shape[1]))
-    return predict_region(model, image, whole, tile, overlap, batch_size, tta, progress, offsets)
+    return predict_region(model, image, whole, tiling=tiling, progress=progress, offsets=offsets)
 
 
 def predict_stack(
     model,
     stack: np.ndarray,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    tta: bool = False,
+    *,
+    tiling: TileSettings = TileSettings(),
     desc: str | None = None,
     progress: bool = True,
     offsets: Sequence | None = None,
 ) -> np.ndarray:
-    """Return `predict_image` of each page of a (pages, H, W) stack, float32 (pages, H, W) or (pages, H, W, C);
-    shows a progress bar over tiles."""
+    """Return `predict_image` of each page of a (pages, H, W) stack, or of (pages, H, W, S) pages with their
+    neighbours (`data.with_context`), float32 (pages, H, W) or (pages, H, W, C); shows a progress bar over tiles."""
     stack = np.asarray(stack)
-    if stack.ndim != 3:
+    if stack.ndim not in (3, 4):
         raise ValueError(f"expected a stack of grey pages (pages, height, width), got shape {stack.shape}")
     fixed = _fixed_input_size(model)
-    tiles = len(tile_grid(stack.shape[1:], tile, overlap, fit=fixed is None).origins) * len(stack)
+    tiles = len(tile_grid(stack.shape[1:3], tiling.tile, tiling.overlap, fit=fixed is None).origins) * len(stack)
     with tqdm(total=tiles, desc=desc, unit="tile", disable=not progress) as bar:
-        return np.stack([predict_image(model, page, tile, overlap, batch_size, tta, bar, offsets) for page in stack])
+        return np.stack([predict_image(model, page, tiling=tiling, progress=bar, offsets=offsets) for page in stack])
 
 
 def to_uint8(probabilities: np.ndarray) -> np.ndarray:

@@ -21,11 +21,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-import affinities  # noqa: E402
+import cards  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import hardware  # noqa: E402
-import runtimes  # noqa: E402
 import segment  # noqa: E402
 
 
@@ -38,13 +37,12 @@ def rows_for(model: str, pages: list[int], data_dir: str | None) -> list[dict]:
     raw_images, raw_labels = data.load_isbi(data_dir)
     labels = data.binarize_labels(raw_labels)[pages]
     outputs = evaluate.outputs_for(model, raw_images, pages, runtime="keras")
-    probabilities = outputs if outputs.ndim == 3 else affinities.cell_map(outputs)
-    by_threshold = evaluate.score_pages(labels, probabilities)
+    io = cards.model_io(model)
+    by_threshold = evaluate.score_pages(labels, io.cell_map(outputs))
     rows = [{"model": model, "method": "best threshold (sweep)", "v_rand": [p["v_rand"] for p in by_threshold],
              "v_info": [p["v_info"] for p in by_threshold], "seconds": None}]
-    channels = 1 if outputs.ndim == 3 else outputs.shape[-1]
-    for method in ("threshold", "multicut") + (("mws",) if channels > 1 else ()):
-        how, params, offsets = runtimes.segmentation_for(model, channels, method)
+    for method in ("threshold", "multicut") + (("mws",) if io.is_affinities else ()):
+        how, params, offsets = io.segmentation(model, method)
         began = time.perf_counter()
         cells = segment.segment_stack(outputs, how, params, offsets)
         seconds = (time.perf_counter() - began) / len(pages)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import cards  # noqa: E402
 import data  # noqa: E402
 import hardware  # noqa: E402
 import runtimes  # noqa: E402
@@ -24,7 +25,7 @@ import tiling  # noqa: E402
 def main() -> int:
     images, _ = data.load_isbi(None)
     model, _ = runtimes.load_for_prediction(runtimes.DEFAULT_MODEL, "keras")
-    how, params, offsets = runtimes.segmentation_for(runtimes.DEFAULT_MODEL, 1, None)
+    how, params, offsets = cards.model_io(runtimes.DEFAULT_MODEL, model).segmentation(runtimes.DEFAULT_MODEL)
     tiling.predict_stack(model, images[[0]])  # warm-up
     print(f"{runtimes.DEFAULT_MODEL.name}, cells by {how}, on {hardware.describe()}")
     for page in data.TEST_PAGES:

@@ -104,6 +104,19 @@ def unet_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def context_unet_path(tmp_path_factory):
+    """Return the path of an untrained float32 U-Net of 2 filters that sees 3 sections (a page and its neighbours)."""
+    import keras
+
+    from model import build_unet
+
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("model") / "context3.keras"
+    build_unet((None, None, 3), filters=2).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def unet(unet_path):
     """Return the tiny model of `unet_path`, loaded for inference."""
     import runtimes

@@ -75,8 +75,9 @@ def test_tta_of_exact_affinities_returns_them_unchanged():
     def perfect_network(tiles):  # tiles of the label image itself stand in for the EM image
         return np.stack([affinities.affinities_of(affinities.cells_of(tile[..., 0] > 0.5)) for tile in tiles])
 
-    plain = tiling.predict_image(perfect_network, (label * 255).astype(np.uint8), tile=64, overlap=0)
-    tta = tiling.predict_image(perfect_network, (label * 255).astype(np.uint8), tile=64, overlap=0, tta=True)
+    image = (label * 255).astype(np.uint8)
+    plain = tiling.predict_image(perfect_network, image, tiling=tiling.TileSettings(64, 0))
+    tta = tiling.predict_image(perfect_network, image, tiling=tiling.TileSettings(64, 0, tta=True))
     np.testing.assert_array_equal(plain, affinities.affinities_of(cells))
     np.testing.assert_allclose(tta, plain, atol=1e-6)
 

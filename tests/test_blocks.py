@@ -11,9 +11,11 @@ import files
 import predict
 import runtimes
 import tiling
+from tiling import TileSettings
 
 TILE, OVERLAP = 64, 16  # many tiles on the small pages below
-SETTINGS = dict(tile=TILE, overlap=OVERLAP, batch_size=3, progress=False)
+TILING = TileSettings(TILE, OVERLAP, batch_size=3)
+SETTINGS = dict(tiling=TILING, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def volume():
 
 @pytest.fixture(scope="module")
 def expected(block_model, volume):
-    return tiling.predict_stack(block_model, volume, TILE, OVERLAP, progress=False)
+    return tiling.predict_stack(block_model, volume, tiling=TILING, progress=False)
 
 
 @pytest.fixture
@@ -58,23 +60,23 @@ def test_reflect_indices_equal_numpy_reflect_padding(size, pad):
 )
 def test_a_region_gets_the_values_of_the_whole_page_prediction(block_model, volume, expected, region):
     (y0, y1), (x0, x1) = region
-    result = tiling.predict_region(block_model, volume[1], region, TILE, OVERLAP, batch_size=3)
+    result = tiling.predict_region(block_model, volume[1], region, tiling=TILING)
     assert result.shape == (y1 - y0, x1 - x0) and result.dtype == np.float32
     np.testing.assert_allclose(result, expected[1, y0:y1, x0:x1], atol=1e-5)
 
 
 def test_a_region_of_a_page_smaller_than_its_padding(block_model):
     page = np.random.default_rng(1).integers(0, 256, (5, 7)).astype(np.uint8)  # mirrored several times over
-    whole = tiling.predict_image(block_model, page, TILE, OVERLAP)
-    np.testing.assert_allclose(tiling.predict_region(block_model, page, ((2, 5), (1, 4)), TILE, OVERLAP), whole[2:, 1:4],
-                               atol=1e-5)
+    whole = tiling.predict_image(block_model, page, tiling=TILING)
+    np.testing.assert_allclose(tiling.predict_region(block_model, page, ((2, 5), (1, 4)), tiling=TILING),
+                               whole[2:, 1:4], atol=1e-5)
 
 
 def test_a_region_outside_the_page_is_refused(block_model, volume):
     with pytest.raises(ValueError, match="not inside the page"):
-        tiling.predict_region(block_model, volume[0], ((0, 151), (0, 10)), TILE, OVERLAP)
+        tiling.predict_region(block_model, volume[0], ((0, 151), (0, 10)), tiling=TILING)
     with pytest.raises(ValueError, match="empty"):
-        tiling.predict_region(block_model, volume[0], ((5, 5), (0, 10)), TILE, OVERLAP)
+        tiling.predict_region(block_model, volume[0], ((5, 5), (0, 10)), tiling=TILING)
 
 
 # ---------------------------------------------------------------- volumes
@@ -129,14 +131,16 @@ def test_a_block_without_its_marker_is_predicted_again(unet_path, source, expect
     np.testing.assert_allclose(read(target), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("change", [dict(tile=128), dict(block=50), dict(uint8=True), dict(tta=True)])
-def test_resuming_with_other_settings_is_refused(unet_path, source, tmp_path, change):
+@pytest.mark.parametrize("change, saved_as", [
+    (dict(tiling=TileSettings(128, OVERLAP, 3)), "tile"), (dict(tiling=TileSettings(TILE, 8, 3)), "overlap"),
+    (dict(tiling=TileSettings(TILE, OVERLAP, 3, tta=True)), "tta"), (dict(block=50), "block"),
+    (dict(uint8=True), "dtype"),
+])
+def test_resuming_with_other_settings_is_refused(unet_path, source, tmp_path, change, saved_as):
     target = tmp_path / "out.zarr"
     settings = {**SETTINGS, "block": 100}
     with pytest.raises(KeyboardInterrupt):  # one block written
         blocks.predict_volume(unet_path, source, target, on_block=_interrupt, **settings)
-    key = next(iter(change))
-    saved_as = "dtype" if key == "uint8" else key
     with pytest.raises(ValueError, match=f"holds a prediction made with {saved_as}="):
         blocks.predict_volume(unet_path, source, target, **{**settings, **change})
 
@@ -269,3 +273,45 @@ def test_cells_record_their_prediction_and_refuse_one_of_another_model(unet_path
     blocks.predict_volume(other, source, prediction, block=100, **SETTINGS)
     with pytest.raises(ValueError, match="cells.zarr holds a prediction made with prediction.model="):
         blocks.segment_volume(prediction, cells, "threshold", progress=False)
+
+
+# ---------------------------------------------------------------- models
+
+def test_a_savedmodel_folder_is_taken_alike_by_predict_and_blocks(unet_path, volume, tmp_path, capsys):
+    import export
+
+    saved = export.write_savedmodel(runtimes.load_model(unet_path), tmp_path / "tiny-savedmodel")
+    page = tmp_path / "page.tif"
+    tifffile.imwrite(page, volume[0], photometric="minisblack")
+    assert predict.main([str(page), "--model", str(saved), "--tile", str(TILE), "--overlap", str(OVERLAP),
+                         "--out", str(tmp_path / "page-prediction.tif")]) == 0
+    stats = blocks.predict_volume(saved, volume[:1], tmp_path / "page.zarr", block=100, **SETTINGS)
+    assert stats["computed"] == 6
+    np.testing.assert_allclose(read(tmp_path / "page.zarr")[0], tifffile.imread(tmp_path / "page-prediction.tif"),
+                               atol=1e-6)
+    recorded = blocks.made_with(zarr.open_array(str(tmp_path / "page.zarr"), mode="r"))
+    assert recorded["model"] == str(saved.resolve()) and recorded["model_sha256"] == blocks.model_digest(saved)
+    # a folder that holds no SavedModel: both refuse it with the resolver's words
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no such model file"):
+        predict.predict_files([page], tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="empty: no such model file"):
+        blocks.predict_volume(tmp_path / "empty", volume, tmp_path / "other.zarr", **SETTINGS)
+
+
+def test_a_retrained_savedmodel_gets_another_digest(unet_path, tmp_path):
+    import export
+
+    from model import build_unet
+
+    first = export.write_savedmodel(runtimes.load_model(unet_path), tmp_path / "first")
+    other = export.write_savedmodel(build_unet((None, None, 1), filters=3), tmp_path / "other")
+    assert blocks.model_digest(first) != blocks.model_digest(other)
+    assert blocks.model_digest(unet_path) == files.sha256(unet_path)
+
+
+def test_zarr_output_refuses_a_model_that_needs_neighbouring_sections(context_unet_path, tmp_path):
+    volume = zarr.open(str(tmp_path / "in.zarr"), mode="w", shape=(2, 64, 64), dtype="uint8")
+    with pytest.raises(ValueError, match="neighbouring sections"):
+        blocks.predict_volume(context_unet_path, str(tmp_path / "in.zarr"), tmp_path / "out.zarr")
+    assert volume.shape == (2, 64, 64) and not (tmp_path / "out.zarr").exists()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 
+import cards
 import data
 import evaluate
 import files
@@ -14,6 +15,7 @@ import hardware
 import runtimes
 import segment
 import tiling
+from tiling import TileSettings
 from scores import challenge_scores, pixel_difference_np, segment_cells
 
 
@@ -152,9 +154,10 @@ def test_tuning_on_the_validation_pages_goes_into_the_card_that_prediction_reads
     card = json.loads((tmp_path / "model.json").read_text())
     assert card["segmentation"] == chosen and chosen["tuned_on"]["pages"] == list(data.VALIDATION_PAGES)
     assert chosen["method"] == "multicut" and 0.9 < chosen["tuned_on"]["v_rand"] <= 1
-    method, params, offsets = runtimes.segmentation_for(model, channels=1)
+    io = cards.model_io(model)
+    method, params, offsets = io.segmentation(model)
     assert (method, params.as_dict(), offsets) == ("multicut", chosen["params"], None)
-    assert runtimes.segmentation_for(model, channels=1, method="threshold")[1] == segment.SegmentParams()
+    assert io.segmentation(model, method="threshold")[1] == segment.SegmentParams()
 
 
 def test_a_runs_model_shown_as_results_has_its_cells_tuned_once_and_the_shipped_one_is_left_as_it_is(
@@ -172,10 +175,10 @@ def test_a_runs_model_shown_as_results_has_its_cells_tuned_once_and_the_shipped_
     stamp = (run / "best.json").stat().st_mtime_ns
     evaluate.model_for_results(run, tune_cells=True, data_dir=isbi_dir)
     assert (run / "best.json").stat().st_mtime_ns == stamp  # tuned already: the card is kept
-    shipped_card = runtimes.card_path(runtimes.DEFAULT_MODEL).read_bytes()
+    shipped_card = cards.card_path(runtimes.DEFAULT_MODEL).read_bytes()
     with pytest.warns(UserWarning, match="holds no trained model"):
         assert evaluate.model_for_results(tmp_path / "empty", tune_cells=True) == runtimes.DEFAULT_MODEL
-    assert runtimes.card_path(runtimes.DEFAULT_MODEL).read_bytes() == shipped_card
+    assert cards.card_path(runtimes.DEFAULT_MODEL).read_bytes() == shipped_card
 
 
 # ---------------------------------------------------------------- nothing lost, refusals first
@@ -187,7 +190,7 @@ def test_tuning_refuses_a_page_out_of_range_before_writing_the_card(unet_path, i
     shutil.copy(unet_path, model)
     assert evaluate.main([str(model), "--data-dir", str(isbi_dir), "--tune", "--pages", "99"]) == 1
     assert "error: pages must lie in 0..29, got [99]" in capsys.readouterr().err
-    assert not runtimes.card_path(model).exists()
+    assert not cards.card_path(model).exists()
 
 
 def test_outputs_over_the_model_its_card_or_the_data_are_refused(unet_path, isbi_dir, tmp_path, capsys):
@@ -199,9 +202,9 @@ def test_outputs_over_the_model_its_card_or_the_data_are_refused(unet_path, isbi
         shutil.copy(isbi_dir / name, data_dir / name)
     model = tmp_path / "model.keras"
     shutil.copy(unet_path, model)
-    runtimes.card_path(model).write_text("{}")
-    kept = {path: path.read_bytes() for path in (model, runtimes.card_path(model), data_dir / data.LABELS_FILE)}
-    for flag, output in (("--out", model), ("--out", runtimes.card_path(model)),
+    cards.card_path(model).write_text("{}")
+    kept = {path: path.read_bytes() for path in (model, cards.card_path(model), data_dir / data.LABELS_FILE)}
+    for flag, output in (("--out", model), ("--out", cards.card_path(model)),
                          ("--grid", data_dir / data.LABELS_FILE)):
         assert evaluate.main([str(model), "--data-dir", str(data_dir), flag, str(output)]) == 1
         err = capsys.readouterr().err
@@ -225,9 +228,23 @@ def test_test_time_augmentation_of_an_affinity_model_uses_its_recorded_offsets(i
 
     model_path = affinity_model(tmp_path / "run", "1,5")
     images, _ = data.load_isbi(isbi_dir)
-    outputs = evaluate.outputs_for(model_path, images, [0], tta=True)
+    outputs = evaluate.outputs_for(model_path, images, [0], tiling=TileSettings(tta=True))
     model = runtimes.load_model(model_path, precision="auto")
-    expected = tiling.predict_stack(model, images[[0]], tta=True, progress=False,
+    expected = tiling.predict_stack(model, images[[0]], tiling=TileSettings(tta=True), progress=False,
                                     offsets=affinities.parse_offsets("1,5"))
     assert outputs.shape == (1, 512, 512, 4)
     np.testing.assert_allclose(outputs, expected, atol=1e-5)
+
+
+def test_a_savedmodel_folder_is_scored_as_its_keras_model_and_a_folder_of_nothing_is_refused(unet_path, isbi_dir,
+                                                                                              tmp_path, capsys):
+    import export
+
+    saved = export.write_savedmodel(runtimes.load_model(unet_path), tmp_path / "tiny-savedmodel")
+    result = evaluate.evaluate(saved, isbi_dir, pages=[0], cells=False)
+    images, _ = data.load_isbi(isbi_dir)
+    float32 = tiling.predict_stack(runtimes.load_model(unet_path), images[[0]], progress=False)  # as exported
+    np.testing.assert_allclose(result["predictions"], float32, atol=1e-5)
+    (tmp_path / "empty").mkdir()
+    assert evaluate.main([str(tmp_path / "empty"), "--data-dir", str(isbi_dir)]) == 1
+    assert "empty: no such model or TIFF file" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import tiff
 import tifffile
 import zarr
 
@@ -155,3 +156,30 @@ def test_predict_with_exported_onnx_or_package_matches_keras_to_tiff_and_zarr(pa
         volume = tmp_path / f"{model.suffix[1:]}.zarr"
         assert predict.main([str(test_page), "--model", str(model), "--out", str(volume), "--block", "64"]) == 0
         np.testing.assert_allclose(zarr.open_array(volume)[0], expected, atol=export.TOLERANCE)
+
+
+def test_only_a_keras_model_is_exported_and_anything_else_is_named_before_writing(tmp_path, capsys):
+    onnx = tmp_path / "tiny.onnx"
+    onnx.write_bytes(b"refused by its kind, never read")
+    for model, words in ((onnx, "tiny.onnx: not a .keras model"), (tmp_path / "none.keras", "no such model file")):
+        assert export.main(["--format", "onnx", "--model", str(model), "--out", str(tmp_path / "out.onnx")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_context_model_exports_with_its_sections_named_and_checked(context_unet_path, isbi_dir, tmp_path):
+    from bioimageio.spec import load_model_description
+
+    tiff(tmp_path / "stack.tif", files.read_stack(isbi_dir / data.TEST_FILE)[:3, :PAGE, :PAGE])
+    out = tmp_path / "context.zip"
+    result = export.export_model(context_unet_path, "bioimageio", out, test_image=tmp_path / "stack.tif")
+    assert result["model_test"] == "passed" and result["largest_difference"] <= export.TOLERANCE
+    (tensor,) = load_model_description(out, format_version="latest").inputs
+    assert [str(name) for name in tensor.axes[3].channel_names] == ["section_m1", "section_0", "section_p1"]
+    test_input = np.load(tensor.test_tensor.get_reader())
+    pages = files.read_stack(tmp_path / "stack.tif")
+    np.testing.assert_array_equal(test_input[0], np.stack([pages[1], pages[0], pages[1]], -1))  # page -1 mirrored
+    onnx = export.export_model(context_unet_path, "onnx", tmp_path / "context.onnx", test_image=tmp_path / "stack.tif")
+    assert onnx["largest_difference"] <= export.TOLERANCE
+    assert runtimes.load_model(tmp_path / "context.onnx").input_shape[-1] == 3

@@ -116,6 +116,25 @@ def test_architecture_diagram_names_every_block_with_its_width_and_side():
     assert any("BN" in t for t in texts)
 
 
+def test_a_runs_architecture_has_the_outputs_of_its_model_or_else_of_its_settings(tmp_path):
+    import json
+
+    from model import build_unet
+
+    def out_text(run):
+        return next(t.get_text() for t in figures.run_architecture(run).axes[0].texts if t.get_text().startswith("OUT"))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "settings.json").write_text(json.dumps({"filters": 8, "target": "affinities", "offsets": "1,3"}))
+    assert out_text(run).endswith("sigmoid, 4 channels")  # no model yet: its settings say
+    (run / "settings.json").write_text(json.dumps({"filters": 8}))
+    build_unet((None, None, 1), filters=2, out_channels=2, head_filters=2).save(run / "best.keras")
+    (run / "best.json").write_text(json.dumps({"segmentation": {"offsets": [[-1, 0], [0, -1]]}}))
+    assert out_text(run).endswith("sigmoid, 2 channels")  # the model's own outputs
+    assert out_text(tmp_path / "nothing").endswith("sigmoid, 1 channel")  # the original's
+
+
 def test_results_grid_refuses_rows_of_different_lengths():
     with pytest.raises(ValueError, match="3 images, 2 labels"):
         figures.results_grid(np.zeros((3, 16, 16)), np.zeros((2, 16, 16)), np.zeros((3, 16, 16)))

@@ -167,6 +167,21 @@ def test_folding_the_normalisation_into_the_convolutions_keeps_the_outputs_and_d
     assert fold_batch_norm(plain) is plain
 
 
+def test_the_float32_inference_model_is_folded_without_optimizer_whatever_the_models_precision():
+    from model import inference_model
+
+    model = build_unet((None, None, 1), filters=4, batch_norm=True, dtype_policy="mixed_bfloat16")
+    model.compile("adam", "binary_crossentropy")
+    portable = inference_model(model, float32=True)
+    assert {layer.compute_dtype for layer in portable.layers if layer.weights} == {"float32"}
+    assert not [layer.name for layer in portable.layers if layer.name.endswith("_bn")]
+    assert getattr(portable, "optimizer", None) is None
+    x = np.random.default_rng(0).random((1, 32, 48, 1)).astype(np.float32)
+    reference = with_dtype_policy(model, "float32").predict_on_batch(x)  # unfolded, in float32
+    np.testing.assert_allclose(portable.predict_on_batch(x), reference, atol=2e-5)
+    assert inference_model(model).get_layer("CNT_1_conv_1").compute_dtype == "bfloat16"  # its own precision kept
+
+
 def test_the_fused_normalisation_computes_what_keras_batch_normalization_does():
     from model import FusedBatchNormalization
 

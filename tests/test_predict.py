@@ -11,6 +11,7 @@ import files
 import predict
 import runtimes
 import tiling
+from tiling import TileSettings
 
 # ---------------------------------------------------------------- reading and writing
 
@@ -52,6 +53,31 @@ def test_a_missing_default_model_says_how_to_get_one(tmp_path, monkeypatch):
         runtimes.resolve_model(None)
 
 
+def test_output_settings_check_their_combinations_and_name_every_file_they_write(tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'watershed'"):
+        predict.OutputSettings(cells=True, method="watershed")
+    with pytest.raises(ValueError, match="draw the cells: add --cells"):
+        predict.OutputSettings(boundaries=True)
+    target = tmp_path / "stack-prediction.tif"
+    everything = predict.OutputSettings(png=True, mask_tiff=True, cells=True, overlay=True, boundaries=True)
+    assert [path.name for path in everything.paths(target, 2)] == [
+        "stack-prediction.tif", "stack-prediction-0.png", "stack-prediction-1.png", "stack-prediction-mask.tif",
+        "stack-cells.tif", "stack-cells.png", "stack-cells-boundaries.tif"]
+    assert predict.OutputSettings().paths(target, 2) == [target]
+
+
+@pytest.mark.filterwarnings("ignore:.*the prediction is \\(nearly\\) uniform")  # an untrained tiny model
+def test_predict_files_takes_its_settings_as_two_bundles(tmp_path, unet_path):
+    source = tiff(tmp_path / "page.tif", picture((40, 48)))
+    lines = []
+    (written,) = predict.predict_files([source], unet_path, tiling=TileSettings(64, 16, batch_size=2),
+                                       output=predict.OutputSettings(uint8=True, mask_tiff=True), say=lines.append)
+    assert tifffile.imread(written).dtype == np.uint8 and (tmp_path / "page-prediction-mask.tif").is_file()
+    assert any(line.endswith(": tiles 64, overlap 16, batch 2") for line in lines), lines
+    with pytest.raises(TypeError):
+        predict.predict_files([source], unet_path, tmp_path)  # out and what follows it: keywords only
+
+
 # ---------------------------------------------------------------- command line
 
 def test_command_line_writes_a_prediction_beside_the_input(tmp_path, unet_path, capsys):
@@ -61,9 +87,9 @@ def test_command_line_writes_a_prediction_beside_the_input(tmp_path, unet_path, 
     written = tmp_path / "volume-prediction.tif"
     result = tifffile.imread(written)
     assert result.shape == (2, 40, 70) and result.dtype == np.float32
-    np.testing.assert_allclose(
-        result[0], tiling.predict_image(runtimes.load_model(unet_path, precision="auto"), picture((2, 40, 70))[0], 64, 16), atol=1e-6
-    )
+    model = runtimes.load_model(unet_path, precision="auto")
+    expected = tiling.predict_image(model, picture((2, 40, 70))[0], tiling=TileSettings(64, 16))
+    np.testing.assert_allclose(result[0], expected, atol=1e-6)
     assert f"wrote {written}" in capsys.readouterr().out
 
 
@@ -288,7 +314,8 @@ def test_test_time_augmentation_of_an_affinity_model_moves_the_offsets_its_run_r
     assert predict.main([str(page), "--model", str(model_path), *SMALL, "--tta", "--cells"]) == 0
     model = runtimes.load_model(model_path, precision="auto")
     offsets = affinities.parse_offsets("1,3")
-    expected = affinities.cell_map(tiling.predict_image(model, picture((40, 48)), 64, 16, tta=True, offsets=offsets))
+    expected = affinities.cell_map(tiling.predict_image(model, picture((40, 48)), tiling=TileSettings(64, 16, tta=True),
+                                                        offsets=offsets))
     np.testing.assert_allclose(tifffile.imread(tmp_path / "page-prediction.tif"), expected, atol=1e-5)
     assert "(mws;" in capsys.readouterr().out
     zarr_out = ["--out", str(tmp_path / "p.zarr")]
@@ -318,3 +345,16 @@ def test_zarr_cells_of_another_models_prediction_are_refused_not_kept(tmp_path, 
     assert predict.main(argv) == 1
     one_error_line(capsys, "two-cells.zarr holds a prediction made with prediction.model_sha256=")
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "two-cells.zarr"), mode="r")[:], cells)
+
+
+def test_a_context_model_predicts_a_stack_with_neighbours_and_refuses_a_single_page(context_unet_path, tmp_path):
+    stack = (picture((3, 64, 64), seed=5) * 255).astype(np.uint8)
+    source = tiff(tmp_path / "stack.tif", stack)
+    settings = TileSettings(tile=64, overlap=16)
+    (target,) = predict.predict_files([source], context_unet_path, tiling=settings)
+    model = runtimes.load_model(context_unet_path)
+    expected = tiling.predict_stack(model, data.with_context(stack, 3), tiling=settings, progress=False)
+    np.testing.assert_allclose(tifffile.imread(target), expected, atol=2e-3)  # the runtime may compute in bf16
+    single = tiff(tmp_path / "page.tif", stack[0])
+    with pytest.raises(files.DataError, match="one page, but the model sees 3 sections"):
+        predict.predict_files([single], context_unet_path, tiling=settings)

@@ -8,35 +8,85 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import affinities
+import cards
 import runtimes
 import segment
 
 
 def test_card_path_sits_beside_the_model():
-    assert runtimes.card_path("models/unet-isbi-cpu.keras").as_posix() == "models/unet-isbi-cpu.json"
-    assert runtimes.card_path("dist/savedmodel").as_posix() == "dist/savedmodel.json"
+    assert cards.card_path("models/unet-isbi-cpu.keras").as_posix() == "models/unet-isbi-cpu.json"
+    assert cards.card_path("dist/savedmodel").as_posix() == "dist/savedmodel.json"
 
 
 def test_without_a_card_a_membrane_model_gets_the_multicut_and_an_affinity_model_the_mutex_watershed(tmp_path):
     model = tmp_path / "best.keras"
-    assert runtimes.model_card(model) == {}
-    assert runtimes.segmentation_for(model, 1) == ("multicut", segment.SegmentParams(), None)
-    assert runtimes.segmentation_for(model, 8) == ("mws", segment.SegmentParams(), affinities.OFFSETS)
+    assert cards.model_card(model) == {}
+    assert cards.ModelIO().segmentation(model) == ("multicut", segment.SegmentParams(), None)
+    assert cards.ModelIO(channels=8).segmentation(model) == ("mws", segment.SegmentParams(), affinities.OFFSETS)
     with pytest.raises(ValueError, match="4 channels but 8 offsets"):
-        runtimes.segmentation_for(model, 4)
+        cards.ModelIO(channels=4)
 
 
 def test_a_run_folder_gives_its_offsets_and_a_card_its_tuned_parameters(tmp_path):
     model = tmp_path / "best.keras"
     (tmp_path / "settings.json").write_text(json.dumps({"target": "affinities", "offsets": "1,3"}))
-    method, params, offsets = runtimes.segmentation_for(model, 4)
+    io = cards.model_io(model)  # not written yet: the run's settings say
+    assert io == cards.ModelIO(1, 4, ((-1, 0), (0, -1), (-3, 0), (0, -3))) and io.is_affinities
+    method, params, offsets = io.segmentation(model)
     assert method == "mws" and offsets == ((-1, 0), (0, -1), (-3, 0), (0, -3))
     card = {"segmentation": {"method": "mws", "params": {"min_size": 25, "strides": [1, 1]}},
             "training": {"settings": {"target": "affinities", "offsets": "1,3"}}}
-    runtimes.card_path(model).write_text(json.dumps(card))
-    assert runtimes.segmentation_for(model, 4)[1] == segment.SegmentParams(min_size=25, strides=(1, 1))
+    cards.card_path(model).write_text(json.dumps(card))
+    assert io.segmentation(model)[1] == segment.SegmentParams(min_size=25, strides=(1, 1))
     # another method asked for: its own defaults, not the parameters tuned for mws
-    assert runtimes.segmentation_for(model, 4, "multicut")[:2] == ("multicut", segment.SegmentParams())
+    assert io.segmentation(model, "multicut")[:2] == ("multicut", segment.SegmentParams())
+
+
+def test_model_io_reads_the_channels_of_a_file_or_a_loaded_model_and_the_offsets_its_run_recorded(tmp_path, unet_path):
+    import numpy as np
+
+    from model import build_unet
+
+    membrane = cards.model_io(unet_path)
+    assert membrane == cards.ModelIO(1, 1, None) and not membrane.is_affinities
+    assert membrane.describe() == "probability of cell (1) against membrane (0), float32"
+    maps = np.random.default_rng(0).random((2, 5, 6)).astype(np.float32)
+    assert membrane.cell_map(maps) is maps
+    np.testing.assert_array_equal(membrane.cell_map(maps[..., None], raw=True), maps)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    build_unet((None, None, 1), filters=2, out_channels=4).save(run / "best.keras")
+    with pytest.raises(ValueError, match="4 channels but 8 offsets"):  # nothing records its offsets
+        cards.model_io(run / "best.keras")
+    (run / "settings.json").write_text(json.dumps({"target": "affinities", "offsets": "1,3"}))
+    from_file = cards.model_io(run / "best.keras")
+    loaded = cards.model_io(run / "best.keras", runtimes.load_model(run / "best.keras"))
+    assert from_file == loaded == cards.ModelIO(1, 4, affinities.parse_offsets("1,3"))
+    affs = np.random.default_rng(1).random((2, 5, 6, 4)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.cell_map(affs), affinities.cell_map(affs))
+    assert loaded.describe().startswith("4 affinity channels, float32") and "(-3, 0)" in loaded.describe()
+
+
+def test_model_io_refuses_what_no_model_gives():
+    with pytest.raises(ValueError, match="at least one channel"):
+        cards.ModelIO(channels=0)
+    with pytest.raises(ValueError, match="has no offsets"):
+        cards.ModelIO(channels=1, offsets=affinities.OFFSETS[:1])
+
+
+def test_resolve_model_names_what_is_missing_and_what_the_caller_cannot_run(tmp_path, unet_path):
+    assert runtimes.resolve_model(unet_path) == unet_path
+    with pytest.raises(FileNotFoundError, match="none.keras: no such model file"):
+        runtimes.resolve_model(tmp_path / "none.keras")
+    (tmp_path / "weights.h5").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"weights.h5: not a model this project reads \(.keras, .onnx"):
+        runtimes.resolve_model(tmp_path / "weights.h5")
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / runtimes.SAVEDMODEL_FILE).write_bytes(b"")
+    assert runtimes.resolve_model(tmp_path / "saved") == tmp_path / "saved"
+    with pytest.raises(ValueError, match="saved: not a .keras model, which this needs"):
+        runtimes.resolve_model(tmp_path / "saved", kinds=("keras",))
 
 
 def test_onnx_predicts_within_1e_4_of_keras_in_float32(unet_path):
