@@ -45,9 +45,9 @@ def test_a_merge_is_found_and_explained_by_the_edges_that_were_called_same_cell(
     clean = affinity_errors.boundary_evidence(truth, label, (a, b), OFFSETS)
     assert clean["gap"] == 0 and clean["per_offset"][3]["cut"] == 1.0
     leaky = truth.copy()
-    leaky[10:14, :, 1] = 1.0  # a 4-row hole in the wall, in the nearest horizontal channel only
+    leaky[10:18, :, 1] = 1.0  # an 8-row hole in the wall, in the nearest horizontal channel only
     found = affinity_errors.boundary_evidence(leaky, label, (a, b), OFFSETS)
-    assert 0 < found["gap"] < 0.2 and found["weakest"] == 1.0
-    assert affinity_errors.gap_mask(leaky, label, pairs)[11, 20]
+    assert 0 < found["gap"] < 0.2 and found["weakest"] == 1.0  # rows 12-15: no cut within 2 px
+    assert affinity_errors.gap_mask(leaky, label, pairs)[14, 20] and not affinity_errors.gap_mask(truth, label, pairs).any()
     separate = np.where(np.arange(40)[None, :] < 20, 1, 2) * np.ones((40, 1), np.int32)
     assert affinity_errors.merged_pairs(separate, label, min_cell=50) == []
