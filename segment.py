@@ -160,19 +160,57 @@ def multicut_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
     return _renumbered(features.project_node_labels_to_pixels(rag, superpixels, np.asarray(nodes) + 1))
 
 
-def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSETS) -> np.ndarray:
-    """Return the (H, W) uint32 cells of (H, W, K) affinities (1 = same cell) by the mutex watershed; no 0 label."""
-    from elf.segmentation import mutex_watershed, watershed  # here: elf.segmentation loads scikit-learn (3 s)
+MWS_TILE = 2048  # pixels: a larger page is cut tile by tile and stitched, so that memory stays bounded
+
+
+def _mws_tile(affs: np.ndarray, params: SegmentParams, offsets) -> np.ndarray:
+    """Return the (H, W) uint32 segments of one tile's (H, W, K) affinities by the mutex watershed, numbered from 1."""
+    from elf.segmentation import mutex_watershed  # here: elf.segmentation loads scikit-learn (3 s)
+
+    # elf takes channels first in the boundary convention (1 = cut), and overwrites them
+    cuts = np.ascontiguousarray(1.0 - np.asarray(affs).transpose(2, 0, 1), dtype=np.float32)
+    seg = mutex_watershed.mutex_watershed(cuts, [list(o) for o in offsets], list(params.strides))
+    return _renumbered(seg + 1)  # + 1: a segment may be numbered 0
+
+
+def _mws_stitched(affs, params: SegmentParams, offsets, tile: int) -> np.ndarray:
+    """Return the (H, W) segments of a page larger than `tile`: each tile with a halo as long as the longest
+    offset is cut on its own, then segments that overlap in the halos are joined (elf's stitching, a multicut)."""
+    from elf.segmentation import stitching
+
+    halo = max(abs(side) for offset in offsets for side in offset)
+    seg = stitching.stitch_segmentation(
+        affs, lambda tile_affs, _: _mws_tile(tile_affs, params, offsets).astype(np.uint64), (tile, tile),
+        (halo, halo), shape=tuple(affs.shape[:2]), with_background=False, n_threads=1, verbose=False)
+    return _renumbered(seg + 1)
+
+
+def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSETS,
+              tile: int = MWS_TILE) -> np.ndarray:
+    """Return the (H, W) uint32 cells of (H, W, K) affinities (1 = same cell) by the mutex watershed; no 0 label.
+
+    A page larger than `tile` pixels a side is cut in tiles and stitched (`_mws_stitched`): an 8192² page then
+    needs a fraction of the memory of one pass (bench/mws_large.py). `affs` may be any array with numpy
+    slicing (a zarr array is read tile by tile)."""
+    from elf.segmentation import watershed
 
     offsets = affinities.check_offsets(offsets)
-    # elf takes channels first in the boundary convention (1 = cut), and overwrites them
-    cuts = np.ascontiguousarray(1.0 - affs.transpose(2, 0, 1), dtype=np.float32)
-    seg = mutex_watershed.mutex_watershed(cuts, [list(o) for o in offsets], list(params.strides))
-    seg = _renumbered(seg + 1)  # + 1: a segment may be numbered 0
+    whole = max(affs.shape[:2]) <= tile
+    seg = _mws_tile(affs, params, offsets) if whole else _mws_stitched(affs, params, offsets, tile)
     if params.min_size > 0:
-        heights = (1.0 - affinities.cell_map(affs)).astype(np.float32)
-        seg, _ = watershed.apply_size_filter(seg, heights, params.min_size)
+        seg, _ = watershed.apply_size_filter(seg, _boundary_heights(affs), params.min_size)
     return _renumbered(seg)
+
+
+def _boundary_heights(affs, rows: int = 1024) -> np.ndarray:
+    """Return 1 - `affinities.cell_map` of (H, W, K) affinities as float32 (H, W), `rows` rows at a time (each
+    block with the row below it, whose "up" edge it needs), so that a zarr array is never read whole."""
+    height = affs.shape[0]
+    out = np.empty(affs.shape[:2], np.float32)
+    for top in range(0, height, rows):
+        block = np.asarray(affs[top : min(top + rows + 1, height)], dtype=np.float32)
+        out[top : top + rows] = 1.0 - affinities.cell_map(block)[: rows]
+    return out
 
 
 def _check_prediction(prediction: np.ndarray, method: str, offsets) -> tuple[np.ndarray, tuple | None]:

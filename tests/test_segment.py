@@ -302,3 +302,24 @@ def test_any_params_file_segments_or_gives_one_error_line(tmp_path, capsys, cont
         assert not lines and tifffile.imread(out).shape == (2, 40, 48)
     else:
         assert code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {params}: ") and not out.exists()
+
+
+def test_a_page_larger_than_the_tile_is_cut_in_tiles_and_stitched_into_the_same_cells(isbi_dir, tmp_path):
+    import zarr
+
+    import data
+    from affinities import cell_map
+
+    label = data.binarize_labels(data.load_isbi(isbi_dir)[1][5])[:320, :288]
+    noisy = np.clip(label_affinities(label) + np.random.default_rng(0).normal(0, 0.1, (320, 288, 8)), 0, 1)
+    noisy = noisy.astype(np.float32)
+    params = SegmentParams(min_size=20)
+    whole = segment.mws_cells(noisy, params)
+    tiled = segment.mws_cells(noisy, params, tile=128)  # 3 x 3 tiles with a 27-pixel halo
+    assert cell_scores(whole, label)["v_rand"] > 0.97
+    assert cell_scores(tiled, label)["v_rand"] > cell_scores(whole, label)["v_rand"] - 0.01
+    assert tiled.min() == 1 and len(np.unique(tiled)) == tiled.max()
+    stored = zarr.open(str(tmp_path / "affs.zarr"), mode="w", shape=noisy.shape, chunks=(64, 64, 8), dtype="f4")
+    stored[:] = noisy
+    np.testing.assert_array_equal(segment.mws_cells(stored, params, tile=128), tiled)  # read tile by tile
+    np.testing.assert_allclose(segment._boundary_heights(noisy, rows=7), 1 - cell_map(noisy), atol=1e-6)
