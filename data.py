@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from files import DataError, check_float_range, read_pages, read_stack, sha256, write_atomic
 
@@ -427,25 +426,6 @@ def write_report(report: dict, folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     return [write_atomic(folder / "data_report.json", json.dumps(report, indent=2) + "\n"),
             write_atomic(folder / "data_report.txt", format_report(report) + "\n")]
-
-
-def make_example(dest: str | os.PathLike, data_dir: str | os.PathLike | None = None,
-                 size: tuple[int, int] = (700, 900), pages: tuple[int, ...] = tuple(range(6))) -> Path:
-    """Write ISBI training `pages` resized to `size` (height, width) as a folder pair of PNGs,
-    dest/images/page-NN.png and dest/masks/page-NN.png (0 = membrane, 255 = cell); return `dest`."""
-    from PIL import Image
-
-    stack, masks = load_isbi(data_dir)
-    dest = Path(dest)
-    for folder in ("images", "masks"):
-        (dest / folder).mkdir(parents=True, exist_ok=True)
-    zoom = (size[0] / stack.shape[1], size[1] / stack.shape[2])
-    for i in pages:
-        picture = np.clip(ndimage.zoom(stack[i].astype(np.float32), zoom, order=1), 0, 255).round().astype(np.uint8)
-        mask = ndimage.zoom(masks[i], zoom, order=0)  # nearest neighbour: masks stay two-valued
-        for folder, array in (("images", picture), ("masks", mask)):
-            write_atomic(dest / folder / f"page-{i:02d}.png", Image.fromarray(array).save)
-    return dest
 
 
 # ---------------------------------------------------------------- downloading

@@ -10,10 +10,35 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
 
 import cli
 import data
+import files
+
+
+def make_example(dest: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                 size: tuple[int, int] = (700, 900), pages: tuple[int, ...] = tuple(range(6))) -> Path:
+    """Write ISBI training `pages` resized to `size` (height, width) as a folder pair of PNGs,
+    dest/images/page-NN.png and dest/masks/page-NN.png (0 = membrane, 255 = cell); return `dest`."""
+    from PIL import Image
+
+    stack, masks = data.load_isbi(data_dir)
+    dest = Path(dest)
+    for folder in ("images", "masks"):
+        (dest / folder).mkdir(parents=True, exist_ok=True)
+    zoom = (size[0] / stack.shape[1], size[1] / stack.shape[2])
+    for i in pages:
+        picture = np.clip(ndimage.zoom(stack[i].astype(np.float32), zoom, order=1), 0, 255).round().astype(np.uint8)
+        mask = ndimage.zoom(masks[i], zoom, order=0)  # nearest neighbour: masks stay two-valued
+        for folder, array in (("images", picture), ("masks", mask)):
+            files.write_atomic(dest / folder / f"page-{i:02d}.png", Image.fromarray(array).save)
+    return dest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +72,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "download":
         print(f"data ready in {data.download(args.dest, args.url)}")
     elif args.command == "example":
-        dest = data.make_example(args.dest, args.data_dir)
+        dest = make_example(args.dest, args.data_dir)
         print(f"wrote {dest / 'images'} and {dest / 'masks'}")
     else:
         if args.images is None:

@@ -100,6 +100,25 @@ def expanding_block(x, skip, filters: int, padding: str, name: str, dtype=None, 
     return conv_block(x, filters, padding, name, dtype, batch_norm)
 
 
+def _checked_head(input_shape, filters, padding, upsampling, out_channels, head_filters) -> int:
+    """Return the head's filters (None: 2 per output) after checking `build_unet`'s arguments (ValueError)."""
+    if padding not in ("same", "valid"):
+        raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+    if upsampling not in ("upsample", "transpose"):
+        raise ValueError(f"upsampling must be 'upsample' or 'transpose', got {upsampling!r}")
+    if filters < 1 or out_channels < 1:
+        raise ValueError(f"filters and out_channels must be positive integers, got {filters!r}, {out_channels!r}")
+    head_filters = 2 * out_channels if head_filters is None else head_filters
+    if head_filters < 1:
+        raise ValueError(f"head_filters must be a positive integer or None, got {head_filters!r}")
+    if padding == "same":
+        for size in input_shape[:2]:
+            if size is not None and size % SIZE_MULTIPLE:
+                raise ValueError(f"with 'same' padding the input size must be a multiple of {SIZE_MULTIPLE}, "
+                                 f"got {input_shape}")
+    return head_filters
+
+
 def build_unet(
     input_shape: tuple = (512, 512, 1),
     filters: int = 64,
@@ -140,21 +159,7 @@ def build_unet(
     Output: per-pixel probability of "cell" (1) against membrane (0), float32,
     or of "same cell" per affinity channel.
     """
-    if padding not in ("same", "valid"):
-        raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
-    if upsampling not in ("upsample", "transpose"):
-        raise ValueError(f"upsampling must be 'upsample' or 'transpose', got {upsampling!r}")
-    if filters < 1 or out_channels < 1:
-        raise ValueError(f"filters and out_channels must be positive integers, got {filters!r}, {out_channels!r}")
-    head_filters = 2 * out_channels if head_filters is None else head_filters
-    if head_filters < 1:
-        raise ValueError(f"head_filters must be a positive integer or None, got {head_filters!r}")
-    if padding == "same":
-        for size in input_shape[:2]:
-            if size is not None and size % SIZE_MULTIPLE:
-                raise ValueError(f"with 'same' padding the input size must be a multiple of {SIZE_MULTIPLE}, "
-                                 f"got {input_shape}")
-
+    head_filters = _checked_head(input_shape, filters, padding, upsampling, out_channels, head_filters)
     inputs = keras.Input(shape=input_shape, name="image")
     skips = []
     x = inputs

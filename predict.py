@@ -30,14 +30,12 @@ if __name__ == "__main__":
     cli.quiet_native_logs()  # before TensorFlow loads
 
 import argparse
-import dataclasses
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
 import cards
 import data
@@ -46,10 +44,10 @@ import runtimes
 import scores
 import segment
 from files import TIFF_SUFFIXES, ZARR_SUFFIX, PathLike, is_zarr
-from tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE, TileSettings, predict_stack, to_uint8
+from outputs import (CELLS_SUFFIX, PREDICTION_SUFFIX, OutputSettings, cells_path, output_path, write_cell_boundaries,
+                     write_cells, write_mask_tiff, write_masks, write_overlay, write_prediction)
+from tiling import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE, TileSettings, predict_stack
 
-PREDICTION_SUFFIX = "-prediction"
-CELLS_SUFFIX = "-cells"
 IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 OWN_ENDINGS = (PREDICTION_SUFFIX, PREDICTION_SUFFIX + "-mask", CELLS_SUFFIX, CELLS_SUFFIX + "-boundaries")
 
@@ -102,86 +100,6 @@ def read_images(paths: Sequence[PathLike]) -> list[tuple[str, np.ndarray]]:
     return [(str(path), read_image(path)) for path in image_files(paths)]
 
 
-def write_prediction(path: PathLike, probabilities: np.ndarray, uint8: bool = False) -> Path:
-    """Write (H, W) or (pages, H, W) probabilities to a multipage TIFF atomically; return its path.
-
-    float32 by default; with `uint8`, rounded to 0-255 (a quarter of the size).
-    """
-    path = Path(path)
-    pages = np.asarray(probabilities, dtype=np.float32)
-    if pages.ndim not in (2, 3):
-        raise ValueError(f"expected (height, width) or (pages, height, width) probabilities, got shape {pages.shape}")
-    if uint8:
-        pages = to_uint8(pages)
-    # A fresh name in the same folder, created by tifffile (so with the usual permissions), renamed into place.
-    return files.write_atomic(path, lambda part: tifffile.imwrite(part, pages, photometric="minisblack"))
-
-
-def write_masks(target: PathLike, probabilities: np.ndarray, threshold: float = 0.5) -> list[Path]:
-    """Write each page's mask (255 = cell where probability > threshold, 0 = membrane) as a PNG
-    beside `target` (name-N.png for several pages); return the paths."""
-    from PIL import Image
-
-    paths = []
-    for path, page in zip(mask_paths(target, len(probabilities)), probabilities):
-        mask = Image.fromarray(np.where(page > threshold, 255, 0).astype(np.uint8))
-        paths.append(files.write_atomic(path, lambda part: mask.save(part, format="PNG")))
-    return paths
-
-
-def mask_paths(target: PathLike, pages: int) -> list[Path]:
-    """Return the PNG masks' paths of a prediction of `pages` pages to `target`: name.png, or name-N.png for several."""
-    target = Path(target)
-    return [target.with_name(f"{target.stem}{f'-{i}' if pages > 1 else ''}.png") for i in range(pages)]
-
-
-def _mask_tiff_path(target: PathLike) -> Path:
-    """Return `<target stem>-mask.tif` beside `target`."""
-    target = Path(target)
-    return target.with_name(f"{target.stem}-mask.tif")
-
-
-def write_mask_tiff(target: PathLike, probabilities: np.ndarray, threshold: float = 0.5) -> Path:
-    """Write the pages' masks (255 = cell where probability > threshold, 0 = membrane) as one uint8 TIFF
-    `<target stem>-mask.tif` beside `target`, atomically; return its path."""
-    path = _mask_tiff_path(target)
-    pages = np.where(np.asarray(probabilities) > threshold, 255, 0).astype(np.uint8)
-    return files.write_atomic(path, lambda part: tifffile.imwrite(part, pages, photometric="minisblack"))
-
-
-def _cells_path(target: PathLike, ending: str) -> Path:
-    """Return `<target stem minus -prediction>-cells<ending>` beside `target`."""
-    target = Path(target)
-    return target.with_name(f"{target.stem.removesuffix(PREDICTION_SUFFIX)}{CELLS_SUFFIX}{ending}")
-
-
-def _write_pages(path: Path, pages: np.ndarray) -> Path:
-    """Write (pages, H, W) as a grey TIFF (one page: 2-D) at `path`, atomically; return the path."""
-    pages = pages if len(pages) > 1 else pages[0]
-    return files.write_atomic(path, lambda part: tifffile.imwrite(part, pages, photometric="minisblack"))
-
-
-def write_cells(target: PathLike, cells: np.ndarray) -> Path:
-    """Write (pages, H, W) cell labels as a uint32 TIFF `<stem>-cells.tif` beside `target`; return its path."""
-    return _write_pages(_cells_path(target, ".tif"), np.asarray(cells, dtype=np.uint32))
-
-
-def write_cell_boundaries(target: PathLike, cells: np.ndarray) -> Path:
-    """Write the cells' boundary map, float32 1 = cell and 0 = a boundary between cells (`scores.label_boundaries`),
-    as `<stem>-cells-boundaries.tif` beside `target`: a challenge submission made of the cells; return its path."""
-    pages = np.stack([~scores.label_boundaries(page) for page in np.asarray(cells)]).astype(np.float32)
-    return _write_pages(_cells_path(target, "-boundaries.tif"), pages)
-
-
-def write_overlay(target: PathLike, image: np.ndarray, cells: np.ndarray) -> Path:
-    """Write a PNG of the cells in random colours over the grey `image` (one page) as `<stem>-cells.png`
-    beside `target`; return its path."""
-    from PIL import Image
-
-    picture = Image.fromarray(segment.overlay(image, cells))
-    return files.write_atomic(_cells_path(target, ".png"), lambda part: picture.save(part, format="PNG"))
-
-
 def warn_if_uniform(name: str, probabilities: np.ndarray) -> str | None:
     """Warn (UserWarning) naming the likely causes if a prediction is empty or uniform; return the message or None."""
     problem = scores.uniform_prediction(probabilities)
@@ -190,42 +108,6 @@ def warn_if_uniform(name: str, probabilities: np.ndarray) -> str | None:
     message = f"{name}: the prediction is (nearly) uniform: {problem}; {scores.UNIFORM_CAUSES}"
     warnings.warn(message, UserWarning, stacklevel=2)
     return message
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputSettings:
-    """What predicting an image writes: its probabilities (float32, or 0-255 with `uint8`), 0/255 masks (`png` per
-    page, one `mask_tiff`), and with `cells` the cells (by `method`, default the model card's), their `overlay`
-    picture and their `boundaries` map; checked on creation."""
-
-    uint8: bool = False
-    png: bool = False
-    mask_tiff: bool = False
-    cells: bool = False
-    method: str | None = None
-    overlay: bool = False
-    boundaries: bool = False
-
-    def __post_init__(self):
-        if self.method is not None and self.method not in segment.METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(segment.METHODS)}")
-        if (self.overlay or self.boundaries) and not self.cells:
-            raise ValueError("--overlay and --cell-boundaries draw the cells: add --cells")
-
-    def paths(self, target: Path, pages: int) -> list[Path]:
-        """Return every file that predicting `pages` pages to `target` writes with these settings."""
-        chosen = [target, *(mask_paths(target, pages) if self.png else []),
-                  *([_mask_tiff_path(target)] if self.mask_tiff else [])]
-        endings = [ending for ending, wanted in ((".tif", self.cells), (".png", self.overlay),
-                                                 ("-boundaries.tif", self.boundaries)) if wanted]
-        return chosen + [_cells_path(target, ending) for ending in endings]
-
-
-def output_path(input_path: PathLike, out: PathLike | None = None, suffix: str = ".tif") -> Path:
-    """Return where the prediction of `input_path` goes: `<stem>-prediction<suffix>` beside it, or in folder `out`."""
-    input_path = Path(input_path)
-    name = input_path.stem + PREDICTION_SUFFIX + suffix
-    return (Path(out) if out is not None else input_path.parent) / name
 
 
 # ---------------------------------------------------------------- the job
@@ -418,7 +300,7 @@ def predict_volumes(
             raise files.DataError(f"{path}: zarr output needs .zarr or TIFF inputs; predict other images to TIFF")
         blocks.open_volume(path)  # readable, grey
     targets = _zarr_targets(inputs, out)
-    files.refuse_overwriting([*targets, *(_cells_path(t, ZARR_SUFFIX) for t in targets if cells)],
+    files.refuse_overwriting([*targets, *(cells_path(t, ZARR_SUFFIX) for t in targets if cells)],
                              [*inputs, model_path])
     how, params = _zarr_cutting(model_path, method) if cells else (None, None)
     say = say or _silent
@@ -431,7 +313,7 @@ def predict_volumes(
             say(f"wrote {target}: {stats['computed']} blocks computed, {stats['skipped']} skipped, "
                 f"{stats['seconds']:.1f} s")
             if cells:
-                labels = _cells_path(target, ZARR_SUFFIX)
+                labels = cells_path(target, ZARR_SUFFIX)
                 done = blocks.segment_volume(target, labels, how, params)
                 say(f"wrote {labels} ({how}): {done['computed']} pages computed, {done['skipped']} skipped, "
                     f"{done['seconds']:.1f} s")

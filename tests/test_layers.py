@@ -24,7 +24,8 @@ FACES = ["train", "predict", "evaluate", "export", "benchmark", "op_profile", "f
 # presets: what a run is made of (the settings, the presets, their flags); sizing: a run sized to a time budget.
 TRAINING = ["presets", "sizing", "callbacks", "runs", "distribute", "losses"]  # losses: a Keras module that only
 # training reaches
-INFERENCE = ["tiling", "runtimes", "cards", "blocks"]  # cards: a model's card and its ModelIO
+INFERENCE = ["tiling", "runtimes", "cards", "outputs", "blocks"]  # cards: a model's card and its ModelIO;
+# outputs: what predicting an image writes
 LEAVES = ["data", "augment", "segment", "affinities", "files", "hardware", "scores", "shapes", "cli",
           "model", "metrics"]
 LAYERS = [FACES, TRAINING, INFERENCE, LEAVES]

@@ -59,9 +59,9 @@ def test_notebook_without_training_shows_the_shipped_models_results(tmp_path, is
 
 
 def test_notebook_trains_on_a_folder_pair_of_own_pages_and_scores_its_validation_pages(tmp_path, isbi_dir):
-    import data
+    import data_cli
 
-    pairs = data.make_example(tmp_path / "own", isbi_dir, size=(200, 300), pages=(1, 2, 3, 4))
+    pairs = data_cli.make_example(tmp_path / "own", isbi_dir, size=(200, 300), pages=(1, 2, 3, 4))
     code_cells = run_notebook(tmp_path, preset="tiny", run_dir=str(tmp_path / "nb"), images=str(pairs / "images"),
                               labels=str(pairs / "masks"), split="1", epochs=1)
     errors = [output for cell in code_cells for output in cell.outputs if output.output_type == "error"]

@@ -8,6 +8,7 @@ from PIL import Image
 
 import data
 import files
+import outputs
 import predict
 import runtimes
 import tiling
@@ -39,7 +40,7 @@ def test_read_images_explains_bad_inputs(tmp_path):
 @pytest.mark.parametrize("uint8, dtype", [(False, np.float32), (True, np.uint8)])
 def test_write_prediction_writes_a_multipage_tiff(tmp_path, uint8, dtype):
     probabilities = np.random.default_rng(0).random((3, 10, 12)).astype(np.float32)
-    path = predict.write_prediction(tmp_path / "out" / "p.tif", probabilities, uint8=uint8)
+    path = outputs.write_prediction(tmp_path / "out" / "p.tif", probabilities, uint8=uint8)
     saved = tifffile.imread(path)
     assert saved.shape == (3, 10, 12) and saved.dtype == dtype
     expected = np.round(probabilities * 255) if uint8 else probabilities
@@ -55,15 +56,15 @@ def test_a_missing_default_model_says_how_to_get_one(tmp_path, monkeypatch):
 
 def test_output_settings_check_their_combinations_and_name_every_file_they_write(tmp_path):
     with pytest.raises(ValueError, match="unknown method 'watershed'"):
-        predict.OutputSettings(cells=True, method="watershed")
+        outputs.OutputSettings(cells=True, method="watershed")
     with pytest.raises(ValueError, match="draw the cells: add --cells"):
-        predict.OutputSettings(boundaries=True)
+        outputs.OutputSettings(boundaries=True)
     target = tmp_path / "stack-prediction.tif"
-    everything = predict.OutputSettings(png=True, mask_tiff=True, cells=True, overlay=True, boundaries=True)
+    everything = outputs.OutputSettings(png=True, mask_tiff=True, cells=True, overlay=True, boundaries=True)
     assert [path.name for path in everything.paths(target, 2)] == [
         "stack-prediction.tif", "stack-prediction-0.png", "stack-prediction-1.png", "stack-prediction-mask.tif",
         "stack-cells.tif", "stack-cells.png", "stack-cells-boundaries.tif"]
-    assert predict.OutputSettings().paths(target, 2) == [target]
+    assert outputs.OutputSettings().paths(target, 2) == [target]
 
 
 @pytest.mark.filterwarnings("ignore:.*the prediction is \\(nearly\\) uniform")  # an untrained tiny model
@@ -71,7 +72,7 @@ def test_predict_files_takes_its_settings_as_two_bundles(tmp_path, unet_path):
     source = tiff(tmp_path / "page.tif", picture((40, 48)))
     lines = []
     (written,) = predict.predict_files([source], unet_path, tiling=TileSettings(64, 16, batch_size=2),
-                                       output=predict.OutputSettings(uint8=True, mask_tiff=True), say=lines.append)
+                                       output=outputs.OutputSettings(uint8=True, mask_tiff=True), say=lines.append)
     assert tifffile.imread(written).dtype == np.uint8 and (tmp_path / "page-prediction-mask.tif").is_file()
     assert any(line.endswith(": tiles 64, overlap 16, batch 2") for line in lines), lines
     with pytest.raises(TypeError):
@@ -137,7 +138,7 @@ def test_no_input_is_a_clear_error(capsys):
 
 
 def test_a_prediction_write_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch):
-    target = predict.write_prediction(tmp_path / "p.tif", np.full((8, 8), 0.25, np.float32))
+    target = outputs.write_prediction(tmp_path / "p.tif", np.full((8, 8), 0.25, np.float32))
 
     def half_then_fail(path, *args, **kwargs):
         open(path, "wb").write(b"II*\x00 truncated")
@@ -145,7 +146,7 @@ def test_a_prediction_write_that_fails_midway_leaves_the_previous_file(tmp_path,
 
     monkeypatch.setattr(tifffile, "imwrite", half_then_fail)
     with pytest.raises(OSError, match="p.tif: cannot write it"):
-        predict.write_prediction(target, np.zeros((8, 8), np.float32))
+        outputs.write_prediction(target, np.zeros((8, 8), np.float32))
     monkeypatch.undo()
     np.testing.assert_array_equal(files.read_stack(target)[0], np.full((8, 8), 0.25, np.float32))
     assert [p.name for p in tmp_path.iterdir()] == ["p.tif"]
@@ -162,7 +163,7 @@ def test_read_images_reads_a_multipage_tiff_a_png_and_a_folder(tmp_path):
     folder.mkdir()
     tifffile.imwrite(folder / "stack.tif", picture((3, 20, 30)), photometric="minisblack")
     Image.fromarray(picture((25, 35)).astype(np.uint16) * 257).save(folder / "page.png")
-    predict.write_prediction(folder / "stack-prediction.tif", np.zeros((3, 20, 30)))  # an earlier output
+    outputs.write_prediction(folder / "stack-prediction.tif", np.zeros((3, 20, 30)))  # an earlier output
     (folder / "notes.txt").write_text("not an image")
     single = tmp_path / "single.png"
     Image.fromarray(picture((10, 12))).save(single)
