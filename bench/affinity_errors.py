@@ -144,7 +144,8 @@ def analyse(model: str, pages: list[int], merge_page: int, data_dir: str | None)
     offsets = io.offsets
     cells, method = evaluate.cells_for(model, outputs[merge_page][np.newaxis], io)
     pairs = merged_pairs(cells[0], labels[merge_page])
-    return {"model": model, "offsets": [list(o) for o in offsets], "pages": pages,
+    gaps = gap_mask(outputs[merge_page], labels[merge_page], pairs)
+    return {"picture": (images[merge_page], cells[0], gaps), "model": model, "offsets": [list(o) for o in offsets], "pages": pages,
             "channels": channel_errors(np.stack([outputs[p] for p in pages]), labels[pages], offsets),
             "merge_page": merge_page, "method": method,
             "merges": [boundary_evidence(outputs[merge_page], labels[merge_page], (a, b), offsets)
@@ -175,9 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge-page", type=int, default=20, help="the page whose merges are explained")
     parser.add_argument("--data-dir", help="the ISBI stacks (default: $ISBI_DATA_DIR or data/)")
     parser.add_argument("--out", help="write the analysis as JSON here")
+    parser.add_argument("--picture", help="write a PNG of the merge page: its cells, the unseen boundaries in red")
     args = parser.parse_args(argv)
     result = analyse(args.model, args.pages, args.merge_page, args.data_dir)
+    image, cells, gaps = result.pop("picture")
     print(table(result))
+    if args.picture:
+        import files
+        import segment
+        from PIL import Image
+
+        picture = segment.overlay(image, cells)
+        picture[gaps] = (255, 0, 0)
+        files.write_atomic(args.picture, Image.fromarray(picture).save)
     if args.out:
         import files
 
