@@ -160,7 +160,7 @@ def multicut_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
     return _renumbered(features.project_node_labels_to_pixels(rag, superpixels, np.asarray(nodes) + 1))
 
 
-MWS_TILE = 2048  # pixels: a larger page is cut tile by tile and stitched, so that memory stays bounded
+MWS_TILE = 1024  # pixels: a larger page is cut tile by tile and stitched, so that memory stays bounded
 
 
 def _mws_tile(affs: np.ndarray, params: SegmentParams, offsets) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The mutex watershed on one large page: peak memory and seconds, whole or tile by tile (segment.mws_cells).
 
-    .venv/bin/python bench/mws_large.py [--size 8192] [--tile 2048] [--in-memory] [--out bench/mws-large.json]
+    .venv/bin/python bench/mws_large.py [--size 8192] [--tile 1024] [--in-memory] [--out bench/mws-large.json]
 
 The page is ISBI training label 20 repeated to --size pixels a side; its true affinities (affinities.OFFSETS)
 plus Gaussian noise of 0.2, clipped to [0, 1], are written to a zarr array first (not measured). A fresh
@@ -68,7 +68,7 @@ def measure(path: str, tile: int, in_memory: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=8192, help="the page's side, pixels (default 8192)")
-    parser.add_argument("--tile", type=int, default=2048, help="segment.mws_cells' tile side (default 2048)")
+    parser.add_argument("--tile", type=int, default=1024, help="segment.mws_cells' tile side (default 1024, segment.MWS_TILE)")
     parser.add_argument("--in-memory", action="store_true", help="load the affinities whole first")
     parser.add_argument("--data-dir", help="the ISBI stacks (default: $ISBI_DATA_DIR or data/)")
     parser.add_argument("--out", help="write the result as JSON here")
