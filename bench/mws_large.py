@@ -68,7 +68,8 @@ def measure(path: str, tile: int, in_memory: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=8192, help="the page's side, pixels (default 8192)")
-    parser.add_argument("--tile", type=int, default=1024, help="segment.mws_cells' tile side (default 1024, segment.MWS_TILE)")
+    parser.add_argument("--tile", type=int, default=1024,
+                        help="segment.mws_cells' tile side (default 1024, segment.MWS_TILE)")
     parser.add_argument("--in-memory", action="store_true", help="load the affinities whole first")
     parser.add_argument("--data-dir", help="the ISBI stacks (default: $ISBI_DATA_DIR or data/)")
     parser.add_argument("--out", help="write the result as JSON here")
