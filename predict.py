@@ -128,21 +128,21 @@ def _cutting(model_path: Path, io: cards.ModelIO, method: str | None):
     """Return (method, params, offsets) to cut the outputs of the model `io` describes into cells
     (`cards.ModelIO.segmentation`), checked before anything is predicted."""
     how, params, offsets = io.segmentation(model_path, method)
-    if how == "mws" and not io.is_affinities:
-        raise ValueError(f"{model_path} predicts a membrane map, which the mutex watershed (mws) cannot cut: it "
-                         "needs an affinity model; use --method multicut or threshold")
+    if how in segment.AFFINITY_METHODS and not io.is_affinities:
+        raise ValueError(f"{model_path} predicts a membrane map, which {how} cannot cut: it needs an affinity "
+                         "model; use --method multicut or threshold")
     return how, params, offsets
 
 
 def _zarr_cutting(model_path: Path, method: str | None) -> tuple[str, segment.SegmentParams]:
     """Return (method, params) to cut a zarr prediction, which holds a cell map, into cells: `method`, else the
     card's, multicut where the card names the mutex watershed; ValueError for `method` mws."""
-    if method == "mws":
-        raise ValueError("--method mws cuts affinities, and a zarr prediction keeps their cell map only: use "
+    if method in segment.AFFINITY_METHODS:
+        raise ValueError(f"--method {method} cuts affinities, and a zarr prediction keeps their cell map only: use "
                          "--method multicut or threshold, or predict to TIFF")
     cell_map = cards.ModelIO()  # what the zarr holds: one channel, as a membrane model's
     how, params, _ = cell_map.segmentation(model_path, method)
-    if how == "mws":  # an affinity model's default: its cell map is cut by the multicut instead
+    if how in segment.AFFINITY_METHODS:  # an affinity model's: its cell map is cut by the multicut instead
         how, params, _ = cell_map.segmentation(model_path, "multicut")
     return how, params
 

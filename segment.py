@@ -8,7 +8,9 @@ Three methods, on python-elf (Beier et al. 2017, "Multicut brings automated neur
 human performance"; Wolf et al. 2020, "The Mutex Watershed and its Objective"):
 - threshold: the 4-connected components of probability > threshold, what the challenge's scoring does;
 - multicut: superpixels from a distance-transform watershed of the boundary map, merged by a multicut;
-- mws: the mutex watershed of affinities, whose long-range channels keep apart what a gap would join.
+- mws: the mutex watershed of affinities, whose long-range channels keep apart what a gap would join;
+- lmc: a lifted multicut of affinities: multicut's superpixels and local edges, plus lifted edges between
+  superpixels that a long-range channel compares (Keuper et al. 2015; Beier et al. 2017).
 The parameters are tuned on validation pages (`tune`), never on the pages a score is reported for.
 """
 
@@ -35,7 +37,8 @@ import files
 from data import normalize_images
 from scores import UNIFORM_CAUSES, cell_scores, label_boundaries, segment_cells, uniform_prediction
 
-METHODS = ("threshold", "multicut", "mws")
+METHODS = ("threshold", "multicut", "mws", "lmc")
+AFFINITY_METHODS = ("mws", "lmc")  # the methods that need affinities, not a probability map
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ GRIDS = {
     "threshold": {"threshold": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)},
     "multicut": {"beta": (0.3, 0.4, 0.5, 0.6), "sigma_seeds": (1.0, 2.0, 3.0), "threshold": (0.3, 0.5)},
     "mws": {"min_size": (0, 25, 50, 100), "strides": ((1, 1), (2, 2))},
+    "lmc": {"beta": (0.3, 0.4, 0.5, 0.6), "sigma_seeds": (1.0, 2.0, 3.0), "threshold": (0.3, 0.5)},
 }
 
 
@@ -137,9 +141,9 @@ def threshold_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
     return segment_cells(prob > params.threshold).astype(np.uint32)
 
 
-def multicut_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
-    """Return the (H, W) uint32 cells of a probability map by watershed superpixels and a multicut (0 nowhere,
-    unless no pixel reaches the threshold: then 0 everywhere)."""
+def _local_problem(prob: np.ndarray, params: SegmentParams):
+    """Return (superpixels, their adjacency graph, its edges' costs) of a probability map, the multicut's local
+    problem; None when no pixel reaches the threshold (nothing to grow seeds from)."""
     from elf.segmentation import features, multicut, watershed  # here: elf.segmentation loads scikit-learn (3 s)
 
     boundary = (1.0 - prob).astype(np.float32)
@@ -147,17 +151,91 @@ def multicut_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
     # the threshold method (cell where p > threshold, up to p == threshold)
     membrane_level = 1.0 - params.threshold
     if not (boundary <= membrane_level).any():
-        return np.zeros(prob.shape, np.uint32)  # no cell pixel: nothing to grow seeds from
+        return None
     superpixels, _ = watershed.distance_transform_watershed(
         boundary, membrane_level, params.sigma_seeds, sigma_weights=params.sigma_weights, min_size=params.min_size)
     rag = features.compute_rag(superpixels)
     if rag.number_of_edges == 0:
-        return _renumbered(superpixels)
+        return superpixels, rag, None
     edge_features = features.compute_boundary_mean_and_length(rag, superpixels, boundary)
-    costs = multicut.compute_edge_costs(edge_features[:, 0], edge_sizes=edge_features[:, 1], beta=params.beta)
-    nodes = multicut.multicut_kernighan_lin(rag, costs)
+    return superpixels, rag, multicut.compute_edge_costs(edge_features[:, 0], edge_sizes=edge_features[:, 1],
+                                                         beta=params.beta)
+
+
+def _cells_of_nodes(rag, superpixels: np.ndarray, nodes) -> np.ndarray:
+    """Return the (H, W) uint32 cells of a graph solution: each superpixel labelled by its node's component."""
+    from elf.segmentation import features
+
     # + 1: the solver may call a component 0, which would read as "no cell"
     return _renumbered(features.project_node_labels_to_pixels(rag, superpixels, np.asarray(nodes) + 1))
+
+
+def multicut_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
+    """Return the (H, W) uint32 cells of a probability map by watershed superpixels and a multicut (0 nowhere,
+    unless no pixel reaches the threshold: then 0 everywhere)."""
+    from elf.segmentation import multicut
+
+    local = _local_problem(prob, params)
+    if local is None or local[2] is None:
+        return np.zeros(prob.shape, np.uint32) if local is None else _renumbered(local[0])
+    superpixels, rag, costs = local
+    return _cells_of_nodes(rag, superpixels, multicut.multicut_kernighan_lin(rag, costs))
+
+
+def _long_range_edges(superpixels: np.ndarray, affs: np.ndarray, offsets, rag, beta: float):
+    """Return (costs added to the local edges, lifted edges (M, 2) int64, their costs) from the long-range
+    channels of `affs`: per pair of superpixels they compare, the mean probability of a cut over every pair of
+    pixels across, as a cost like a local edge's (`compute_edge_costs`, weighted by the number of pairs).
+    Touching superpixels get it added to their local edge; others are joined by a lifted edge."""
+    from elf.segmentation import multicut
+
+    count = int(superpixels.max()) + 1
+    keys, cuts = [], []
+    for channel, (dy, dx) in enumerate(offsets):
+        if max(abs(dy), abs(dx)) <= 1:
+            continue
+        height, width = superpixels.shape
+        rows, cols = slice(max(-dy, 0), height - max(dy, 0)), slice(max(-dx, 0), width - max(dx, 0))
+        first = superpixels[rows, cols].astype(np.int64)
+        second = superpixels[max(-dy, 0) + dy : height - max(dy, 0) + dy, max(-dx, 0) + dx : width - max(dx, 0) + dx]
+        across = first != second
+        low, high = np.minimum(first, second)[across], np.maximum(first, second)[across]
+        keys.append(low * count + high)
+        cuts.append(1.0 - affs[rows, cols, channel][across])
+    local = rag.uvIds().astype(np.int64)
+    local_keys = local[:, 0] * count + local[:, 1]
+    if not keys:
+        return np.zeros(len(local)), np.zeros((0, 2), np.int64), np.zeros(0)
+    keys, cuts = np.concatenate(keys), np.concatenate(cuts)
+    unique, inverse, sizes = np.unique(keys, return_inverse=True, return_counts=True)
+    means = np.clip(np.bincount(inverse, weights=cuts) / sizes, 1e-3, 1 - 1e-3)
+    costs = multicut.compute_edge_costs(means, edge_sizes=sizes, beta=beta)
+    added = np.zeros(len(local))
+    is_local = np.isin(unique, local_keys)
+    order = np.argsort(local_keys)
+    added[order[np.searchsorted(local_keys[order], unique[is_local])]] = costs[is_local]
+    uvs = np.stack([unique // count, unique % count], axis=1)[~is_local]
+    return added, uvs, costs[~is_local]
+
+
+def lifted_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSETS) -> np.ndarray:
+    """Return the (H, W) uint32 cells of (H, W, K) affinities by a lifted multicut: the multicut's superpixels and
+    local edges on the affinities' cell map, with the long-range channels' evidence (`_long_range_edges`)."""
+    from elf.segmentation import lifted_multicut
+
+    offsets = affinities.check_offsets(offsets)
+    local = _local_problem(affinities.cell_map(affs), params)
+    if local is None or local[2] is None:
+        return np.zeros(affs.shape[:2], np.uint32) if local is None else _renumbered(local[0])
+    superpixels, rag, costs = local
+    added, uvs, lifted_costs = _long_range_edges(superpixels, affs, offsets, rag, params.beta)
+    costs = costs + added
+    if len(uvs) == 0:
+        from elf.segmentation import multicut
+
+        return _cells_of_nodes(rag, superpixels, multicut.multicut_kernighan_lin(rag, costs))
+    nodes = lifted_multicut.lifted_multicut_kernighan_lin(rag, costs, uvs, lifted_costs)
+    return _cells_of_nodes(rag, superpixels, nodes)
 
 
 MWS_TILE = 1024  # pixels: a larger page is cut tile by tile and stitched, so that memory stays bounded
@@ -228,11 +306,11 @@ def _check_prediction(prediction: np.ndarray, method: str, offsets) -> tuple[np.
         raise ValueError(f"prediction must lie in [0, 1] (1 = cell, or 1 = same cell), got values in [{low:g}, "
                          f"{high:g}]; divide 8-bit maps by 255")
     if prediction.ndim == 2:
-        if method == "mws":
-            raise ValueError(f"mws needs (H, W, K) affinities, one channel per offset; got an (H, W) map of shape "
-                             f"{prediction.shape}")
+        if method in AFFINITY_METHODS:
+            raise ValueError(f"{method} needs (H, W, K) affinities, one channel per offset; got an (H, W) map of "
+                             f"shape {prediction.shape}")
         return prediction, None
-    if offsets is None and method != "mws":
+    if offsets is None and method not in AFFINITY_METHODS:
         if prediction.shape[-1] < 2:
             raise ValueError(f"affinities need at least the 2 nearest-neighbour channels, got shape {prediction.shape}")
         return prediction, None
@@ -256,6 +334,8 @@ def _segment_checked(prediction: np.ndarray, method: str, params: SegmentParams,
     """Return `segment` of an already checked prediction."""
     if method == "mws":
         return mws_cells(prediction, params, offsets)
+    if method == "lmc":
+        return lifted_cells(prediction, params, offsets)
     prob = prediction if prediction.ndim == 2 else affinities.cell_map(prediction)
     return threshold_cells(prob, params) if method == "threshold" else multicut_cells(prob, params)
 

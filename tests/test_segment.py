@@ -323,3 +323,16 @@ def test_a_page_larger_than_the_tile_is_cut_in_tiles_and_stitched_into_the_same_
     stored[:] = noisy
     np.testing.assert_array_equal(segment.mws_cells(stored, params, tile=128), tiled)  # read tile by tile
     np.testing.assert_allclose(segment._boundary_heights(noisy, rows=7), 1 - cell_map(noisy), atol=1e-6)
+
+
+def test_the_lifted_multicut_keeps_apart_cells_whose_faint_membrane_only_long_range_edges_see():
+    truth = cells_of(grid_label())
+    affs = label_affinities(grid_label())
+    faint = affs[25:36, :30, :2]
+    faint[faint == 0] = 0.7  # the nearest-neighbour channels barely see the wall between the first two cells
+    params = SegmentParams(min_size=0, threshold=0.8)  # superpixels still stop at the faint wall
+    assert same_partition(segment.segment(affs, "lmc", params), truth)
+    merged = segment.segment(affs, "multicut", params)  # the cell map alone: the faint wall joins the two cells
+    assert len(np.unique(merged)) == len(np.unique(truth)) - 1
+    with pytest.raises(ValueError, match="lmc needs"):
+        segment.segment(probability(grid_label()).astype(np.float32), "lmc")
