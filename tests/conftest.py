@@ -90,30 +90,28 @@ def synthetic_stacks():
     return images, labels
 
 
-@pytest.fixture(scope="session")
-def unet_path(tmp_path_factory):
-    """Return the path of the tests' tiny model: an untrained float32 U-Net of 2 filters (any input size)."""
+def _saved_unet(tmp_path_factory, name: str, sections: int) -> Path:
+    """Save an untrained float32 U-Net of 2 filters that takes `sections` input channels; return its path."""
     import keras
 
     from model import build_unet
 
     keras.utils.set_random_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.keras"
-    build_unet((None, None, 1), filters=2).save(path)
+    path = tmp_path_factory.mktemp("model") / name
+    build_unet((None, None, sections), filters=2).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def unet_path(tmp_path_factory):
+    """Return the path of the tests' tiny model: an untrained float32 U-Net of 2 filters (any input size)."""
+    return _saved_unet(tmp_path_factory, "tiny.keras", 1)
 
 
 @pytest.fixture(scope="session")
 def context_unet_path(tmp_path_factory):
     """Return the path of an untrained float32 U-Net of 2 filters that sees 3 sections (a page and its neighbours)."""
-    import keras
-
-    from model import build_unet
-
-    keras.utils.set_random_seed(0)
-    path = tmp_path_factory.mktemp("model") / "context3.keras"
-    build_unet((None, None, 3), filters=2).save(path)
-    return path
+    return _saved_unet(tmp_path_factory, "context3.keras", 3)
 
 
 @pytest.fixture(scope="session")
