@@ -100,6 +100,23 @@ def label_affinities(label: np.ndarray, offsets: Sequence[Offset] = OFFSETS) -> 
     return affinities_of(cells_of(label), offsets)
 
 
+def inside(shape: Sequence[int], offsets: Sequence[Offset] = OFFSETS) -> np.ndarray:
+    """Return the (H, W, K) float32 mask of the pixels p whose partner p + offset lies inside an (H, W) image:
+    1 inside, 0 where the pair leaves it (its affinity there is a guess, `affinities_of` clamps it)."""
+    height, width = shape[:2]
+    mask = np.zeros((height, width, len(offsets)), np.float32)
+    for c, (dy, dx) in enumerate(offsets):
+        mask[max(-dy, 0):height - max(dy, 0), max(-dx, 0):width - max(dx, 0), c] = 1.0
+    return mask
+
+
+def label_targets(label: np.ndarray, offsets: Sequence[Offset] = OFFSETS) -> np.ndarray:
+    """Return the (H, W, 2K) float32 training targets of one binary label crop: its K affinities
+    (`label_affinities`), then K masks of the pairs that stay inside the crop (`inside`), which the losses and
+    metrics weigh by, so that a pair whose partner the crop cut off teaches nothing."""
+    return np.concatenate([label_affinities(label, offsets), inside(np.shape(label), offsets)], axis=-1)
+
+
 def cell_map(affs: np.ndarray) -> np.ndarray:
     """Return an (..., H, W) cell probability from (..., H, W, K) affinities, 1 = inside a cell, as a membrane
     model's output: the lowest of the four nearest-neighbour affinities that touch each pixel.

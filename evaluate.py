@@ -186,12 +186,13 @@ def evaluate_held_out(source: str | Path, parts: dict, report: dict, *, tiling: 
 
 
 def tune(source: str | Path, data_dir: str | Path | None = None, pages=data.VALIDATION_PAGES, *,
-         method: str | None = None, runtime: str | None = None) -> dict:
+         method: str | None = None, runtime: str | None = None, tiling: TileSettings = TileSettings()) -> dict:
     """Choose the segmentation parameters of a model on the validation `pages` (`segment.tune`, never the test
-    pages) and record them in its card (`cards.card_path`); return the card's 'segmentation' entry."""
+    pages), predicted with `tiling`, and record them in its card (`cards.card_path`); return the card's
+    'segmentation' entry."""
     raw_images, raw_labels = data.load_isbi(data_dir)
     pages = checked_pages(pages, len(raw_images))
-    outputs, io = _predicted(source, raw_images, pages, TileSettings(), runtime)
+    outputs, io = _predicted(source, raw_images, pages, tiling, runtime)
     how, _, offsets = io.segmentation(source, method)
     labels = data.binarize_labels(raw_labels)[pages]
     params, table = segment.tune(outputs, labels, how, offsets=offsets)

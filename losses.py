@@ -25,6 +25,7 @@ import numpy as np
 from keras import ops
 from scipy import ndimage
 
+from metrics import per_sample_mean, split_targets
 from scores import segment_cells
 
 EPSILON = 1e-7  # probabilities are clipped to [EPSILON, 1 - EPSILON] before the log, as Keras does
@@ -127,12 +128,13 @@ def border_weight_map(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0, b
 
 def _label_channel(y_true, y_pred):
     """Return the target channels that `y_pred` predicts (the label; or the affinities), as float32 (batch, H, W, C)."""
-    return ops.cast(y_true[..., : y_pred.shape[-1]], "float32")
+    return split_targets(y_true, y_pred)[0]
 
 
-def _per_sample_mean(values):
-    """Return the mean over everything but the batch axis, shape (batch,)."""
-    return ops.mean(ops.reshape(values, (ops.shape(values)[0], -1)), axis=-1)
+def _pair_mask(y_true, y_pred):
+    """Return the (batch, H, W, C) float32 weights of the pairs that count, when `y_true` carries them after its C
+    targets (2C channels: `affinities.label_targets`); None when every pixel counts."""
+    return split_targets(y_true, y_pred)[1]
 
 
 def _pixel_bce(y_true, y_pred):
@@ -149,11 +151,15 @@ def dice_loss(y_true, y_pred, smooth: float = 1.0):
     dice = (2 sum(m_true m_pred) + smooth) / (sum m_true + sum m_pred + smooth).
     0 for a perfect prediction (also when there is no membrane), near 1 for
     the inverted one. With C > 1 channels (affinities: 1 - affinity is a cut)
-    it is computed per channel and averaged over the channels.
+    it is computed per channel and averaged over the channels; pairs that
+    `y_true`'s mask channels leave out (`_pair_mask`) count on neither side.
     """
     channels = y_pred.shape[-1]
     membrane_true = 1.0 - _label_channel(y_true, y_pred)
     membrane_pred = 1.0 - ops.cast(y_pred, "float32")
+    mask = _pair_mask(y_true, y_pred)
+    if mask is not None:
+        membrane_true, membrane_pred = membrane_true * mask, membrane_pred * mask
     batch = ops.shape(membrane_true)[0]
     membrane_true = ops.reshape(membrane_true, (batch, -1, channels))
     membrane_pred = ops.reshape(membrane_pred, (batch, -1, channels))
@@ -163,10 +169,16 @@ def dice_loss(y_true, y_pred, smooth: float = 1.0):
 
 
 @keras.saving.register_keras_serializable(package="unet_isbi")
+def bce_loss(y_true, y_pred):
+    """Return the binary cross-entropy per sample, shape (batch,), over the pairs that count (`_pair_mask`):
+    Keras' own for a target with a mask of the pairs (affinities)."""
+    return per_sample_mean(_pixel_bce(_label_channel(y_true, y_pred), y_pred), _pair_mask(y_true, y_pred))
+
+
+@keras.saving.register_keras_serializable(package="unet_isbi")
 def bce_dice_loss(y_true, y_pred):
-    """Return binary cross-entropy (unweighted, channel 0) + `dice_loss` per sample, shape (batch,)."""
-    bce = _per_sample_mean(_pixel_bce(_label_channel(y_true, y_pred), y_pred))
-    return bce + dice_loss(y_true, y_pred)
+    """Return binary cross-entropy (unweighted) + `dice_loss` per sample, shape (batch,)."""
+    return bce_loss(y_true, y_pred) + dice_loss(y_true, y_pred)
 
 
 @keras.saving.register_keras_serializable(package="unet_isbi")
@@ -176,7 +188,8 @@ def bce_dice_l1_loss(y_true, y_pred):
     The last term is the pixel difference (as a fraction): it pulls pixels the network is unsure
     of towards 0 or 1, which is what the original's pixel difference rewards.
     """
-    l1 = _per_sample_mean(ops.abs(_label_channel(y_true, y_pred) - ops.cast(y_pred, "float32")))
+    l1 = per_sample_mean(ops.abs(_label_channel(y_true, y_pred) - ops.cast(y_pred, "float32")),
+                          _pair_mask(y_true, y_pred))
     return bce_dice_loss(y_true, y_pred) + l1
 
 
@@ -192,7 +205,7 @@ LOSSES: dict[str, str | Callable] = {
     "bce_dice_l1": bce_dice_l1_loss,
 }
 # For keras.models.load_model of a model compiled with one of these losses.
-CUSTOM_OBJECTS = {fn.__name__: fn for fn in LOSSES.values() if callable(fn)}
+CUSTOM_OBJECTS = {fn.__name__: fn for fn in (*LOSSES.values(), bce_loss) if callable(fn)}
 
 
 def _check_name(name: str) -> None:
@@ -201,10 +214,11 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
 
 
-def get_loss(name: str) -> str | Callable:
-    """Return what `model.compile(loss=...)` takes for `name`: one of the keys of `LOSSES`."""
+def get_loss(name: str, pair_mask: bool = False) -> str | Callable:
+    """Return what `model.compile(loss=...)` takes for `name`: one of the keys of `LOSSES`. With `pair_mask`
+    (targets that carry a mask of the pairs, `affinities.label_targets`) Keras' cross-entropy becomes `bce_loss`."""
     _check_name(name)
-    return LOSSES[name]
+    return bce_loss if pair_mask and isinstance(LOSSES[name], str) else LOSSES[name]
 
 
 def needs_weight_map(name: str) -> bool:
@@ -220,9 +234,19 @@ def _label_channel_np(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     return np.asarray(y_true, dtype=np.float64)[..., : np.shape(y_pred)[-1]]
 
 
-def _per_sample_mean_np(values: np.ndarray) -> np.ndarray:
-    """Return the mean over everything but the first axis."""
-    return values.reshape(len(values), -1).mean(axis=-1)
+def _pair_mask_np(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray | None:
+    """Return `_pair_mask` in float64 numpy."""
+    channels = np.shape(y_pred)[-1]
+    return np.asarray(y_true, np.float64)[..., channels:] if np.shape(y_true)[-1] == 2 * channels else None
+
+
+def _per_sample_mean_np(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Return the mean over everything but the first axis; with `weights`, the weighted mean."""
+    values = values.reshape(len(values), -1)
+    if weights is None:
+        return values.mean(axis=-1)
+    weights = weights.reshape(len(values), -1)
+    return (values * weights).sum(axis=-1) / np.maximum(weights.sum(axis=-1), 1.0)
 
 
 def _pixel_bce_np(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
@@ -241,6 +265,9 @@ def dice_loss_np(y_true: np.ndarray, y_pred: np.ndarray, smooth: float = 1.0) ->
     """Return `dice_loss` in float64 numpy, shape (batch,)."""
     membrane_true = 1.0 - _label_channel_np(y_true, y_pred)
     membrane_pred = 1.0 - np.asarray(y_pred, dtype=np.float64)
+    mask = _pair_mask_np(y_true, y_pred)
+    if mask is not None:
+        membrane_true, membrane_pred = membrane_true * mask, membrane_pred * mask
     batch, channels = len(membrane_true), membrane_pred.shape[-1]
     membrane_true = membrane_true.reshape(batch, -1, channels)
     membrane_pred = membrane_pred.reshape(batch, -1, channels)
@@ -249,12 +276,18 @@ def dice_loss_np(y_true: np.ndarray, y_pred: np.ndarray, smooth: float = 1.0) ->
     return np.mean(1.0 - (2.0 * overlap + smooth) / (total + smooth), axis=-1)
 
 
+def bce_loss_np(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Return `bce_loss` in float64 numpy, shape (batch,)."""
+    return _per_sample_mean_np(_pixel_bce_np(_label_channel_np(y_true, y_pred), y_pred), _pair_mask_np(y_true, y_pred))
+
+
 def bce_dice_loss_np(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """Return `bce_dice_loss` in float64 numpy, shape (batch,)."""
-    return _per_sample_mean_np(_pixel_bce_np(_label_channel_np(y_true, y_pred), y_pred)) + dice_loss_np(y_true, y_pred)
+    return bce_loss_np(y_true, y_pred) + dice_loss_np(y_true, y_pred)
 
 
 def bce_dice_l1_loss_np(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """Return `bce_dice_l1_loss` in float64 numpy, shape (batch,)."""
-    l1 = _per_sample_mean_np(np.abs(_label_channel_np(y_true, y_pred) - np.asarray(y_pred, dtype=np.float64)))
+    l1 = _per_sample_mean_np(np.abs(_label_channel_np(y_true, y_pred) - np.asarray(y_pred, dtype=np.float64)),
+                             _pair_mask_np(y_true, y_pred))
     return bce_dice_loss_np(y_true, y_pred) + l1

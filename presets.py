@@ -69,7 +69,7 @@ class TrainSettings:
                                                "border weights; losses.py)")
     target: str = setting("membranes", f"what the network predicts: {' or '.join(TARGETS)} (the original's "
                                        "membrane map, or affinities.py's)")
-    offsets: str = setting("1,3,9,27", "affinity distances in pixels, each taken in y and in x, or 'field' (the "
+    offsets: str = setting("field", "affinity distances in pixels, each taken in y and in x, or 'field' (the "
                                        "mutex watershed's ISBI set: 1, then 9 and 27 and radius-9 diagonals; "
                                        "target affinities only)")
     precision: str = setting("auto", f"{', '.join(hardware.PRECISIONS)} (auto: the fastest correct one here, "
@@ -204,17 +204,27 @@ PRESETS = {
 }
 
 
+# What `target='affinities'` brings to a membrane preset unless given otherwise: the field's recipe (the mutex
+# watershed's ISBI experiments, torch-em's ISBI affinities): its offsets, and the Dice of the cut class alone.
+# The pairs that leave a crop are masked out of the loss whatever the loss (affinities.label_targets).
+AFFINITY_DEFAULTS = {"offsets": "field", "loss": "dice"}
+
+
 def preset(name: str = "auto", **overrides) -> TrainSettings:
     """Return the settings of preset `name` ('auto' = 'original' on a GPU, else 'cpu') with overrides.
 
     Overrides that are None are ignored, so that unset command-line flags and
-    notebook parameters keep the preset's value.
+    notebook parameters keep the preset's value. Switching a preset to the affinity target brings
+    AFFINITY_DEFAULTS for the settings not given.
     """
     if name == "auto":
         name = "original" if hardware.gpu_names() else "cpu"
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from auto, {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("target") == "affinities" != PRESETS[name].target:
+        overrides = {**AFFINITY_DEFAULTS, **overrides}
+    return dataclasses.replace(PRESETS[name], **overrides)
 
 
 AUGMENTATION_HELP = {

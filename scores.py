@@ -17,40 +17,51 @@ from skimage.morphology._skeletonize import G123_LUT, G123P_LUT
 
 # ------------------------------------------- the Keras metrics' numpy twins (metrics.py)
 
-def pixel_difference_np(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Return 100 * mean |y_true - y_pred| over all pixels (percent, 0..100)."""
-    y_true = np.asarray(y_true, dtype=np.float64)
-    y_pred = np.asarray(y_pred, dtype=np.float64)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"shapes differ: y_true {y_true.shape}, y_pred {y_pred.shape}")
-    return float(100.0 * np.mean(np.abs(y_true - y_pred)))
-
-
-def _membrane_counts(y_true: np.ndarray, y_pred: np.ndarray, threshold: float) -> tuple[int, int, int]:
-    """Return (TP, FP, FN) of the membrane class: label < 0.5, prediction < threshold."""
+def _counted(y_true: np.ndarray, y_pred: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Return y_true and y_pred as arrays of the same shape, only where `mask` (the pairs that count) is nonzero."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if y_true.shape != y_pred.shape:
         raise ValueError(f"shapes differ: y_true {y_true.shape}, y_pred {y_pred.shape}")
+    if mask is None:
+        return y_true, y_pred
+    keep = np.broadcast_to(np.asarray(mask) != 0, y_true.shape)
+    return y_true[keep], y_pred[keep]
+
+
+def pixel_difference_np(y_true: np.ndarray, y_pred: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Return 100 * mean |y_true - y_pred| over all pixels, or those where `mask` is nonzero (percent, 0..100)."""
+    y_true, y_pred = _counted(y_true, y_pred, mask)
+    return float(100.0 * np.mean(np.abs(y_true.astype(np.float64) - y_pred.astype(np.float64))))
+
+
+def _membrane_counts(y_true: np.ndarray, y_pred: np.ndarray, threshold: float,
+                     mask: np.ndarray | None = None) -> tuple[int, int, int]:
+    """Return (TP, FP, FN) of the membrane class: label < 0.5, prediction < threshold (where `mask` is nonzero)."""
+    y_true, y_pred = _counted(y_true, y_pred, mask)
     truth, predicted = y_true < 0.5, y_pred < threshold
     return (int(np.count_nonzero(truth & predicted)), int(np.count_nonzero(~truth & predicted)),
             int(np.count_nonzero(truth & ~predicted)))
 
 
-def membrane_iou_np(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5) -> float:
+def membrane_iou_np(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5,
+                    mask: np.ndarray | None = None) -> float:
     """Return the membrane class's IoU (0..1; 0 when neither has membrane), counted as `metrics.membrane_iou`."""
-    tp, fp, fn = _membrane_counts(y_true, y_pred, threshold)
+    tp, fp, fn = _membrane_counts(y_true, y_pred, threshold, mask)
     return tp / (tp + fp + fn) if tp + fp + fn else 0.0
 
 
-def membrane_dice_np(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5) -> float:
+def membrane_dice_np(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5,
+                     mask: np.ndarray | None = None) -> float:
     """Return the membrane class's Dice score (0..1; 0 when neither has membrane), counted as `metrics.MembraneDice`."""
-    tp, fp, fn = _membrane_counts(y_true, y_pred, threshold)
+    tp, fp, fn = _membrane_counts(y_true, y_pred, threshold, mask)
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
 
-def accuracy_np(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5) -> float:
-    """Return the fraction (0..1) of pixels where y_pred > threshold agrees with y_true > 0.5."""
-    return float(np.mean((np.asarray(y_pred) > threshold) == (np.asarray(y_true) > 0.5)))
+def accuracy_np(y_true: np.ndarray, y_pred: np.ndarray, threshold: float = 0.5,
+                mask: np.ndarray | None = None) -> float:
+    """Return the fraction (0..1) of pixels (where `mask` is nonzero) where y_pred > threshold agrees with y_true > 0.5."""
+    y_true, y_pred = _counted(y_true, y_pred, mask)
+    return float(np.mean((y_pred > threshold) == (y_true > 0.5)))
 
 
 # ------------------------------------------- a (nearly) uniform prediction

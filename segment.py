@@ -50,7 +50,8 @@ class SegmentParams:
         of the distance transform (seeds) and of the boundary map (watershed heights). min_size: superpixels
         (multicut) or segments (mws) smaller than this many pixels are merged into a neighbour.
         beta: the multicut's boundary bias, higher cuts more. strides: (y, x) subsampling of the mutex
-        watershed's long-range edges.
+        watershed's long-range edges; random_strides: keep a random one in strides[0] * strides[1] of them
+        (seeded, so a page always gives the same cells) rather than those on a grid.
     """
 
     threshold: float = 0.5
@@ -59,6 +60,7 @@ class SegmentParams:
     min_size: int = 50
     beta: float = 0.4
     strides: tuple = (2, 2)
+    random_strides: bool = False
 
     def __post_init__(self):
         if not 0.0 < _number("threshold", self.threshold) < 1.0:
@@ -77,6 +79,8 @@ class SegmentParams:
             raise ValueError(f"strides must be two positive whole numbers (y, x), at most {MAX_STRIDE}, got "
                              f"{_shown(self.strides)}")
         object.__setattr__(self, "strides", tuple(int(s) for s in strides))  # a JSON list becomes a tuple
+        if not isinstance(self.random_strides, (bool, np.bool_)):
+            raise ValueError(f"random_strides must be true or false, got {_shown(self.random_strides)}")
 
     def as_dict(self) -> dict:
         """Return the parameters as a JSON-ready dict."""
@@ -126,7 +130,7 @@ def _check_fields(names) -> None:
 GRIDS = {
     "threshold": {"threshold": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)},
     "multicut": {"beta": (0.3, 0.4, 0.5, 0.6), "sigma_seeds": (1.0, 2.0, 3.0), "threshold": (0.3, 0.5)},
-    "mws": {"min_size": (0, 25, 50, 100), "strides": ((1, 1), (2, 2))},
+    "mws": {"min_size": (0, 25, 50, 100), "strides": ((1, 1), (2, 2)), "random_strides": (False, True)},
     "lmc": {"beta": (0.3, 0.4, 0.5, 0.6), "sigma_seeds": (1.0, 2.0, 3.0), "threshold": (0.3, 0.5)},
 }
 
@@ -247,7 +251,15 @@ def _mws_tile(affs: np.ndarray, params: SegmentParams, offsets) -> np.ndarray:
 
     # elf takes channels first in the boundary convention (1 = cut), and overwrites them
     cuts = np.ascontiguousarray(1.0 - np.asarray(affs).transpose(2, 0, 1), dtype=np.float32)
-    seg = mutex_watershed.mutex_watershed(cuts, [list(o) for o in offsets], list(params.strides))
+    strides = list(params.strides)
+    if params.random_strides:
+        # elf's own randomised strides draw from an unseeded generator (a page's cells would change from run to
+        # run). A repulsive edge of weight 0 comes last in the watershed's order, where it no longer decides
+        # anything: a seeded draw of which long-range edges to keep, then all edges.
+        keep = np.random.default_rng(0).random(cuts[2:].shape) < 1.0 / (strides[0] * strides[1])
+        cuts[2:] *= keep
+        strides = [1, 1]
+    seg = mutex_watershed.mutex_watershed(cuts, [list(o) for o in offsets], strides)
     return _renumbered(seg + 1)  # + 1: a segment may be numbered 0
 
 

@@ -46,14 +46,15 @@ import presets
 import runs
 import segment
 from callbacks import ImageHistory, ModelCheckpoint, StepBackup, StopOnNaN, TensorBoard, TimeLimit
-from metrics import MembraneDice, membrane_iou, pixel_difference
+from metrics import MembraneDice, MembraneIoU, accuracy, membrane_iou, pair_accuracy, pixel_difference
 from model import SIZE_MULTIPLE, build_unet, load_model
 from presets import (  # noqa: F401 (train.X names: the notebook, tests, bench/ and tools use them)
     HIGHER_IS_BETTER, LR_SCHEDULES, PRESETS, TARGETS, TrainSettings, monitor_mode, preset,
     settings_from, target_offsets)
 from sizing import BUDGET_MARGIN, VALIDATION_SHARE, size_to_budget, sizing_line  # noqa: F401
 
-CUSTOM_OBJECTS = {"pixel_difference": pixel_difference, "MembraneDice": MembraneDice, **losses.CUSTOM_OBJECTS}
+CUSTOM_OBJECTS = {"pixel_difference": pixel_difference, "pair_accuracy": pair_accuracy, "MembraneDice": MembraneDice,
+                  "MembraneIoU": MembraneIoU, **losses.CUSTOM_OBJECTS}
 
 
 @contextlib.contextmanager
@@ -114,10 +115,10 @@ def measure_speed(settings: TrainSettings, split: dict, policy: str, steps: int 
 
 
 def label_target(settings: TrainSettings) -> Callable[[np.ndarray], np.ndarray] | None:
-    """Return the function that turns one (H, W) label page into the network's (H, W, K) targets, or None
-    when the label itself is the target."""
+    """Return the function that turns one (H, W) label crop into the network's (H, W, 2K) targets (K affinities,
+    K masks of the pairs inside the crop: `affinities.label_targets`), or None when the label is the target."""
     offsets = target_offsets(settings)
-    return None if offsets is None else functools.partial(affinities.label_affinities, offsets=offsets)
+    return None if offsets is None else functools.partial(affinities.label_targets, offsets=offsets)
 
 
 def cell_segmenter(settings: TrainSettings) -> Callable[[np.ndarray], np.ndarray]:
@@ -232,8 +233,8 @@ def build_model(settings: TrainSettings, policy: str) -> keras.Model:
                        out_channels=1 if offsets is None else len(offsets), head_filters=settings.head_filters)
     model.compile(
         optimizer=make_optimizer(learning_rate(settings), policy),
-        loss=losses.get_loss(settings.loss),
-        metrics=["accuracy", pixel_difference, MembraneDice(), membrane_iou()],
+        loss=losses.get_loss(settings.loss, pair_mask=offsets is not None),
+        metrics=[accuracy(pair_mask=offsets is not None), pixel_difference, MembraneDice(), membrane_iou()],
     )
     # Its variables made now, the optimizer does not make TensorFlow trace the first train step twice.
     model.optimizer.build(model.trainable_variables)

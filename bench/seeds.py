@@ -39,29 +39,32 @@ def train_run(run_dir: Path, seed: int, preset: str, extra: list[str]) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-def score_run(run_dir: Path, data_dir: str | None) -> dict:
-    """Return the run's tuned segmentation and its scores on the validation and the test pages."""
+def score_run(run_dir: Path, data_dir: str | None, tta: bool = False) -> dict:
+    """Return the run's tuned segmentation and its scores on the validation and the test pages (predicted with
+    test-time augmentation if `tta`, for the tuning too)."""
     import evaluate  # loads TensorFlow: after the training processes have been started
+    from tiling import TileSettings
 
-    model = runs.RunFolder(run_dir).best
-    chosen = evaluate.tune(model, data_dir)
+    model, tiling = runs.RunFolder(run_dir).best, TileSettings(tta=tta)
+    chosen = evaluate.tune(model, data_dir, tiling=tiling)
     parts = {}
     for part, pages in (("validation", data.VALIDATION_PAGES), ("test", data.TEST_PAGES)):
-        result = evaluate.evaluate(model, data_dir, pages)
+        result = evaluate.evaluate(model, data_dir, pages, tiling=tiling)
         parts[part] = {"pages": list(pages), "per_page": result["per_page"], "mean": result["mean"]}
     summary = runs.RunFolder(run_dir).read_json(runs.RunFolder(run_dir).summary)
-    return {"segmentation": chosen, **parts, "minutes": summary["seconds"] / 60, "machine": summary["machine"],
+    return {"segmentation": chosen, "tta": tta, **parts, "minutes": summary["seconds"] / 60, "machine": summary["machine"],
             "precision": summary["precision"], "commit": summary.get("commit"),
             "epochs": summary["epochs_done"], "steps_per_epoch": summary["steps_per_epoch"]}
 
 
-def seed_result(run_dir: Path, seed: int, preset: str, extra: list[str], data_dir: str | None) -> dict:
-    """Return the scores of `seed`'s run, training and scoring it unless its scores.json says it was done."""
-    done = run_dir / "seed-scores.json"
+def seed_result(run_dir: Path, seed: int, preset: str, extra: list[str], data_dir: str | None,
+                tta: bool = False) -> dict:
+    """Return the scores of `seed`'s run, training and scoring it unless its seed-scores json says it was done."""
+    done = run_dir / ("seed-scores-tta.json" if tta else "seed-scores.json")
     if done.is_file() and (run_dir / "best.keras").stat().st_mtime <= done.stat().st_mtime:
         return json.loads(done.read_text())
     train_run(run_dir, seed, preset, extra)
-    result = {"seed": seed, **score_run(run_dir, data_dir)}
+    result = {"seed": seed, **score_run(run_dir, data_dir, tta)}
     files.write_atomic(done, json.dumps(result, indent=2))
     return result
 
@@ -110,17 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="runs/seeds", help="folder of the recipes' run folders")
     parser.add_argument("--data-dir", help="the ISBI stacks (default: $ISBI_DATA_DIR or data/)")
     parser.add_argument("--out", help="the JSON written (default bench/seeds-NAME.json)")
+    parser.add_argument("--tta", action="store_true", help="predict with test-time augmentation (8 flips and "
+                        "turns averaged), to tune and to score; its scores are kept apart from those without")
     parser.add_argument("train_args", nargs="*", help="after --: more train.py arguments, the same for every seed")
     args = parser.parse_args(argv)
     extra = args.train_args + (["--data-dir", args.data_dir] if args.data_dir else [])
     results = []
     for seed in args.seeds:
         results.append(seed_result(Path(args.root) / args.name / f"seed-{seed}", seed, args.preset, extra,
-                                   args.data_dir))
+                                   args.data_dir, args.tta))
         print(f"seed {seed}: test cells V_rand {results[-1]['test']['mean']['cell_v_rand']:.4f}", flush=True)
     summary = summarise(results)
     machine = results[0]["machine"]
     record = {"name": args.name, "preset": args.preset, "train_args": args.train_args, "seeds": args.seeds,
+              "tta": args.tta,
               "machine": machine, "precision": results[0]["precision"], "summary": summary, "runs": results,
               "scored_on": hardware.describe()}
     out = Path(args.out or ROOT / "bench" / f"seeds-{args.name}.json")

@@ -105,3 +105,16 @@ def test_true_affinities_of_a_validation_page_cut_by_the_mutex_watershed_give_ba
     label = data.binarize_labels(raw_labels)[page]
     cells = segment.segment(affinities.label_affinities(label, offsets), "mws", offsets=offsets)
     assert scores.cell_scores(cells, label)["v_rand"] >= 0.99
+
+
+def test_the_training_targets_mask_exactly_the_pairs_that_leave_the_crop():
+    label = np.ones((20, 30))
+    label[:, 14] = 0  # two cells, a membrane at column 14
+    offsets = ((-1, 0), (0, -1), (-9, 0), (4, -9))
+    targets = affinities.label_targets(label, offsets)
+    assert targets.shape == (20, 30, 8) and targets.dtype == np.float32
+    np.testing.assert_array_equal(targets[..., :4], affinities.label_affinities(label, offsets))
+    rows, cols = np.mgrid[:20, :30]
+    for c, (dy, dx) in enumerate(offsets):
+        partner_inside = (rows + dy >= 0) & (rows + dy < 20) & (cols + dx >= 0) & (cols + dx < 30)
+        np.testing.assert_array_equal(targets[..., 4 + c], partner_inside)

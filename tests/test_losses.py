@@ -238,3 +238,24 @@ def test_affinity_losses_average_the_per_channel_losses(fn, twin):
     per_channel = [twin(y_true[..., c : c + 1], y_pred[..., c : c + 1]) for c in range(8)]
     if fn is dice_loss:  # the Dice of each channel on its own, averaged; the cross-entropy is a plain mean anyway
         np.testing.assert_allclose(got, np.mean(per_channel, axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn, twin", [(dice_loss, dice_loss_np), (bce_dice_loss, bce_dice_loss_np),
+                                      (losses.bce_loss, losses.bce_loss_np)])
+def test_pairs_outside_the_mask_change_no_loss(fn, twin):
+    rng = np.random.default_rng(3)
+    targets = (rng.random((2, 16, 24, 4)) > 0.2).astype("float32")
+    mask = (rng.random((2, 16, 24, 4)) > 0.3).astype("float32")
+    y_true = np.concatenate([targets, mask], axis=-1)
+    y_pred = rng.uniform(0.01, 0.99, (2, 16, 24, 4)).astype("float32")
+    got = np.asarray(fn(y_true, y_pred))
+    np.testing.assert_allclose(got, twin(y_true, y_pred), rtol=1e-5)
+    scrambled = np.where(mask > 0, y_pred, rng.uniform(0.01, 0.99, y_pred.shape)).astype("float32")
+    np.testing.assert_allclose(np.asarray(fn(y_true, scrambled)), got, rtol=1e-5)
+    assert not np.allclose(np.asarray(fn(targets, scrambled)), np.asarray(fn(targets, y_pred)))  # unmasked: it does
+
+
+def test_keras_cross_entropy_becomes_the_masked_one_for_targets_with_a_mask():
+    assert get_loss("binary_crossentropy") == "binary_crossentropy"
+    assert get_loss("binary_crossentropy", pair_mask=True) is losses.bce_loss
+    assert get_loss("dice", pair_mask=True) is dice_loss

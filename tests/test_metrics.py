@@ -43,3 +43,25 @@ def test_membrane_dice_and_iou_count_over_the_epoch_as_their_numpy_twins(seed):
 def test_membrane_dice_scores_the_membrane_class_only():
     with pytest.raises(ValueError, match="class 0"):
         MembraneDice(target_class_ids=(1,))
+
+
+def test_affinity_metrics_count_only_the_pairs_inside_the_mask():
+    from metrics import accuracy
+    from scores import accuracy_np
+
+    rng = np.random.default_rng(5)
+    targets = (rng.random((3, 12, 10, 4)) > 0.3).astype("float32")
+    mask = np.broadcast_to(rng.random((1, 12, 10, 4)) > 0.4, targets.shape).astype("float32")  # same in each crop
+    y_true = np.concatenate([targets, mask], axis=-1)
+    y_pred = rng.random((3, 12, 10, 4)).astype("float32")
+    assert np.mean(pixel_difference(y_true, y_pred)) == pytest.approx(pixel_difference_np(targets, y_pred, mask=mask),
+                                                                     rel=1e-5)
+    metric = accuracy(pair_mask=True)
+    metric.update_state(y_true, y_pred)
+    assert metric.name == "accuracy"
+    assert float(metric.result()) == pytest.approx(accuracy_np(targets, y_pred, mask=mask), rel=1e-5)
+    for metric, twin in ((membrane_iou(), membrane_iou_np), (MembraneDice(), membrane_dice_np)):
+        metric.update_state(y_true[:2], y_pred[:2])
+        metric.update_state(y_true[2:], y_pred[2:])
+        assert float(metric.result()) == pytest.approx(twin(targets, y_pred, mask=mask), rel=1e-5)
+        assert twin(targets, y_pred, mask=mask) != pytest.approx(twin(targets, y_pred))  # the mask matters here

@@ -80,6 +80,18 @@ def test_mws_keeps_cells_apart_where_only_the_nearest_neighbour_affinities_miss_
     assert cell_scores(merged, label)["cells"] == truth_cells(label) - 1
 
 
+def test_random_strides_keep_the_cells_and_give_the_same_cells_every_run():
+    label = grid_label()
+    affs = label_affinities(label)
+    noisy = np.clip(affs + np.random.default_rng(2).normal(0, 0.3, affs.shape), 0, 1).astype(np.float32)
+    params = SegmentParams(min_size=0, strides=(3, 3), random_strides=True)
+    assert same_partition(segment.segment(affs, "mws", params), cells_of(label))
+    first = segment.segment(noisy, "mws", params)
+    np.testing.assert_array_equal(segment.segment(noisy, "mws", params), first)
+    grid = segment.segment(noisy, "mws", SegmentParams(min_size=0, strides=(3, 3)))
+    assert not np.array_equal(first, grid)  # another set of long-range edges: other cells on a noisy page
+
+
 def test_multicut_segments_affinities_through_their_nearest_neighbour_channels():
     label = grid_label()
     affs = np.clip(label_affinities(label) + np.random.default_rng(1).normal(0, 0.03, (96, 96, 8)), 0, 1)

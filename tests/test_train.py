@@ -20,6 +20,7 @@ import tifffile
 from conftest import ROOT
 from PIL import Image
 
+import affinities
 import data
 import files
 import runtimes
@@ -132,9 +133,11 @@ def test_an_affinity_run_learns_the_label_affinities_and_keeps_the_best_cells(is
                             challenge_every=1, target="affinities", offsets="1,3", monitor="val_cell_v_rand")
     split = data.load_split(isbi_dir)
     x, y = train.training_batches(settings, split)[0]
-    assert y.shape == x.shape[:3] + (4,)
+    assert y.shape == x.shape[:3] + (8,)  # 4 affinities, then which of their pairs stay inside the crop
     # the targets are the affinities of the augmented label: nearest-neighbour cuts sit on membranes
     assert 0 < (y[..., :2] == 0).mean() < 0.3 and set(np.unique(y)) <= {0.0, 1.0}
+    inside = affinities.inside(x.shape[1:3], ((-1, 0), (0, -1), (-3, 0), (0, -3)))
+    np.testing.assert_array_equal(y[..., 4:], np.broadcast_to(inside, y[..., 4:].shape))
     result = train.train(settings)
     assert runtimes.load_model(result["best"]).output_shape[-1] == 4
     scores = result["history"]["val_cell_v_rand"]
@@ -423,7 +426,7 @@ def test_saved_models_with_the_project_metrics_load_with_plain_load_model_in_a_f
         "print(m.compiled, m.get_compile_config()['metrics'])\n",
         tmp_path, str(ROOT))
     assert compiled.returncode == 0, compiled.stderr[-2000:]
-    assert compiled.stdout.startswith("True") and "MembraneDice" in compiled.stdout and "BinaryIoU" in compiled.stdout
+    assert compiled.stdout.startswith("True") and "MembraneDice" in compiled.stdout and "MembraneIoU" in compiled.stdout
 
 
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which("git") is None or not (ROOT / ".git").exists(),
