@@ -38,7 +38,7 @@ import cards
 import files
 import runtimes
 import segment
-from data import normalize_images
+from data import neighbour_indices, normalize_images
 from files import PathLike
 from tiling import TileSettings, predict_region, to_uint8
 
@@ -51,8 +51,9 @@ Block = tuple[int, int, int]  # (page, block row, block column)
 
 # ---------------------------------------------------------------- reading
 
-def open_volume(path: PathLike) -> zarr.Array:
-    """Return the grey pages of a zarr array or TIFF file, read lazily: (pages, H, W), or (H, W) for one page.
+def open_volume(path: PathLike, channels: bool = False) -> zarr.Array:
+    """Return the grey pages of a zarr array or TIFF file, read lazily: (pages, H, W), or (H, W) for one page;
+    with `channels` also a prediction's (pages, H, W, K) affinities.
 
     A zarr group holding exactly one array stands for that array; name
     another as `group.zarr/name`. TIFFs are read through tifffile's zarr store.
@@ -84,7 +85,7 @@ def open_volume(path: PathLike) -> zarr.Array:
             volume = next(iter(arrays.values()))
     else:
         raise files.DataError(f"{path}: expected a .zarr array or a TIFF file ({', '.join(files.TIFF_SUFFIXES)})")
-    if volume.ndim not in (2, 3) or volume.size == 0 or not np.issubdtype(volume.dtype, np.number):
+    if volume.ndim not in ((2, 3, 4) if channels else (2, 3)) or volume.size == 0 or not np.issubdtype(volume.dtype, np.number):
         raise files.DataError(f"{path}: expected grey pages (pages, height, width) or one (height, width) page "
                              f"of numbers, got shape {volume.shape} of {volume.dtype}")
     return volume
@@ -97,17 +98,46 @@ def volume_shape(volume) -> tuple[int, int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class PageView:
-    """Page `index` of a (pages, H, W) or (H, W) array; `view[rows, cols]` reads only those pixels."""
+    """Page `index` of a (pages, H, W) or (H, W) array; `view[rows, cols]` reads only those pixels. With `sections`
+    > 1 the page comes with its neighbours as (H, W, sections), mirrored at the stack's ends (`data.with_context`)."""
+
+    volume: object
+    index: int
+    sections: int = 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return volume_shape(self.volume)[1:] + ((self.sections,) if self.sections > 1 else ())
+
+    def _read(self, index: int, key: tuple[slice, slice]) -> np.ndarray:
+        return np.asarray(self.volume[key] if len(self.volume.shape) == 2 else self.volume[(index, *key)])
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        if self.sections == 1:
+            return self._read(self.index, key)
+        pages = neighbour_indices(self.index, volume_shape(self.volume)[0], self.sections)
+        return np.stack([self._read(page, key) for page in pages], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class AffinityPage:
+    """Page `index` of a prediction zarr's (pages, H, W, K) affinities, float32 in [0, 1] however stored;
+    `view[rows, cols]` reads only those pixels (so `segment.mws_cells` reads a large page tile by tile)."""
 
     volume: object
     index: int
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return volume_shape(self.volume)[1:]
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.volume.shape[1:])
 
-    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
-        return np.asarray(self.volume[key] if len(self.volume.shape) == 2 else self.volume[(self.index, *key)])
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        return normalize_images(np.asarray(self.volume[(self.index, *key)]))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        page = self[:, :]
+        return page if dtype is None else page.astype(dtype)
 
 
 # ---------------------------------------------------------------- blocks
@@ -144,7 +174,7 @@ def open_output(target: PathLike, shape: tuple[int, int, int], settings: dict) -
     target = Path(target)
     block, dtype = settings["block"], settings["dtype"]
     if not target.exists():
-        out = zarr.create_array(str(target), shape=shape, chunks=(1, block, block), dtype=dtype, fill_value=0,
+        out = zarr.create_array(str(target), shape=shape, chunks=(1, block, block, *shape[3:]), dtype=dtype, fill_value=0,
                                 attributes={SETTINGS_KEY: settings})
         (target / DONE_FOLDER).mkdir()
         return out
@@ -167,14 +197,15 @@ def open_output(target: PathLike, shape: tuple[int, int, int], settings: dict) -
 
 def predict_block(model, volume, out: zarr.Array, target: PathLike, index: Block, *, block: int,
                   tiling: TileSettings, io: cards.ModelIO) -> Block:
-    """Predict block `index` of `volume` with the model described by `io` (an affinity model's offsets move under
-    TTA), write its cell map into `out` and then its marker beside it; return `index`."""
+    """Predict block `index` of `volume` with the model described by `io` (a page with its neighbours for a context
+    model; an affinity model's offsets move under TTA), write its cell map into `out` (or its affinities, when
+    `out` has their channels) and then its marker beside it; return `index`."""
     z, by, bx = index
     _, height, width = volume_shape(volume)
     rows = (by * block, min((by + 1) * block, height))
     cols = (bx * block, min((bx + 1) * block, width))
-    outputs = predict_region(model, PageView(volume, z), (rows, cols), tiling=tiling, offsets=io.offsets)
-    probabilities = io.cell_map(outputs)
+    outputs = predict_region(model, PageView(volume, z, io.context), (rows, cols), tiling=tiling, offsets=io.offsets)
+    probabilities = outputs if out.ndim == 4 else io.cell_map(outputs)
     out[z, slice(*rows), slice(*cols)] = to_uint8(probabilities) if out.dtype == np.uint8 else probabilities
     _marker(Path(target), index).touch()  # only after the data: an interrupted write leaves no marker
     return index
@@ -206,6 +237,7 @@ def predict_volume(
     block: int = DEFAULT_BLOCK,
     tiling: TileSettings = TileSettings(),
     uint8: bool = False,
+    affinities: bool = False,
     client=None,
     progress: bool = True,
     on_block: Callable[[Block], None] | None = None,
@@ -219,6 +251,9 @@ def predict_volume(
         source: a .zarr or TIFF path (`open_volume`), or in-process also a (pages, H, W)
             array-like with numpy slicing. A Dask `client` needs a path its workers can open.
         target: the output .zarr folder: float32 probabilities (an affinity model's cell map), or 0-255 with `uint8`.
+            A model that sees neighbouring sections reads each page with them.
+        affinities: an affinity model's prediction keeps its K affinities, (pages, H, W, K), for the mutex
+            watershed (`segment_volume`), instead of their cell map.
         block: side of the (1, block, block) blocks in pixels, and of the output's chunks.
         tiling: tiles, overlap, batch and TTA, as for `tiling.predict_image`.
         client: a `distributed.Client`; its workers then predict one block per task,
@@ -230,9 +265,9 @@ def predict_volume(
     if block < 1:
         raise ValueError(f"block must be a positive number of pixels, got {block}")
     model_path = runtimes.resolve_model(model_path).resolve()
-    if cards.model_io(model_path).context > 1:
-        raise ValueError(f"{model_path} sees each page with its neighbouring sections; zarr output predicts page by "
-                         "page without them: predict the stack to TIFF (predict.py without a .zarr name)")
+    io = cards.model_io(model_path)
+    if affinities and not io.is_affinities:
+        raise ValueError(f"{model_path} predicts a membrane map, not affinities")
     from_path = isinstance(source, (str, Path))
     if client is not None and not from_path:
         raise ValueError("a Dask cluster needs the input as a path that its workers can open, not an array")
@@ -240,13 +275,18 @@ def predict_volume(
     shape = volume_shape(volume)
     if len(shape) != 3:
         raise ValueError(f"expected a volume (pages, height, width) or one (height, width) page, got shape {shape}")
+    if io.context > 1 and shape[0] < 2:
+        raise ValueError(f"{model_path} sees each page with its neighbouring sections; a single page has none: "
+                         "give the stack")
     target = Path(target).resolve()
     # The model's digest too: a model retrained under the same name must not fill the blocks left.
     settings = {"model": str(model_path), "model_sha256": model_digest(model_path),
                 "source": str(Path(source).resolve()) if from_path else None,
                 "tile": tiling.tile, "overlap": tiling.overlap, "tta": tiling.tta, "block": block,
                 "dtype": "uint8" if uint8 else "float32"}
-    out = open_output(target, shape, settings)
+    if affinities:
+        settings["offsets"] = [list(offset) for offset in io.offsets]
+    out = open_output(target, (*shape, len(io.offsets)) if affinities else shape, settings)
     blocks = block_layout(shape, block)
     pending = [index for index in blocks if not _marker(target, index).exists()]
     with tqdm(total=len(pending), desc=target.name, unit="block", disable=not progress) as bar:
@@ -282,28 +322,38 @@ def made_with(volume) -> dict | None:
 
 def segment_volume(source: PathLike, target: PathLike, method: str = "multicut",
                    params: segment.SegmentParams | None = None, progress: bool = True) -> dict:
-    """Cut each page of a prediction zarr (`predict_volume`'s: cell probabilities, float32 or 0-255) into cells,
-    page by page, into the uint32 zarr array `target` (chunks of 1 x 1024 x 1024), skipping pages already
-    done (a marker per page, as for blocks); return {"pages", "computed", "skipped", "seconds"}.
+    """Cut each page of a prediction zarr (`predict_volume`'s: cell probabilities, float32 or 0-255; or
+    affinities) into cells, page by page, into the uint32 zarr array `target` (chunks of 1 x 1024 x 1024),
+    skipping pages already done (a marker per page, as for blocks); return {"pages", "computed", "skipped",
+    "seconds"}.
 
-    Each page is segmented whole (`segment.segment`), so memory grows with the page, not the volume. The
-    cells record the settings of the prediction they were cut from (its model's digest among them): cells of
-    an earlier prediction, made with another model or other settings, are refused rather than resumed.
+    A cell map is cut whole (`segment.segment`: threshold or multicut), so memory grows with the page, not
+    the volume; affinities by the mutex watershed, read tile by tile (`segment.mws_cells`). The cells record
+    the settings of the prediction they were cut from (its model's digest among them): cells of an earlier
+    prediction, made with another model or other settings, are refused rather than resumed.
     """
     start = time.perf_counter()
     params = segment.SegmentParams() if params is None else params
-    if method not in ("threshold", "multicut"):
-        raise ValueError(f"a prediction zarr holds cell probabilities: cut it with threshold or multicut, not {method!r}")
-    volume = open_volume(source)
-    shape = volume_shape(volume)
+    volume = open_volume(source, channels=True)
+    offsets = (made_with(volume) or {}).get("offsets") if volume.ndim == 4 else None
+    if volume.ndim == 4 and not offsets:
+        raise ValueError(f"{source} has channels but records no affinity offsets: not a prediction of predict.py")
+    allowed = ("mws",) if offsets else ("threshold", "multicut")
+    if method not in allowed:
+        held = "affinities" if offsets else "cell probabilities"
+        raise ValueError(f"a prediction zarr holds {held}: cut it with {' or '.join(allowed)}, not {method!r}")
+    shape = volume_shape(volume)[:3]
     target = Path(target).resolve()
     settings = {"source": str(Path(source).resolve()), "prediction": made_with(volume), "method": method,
                 "params": params.as_dict(), "block": min(DEFAULT_BLOCK, max(shape[1:])), "dtype": "uint32"}
     out = open_output(target, shape, settings)
     pending = [z for z in range(shape[0]) if not _marker(target, (z,)).exists()]
     for z in tqdm(pending, desc=target.name, unit="page", disable=not progress):
-        page = normalize_images(volume[z])  # 0-255 or float32 probabilities: float32 in [0, 1]
-        out[z] = segment.segment(page, method, params)
+        if offsets:
+            out[z] = segment.mws_cells(AffinityPage(volume, z), params, offsets)
+        else:
+            page = normalize_images(volume[z])  # 0-255 or float32 probabilities: float32 in [0, 1]
+            out[z] = segment.segment(page, method, params)
         _marker(target, (z,)).touch()  # only after the data
     return {"pages": shape[0], "computed": len(pending), "skipped": shape[0] - len(pending),
             "seconds": time.perf_counter() - start}

@@ -135,15 +135,17 @@ def _cutting(model_path: Path, io: cards.ModelIO, method: str | None):
 
 
 def _zarr_cutting(model_path: Path, method: str | None) -> tuple[str, segment.SegmentParams]:
-    """Return (method, params) to cut a zarr prediction, which holds a cell map, into cells: `method`, else the
-    card's, multicut where the card names the mutex watershed; ValueError for `method` mws."""
-    if method in segment.AFFINITY_METHODS:
-        raise ValueError(f"--method {method} cuts affinities, and a zarr prediction keeps their cell map only: use "
-                         "--method multicut or threshold, or predict to TIFF")
-    cell_map = cards.ModelIO()  # what the zarr holds: one channel, as a membrane model's
-    how, params, _ = cell_map.segmentation(model_path, method)
-    if how in segment.AFFINITY_METHODS:  # an affinity model's: its cell map is cut by the multicut instead
-        how, params, _ = cell_map.segmentation(model_path, "multicut")
+    """Return (method, params) to cut a zarr prediction into cells: `method`, else the card's. The mutex watershed
+    cuts the affinities the zarr then keeps (`blocks.predict_volume(affinities=True)`), threshold and multicut a
+    cell map; ValueError for the mutex watershed of a membrane model and for the lifted multicut."""
+    io = cards.model_io(model_path)
+    if method == "mws" and not io.is_affinities:
+        raise ValueError(f"--method mws cuts affinities, and {model_path} predicts a membrane map: use --method "
+                         "multicut or threshold")
+    how, params, _ = io.segmentation(model_path, method)
+    if how == "lmc":
+        raise ValueError("the lifted multicut cuts a whole page's affinities in memory; for zarr output use --method "
+                         "mws or multicut, or predict to TIFF")
     return how, params
 
 
@@ -281,13 +283,14 @@ def predict_volumes(
     """Predict each .zarr or TIFF input block by block into a zarr array (`blocks.predict_volume`); return their paths.
 
     With `cells` each prediction is then cut into cells page by page (`blocks.segment_volume`, resumable too)
-    into `<stem>-cells.zarr` beside it, by `method` (threshold or multicut on the stored cell map).
+    into `<stem>-cells.zarr` beside it, by `method` (else the model card's): threshold or multicut on the
+    stored cell map, or the mutex watershed on the stored affinities of an affinity model.
 
     `out` is a folder (default: beside each input, as `<stem>-prediction.zarr`), or a .zarr name when there is
     one input. With `workers` (a local cluster of that many processes) or `dask` (a scheduler's address) the
     blocks run on Dask.
-    `say` receives a line per step and per array written. An output that would replace an input, and `method`
-    mws (the zarr keeps the cell map, not the affinities), are refused before anything is predicted.
+    `say` receives a line per step and per array written. An output that would replace an input, and a method
+    the model's output cannot take, are refused before anything is predicted.
     """
     import blocks
 
@@ -309,7 +312,7 @@ def predict_volumes(
         for source, target in zip(inputs, targets):
             target.parent.mkdir(parents=True, exist_ok=True)
             stats = blocks.predict_volume(model_path, str(source), target, block=block, tiling=tiling, uint8=uint8,
-                                          client=client, runtime=runtime)
+                                          affinities=how == "mws", client=client, runtime=runtime)
             say(f"wrote {target}: {stats['computed']} blocks computed, {stats['skipped']} skipped, "
                 f"{stats['seconds']:.1f} s")
             if cells:

@@ -11,7 +11,7 @@ import files
 import predict
 import runtimes
 import tiling
-from tiling import TileSettings
+from tiling import TileSettings, predict_stack
 
 TILE, OVERLAP = 64, 16  # many tiles on the small pages below
 TILING = TileSettings(TILE, OVERLAP, batch_size=3)
@@ -310,8 +310,41 @@ def test_a_retrained_savedmodel_gets_another_digest(unet_path, tmp_path):
     assert blocks.model_digest(unet_path) == files.sha256(unet_path)
 
 
-def test_zarr_output_refuses_a_model_that_needs_neighbouring_sections(context_unet_path, tmp_path):
-    volume = zarr.open(str(tmp_path / "in.zarr"), mode="w", shape=(2, 64, 64), dtype="uint8")
-    with pytest.raises(ValueError, match="neighbouring sections"):
-        blocks.predict_volume(context_unet_path, str(tmp_path / "in.zarr"), tmp_path / "out.zarr")
-    assert volume.shape == (2, 64, 64) and not (tmp_path / "out.zarr").exists()
+def test_a_context_model_predicts_each_zarr_page_with_its_neighbours(context_unet_path, tmp_path):
+    import data
+
+    stack = np.random.default_rng(4).integers(0, 256, (3, 48, 40), dtype=np.uint8)
+    zarr.open(str(tmp_path / "in.zarr"), mode="w", shape=stack.shape, dtype="uint8")[:] = stack
+    settings = TileSettings(32, 8)
+    blocks.predict_volume(context_unet_path, str(tmp_path / "in.zarr"), tmp_path / "out.zarr", block=24,
+                          tiling=settings, progress=False)
+    model = runtimes.load_model(context_unet_path, precision="auto")  # as predict_volume loads it
+    expected = predict_stack(model, data.with_context(data.normalize_images(stack), 3), tiling=settings, progress=False)
+    np.testing.assert_allclose(zarr.open_array(str(tmp_path / "out.zarr"), mode="r")[:], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="neighbouring sections"):  # one page has no neighbours
+        blocks.predict_volume(context_unet_path, stack[0], tmp_path / "one.zarr", progress=False)
+
+
+def test_an_affinity_zarr_keeps_its_affinities_and_is_cut_by_the_mutex_watershed(tmp_path):
+    import affinities
+    import segment
+    from test_predict import affinity_model
+
+    model_path = affinity_model(tmp_path / "run")
+    stack = np.random.default_rng(5).integers(0, 256, (2, 40, 48), dtype=np.uint8)
+    settings = TileSettings(32, 8)
+    blocks.predict_volume(model_path, stack, tmp_path / "affs.zarr", block=32, tiling=settings, affinities=True,
+                          progress=False)
+    stored = zarr.open_array(str(tmp_path / "affs.zarr"), mode="r")
+    offsets = affinities.parse_offsets("1,3")
+    expected = predict_stack(runtimes.load_model(model_path, precision="auto"), stack.astype(np.float32) / 255, tiling=settings,
+                             offsets=offsets, progress=False)
+    assert stored.shape == (2, 40, 48, 4) and stored.attrs["prediction"]["offsets"] == [list(o) for o in offsets]
+    np.testing.assert_allclose(stored[:], expected, atol=1e-5)
+    params = segment.SegmentParams(min_size=10)
+    blocks.segment_volume(tmp_path / "affs.zarr", tmp_path / "cells.zarr", "mws", params, progress=False)
+    cells = zarr.open_array(str(tmp_path / "cells.zarr"), mode="r")[:]
+    for page, expected_page in zip(cells, expected):
+        np.testing.assert_array_equal(page, segment.mws_cells(expected_page, params, offsets))
+    with pytest.raises(ValueError, match="holds affinities: cut it with mws"):
+        blocks.segment_volume(tmp_path / "affs.zarr", tmp_path / "other.zarr", "multicut", progress=False)

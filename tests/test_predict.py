@@ -287,7 +287,7 @@ def test_the_mutex_watershed_of_a_membrane_model_is_refused_before_predicting(tm
     assert predict.main([str(page), *model]) == 1
     one_error_line(capsys, "predicts a membrane map", "use --method multicut or threshold")
     assert predict.main([str(page), *model, "--out", str(tmp_path / "p.zarr")]) == 1
-    one_error_line(capsys, "a zarr prediction keeps their cell map only")
+    one_error_line(capsys, "predicts a membrane map", "use --method multicut or threshold")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["page.tif"]
 
 
