@@ -272,12 +272,7 @@ def predict_volume(
     if client is not None and not from_path:
         raise ValueError("a Dask cluster needs the input as a path that its workers can open, not an array")
     volume = open_volume(source) if from_path else source
-    shape = volume_shape(volume)
-    if len(shape) != 3:
-        raise ValueError(f"expected a volume (pages, height, width) or one (height, width) page, got shape {shape}")
-    if io.context > 1 and shape[0] < 2:
-        raise ValueError(f"{model_path} sees each page with its neighbouring sections; a single page has none: "
-                         "give the stack")
+    shape = _checked_shape(volume, io, model_path)
     target = Path(target).resolve()
     # The model's digest too: a model retrained under the same name must not fill the blocks left.
     settings = {"model": str(model_path), "model_sha256": model_digest(model_path),
@@ -297,6 +292,18 @@ def predict_volume(
                 on_block(index)
     return {"blocks": len(blocks), "computed": len(pending), "skipped": len(blocks) - len(pending),
             "seconds": time.perf_counter() - start}
+
+
+def _checked_shape(volume, io: cards.ModelIO, model_path: Path) -> tuple[int, int, int]:
+    """Return the (pages, H, W) of `volume`; ValueError when it is no volume, or a single page for a model that
+    sees each page with its neighbours."""
+    shape = volume_shape(volume)
+    if len(shape) != 3:
+        raise ValueError(f"expected a volume (pages, height, width) or one (height, width) page, got shape {shape}")
+    if io.context > 1 and shape[0] < 2:
+        raise ValueError(f"{model_path} sees each page with its neighbouring sections; a single page has none: "
+                         "give the stack")
+    return shape
 
 
 def model_digest(path: PathLike) -> str:
