@@ -50,12 +50,12 @@ def test_the_presets_and_the_settings_train_uses_are_valid():
     assert train.preset is presets.preset and train.TrainSettings is presets.TrainSettings  # train.X still works
 
 
-def test_switching_to_affinities_brings_the_field_recipe_unless_told_otherwise():
+def test_switching_to_affinities_brings_the_field_offsets_unless_told_otherwise():
     field = presets.preset("cpu", target="affinities")
-    assert (field.offsets, field.loss) == ("field", "dice")
-    own = presets.preset("cpu", target="affinities", offsets="1,3,9,27", loss="bce_dice")
-    assert (own.offsets, own.loss) == ("1,3,9,27", "bce_dice")
-    assert presets.preset("cpu").loss == "bce_dice"  # the membranes keep the preset's loss
+    assert (field.offsets, field.loss) == ("field", "bce_dice")
+    own = presets.preset("cpu", target="affinities", offsets="1,3,9,27", loss="dice")
+    assert (own.offsets, own.loss) == ("1,3,9,27", "dice")
+    assert presets.preset("tiny", offsets="1,3").offsets == "1,3"  # a membrane preset keeps what it is given
 
 
 def test_a_bad_flag_value_is_one_error_line(tmp_path, capsys):
