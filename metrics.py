@@ -5,7 +5,8 @@ An affinity network's targets carry, after its C affinities, C masks of the pair
 place that reads them, for these metrics and for the losses.
 
 Their numpy twins, and the challenge's V_rand and V_info, are in scores.py, which never loads TensorFlow;
-tests/test_metrics.py holds each metric to its twin. No project imports; losses.py shares `split_targets` and `per_sample_mean`.
+tests/test_metrics.py holds each metric to its twin. No project imports; losses.py shares `split_targets`
+and `per_sample_mean`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,6 @@ import keras
 from keras import ops
 
 
-# Registered (package "unet_isbi"), so that a model compiled with them loads with plain
-# keras.models.load_model in any process that has imported this module. Keras 3 never imports a
-# non-Keras module named in a saved config, so a process that has not imported it cannot rebuild
-# them: that is why best.keras is saved without its compile config (model.inference_model).
 def split_targets(y_true, y_pred):
     """Return (targets, mask): the C channels of `y_true` that `y_pred` predicts, as float32, and the float32 mask
     of the pairs that count when `y_true` carries one after them (2C channels), else None."""
@@ -36,6 +33,10 @@ def per_sample_mean(values, mask=None):
     return ops.sum(values * mask, axis=-1) / ops.maximum(ops.sum(mask, axis=-1), 1.0)
 
 
+# Registered (package "unet_isbi"), so that a model compiled with them loads with plain
+# keras.models.load_model in any process that has imported this module. Keras 3 never imports a
+# non-Keras module named in a saved config, so a process that has not imported it cannot rebuild
+# them: that is why best.keras is saved without its compile config (model.inference_model).
 @keras.saving.register_keras_serializable(package="unet_isbi")
 def pixel_difference(y_true, y_pred):
     """Return 100 * mean |y_true - y_pred| per sample (percent, 0..100), shape (batch,), over the pairs that count.
