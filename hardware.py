@@ -22,6 +22,14 @@ ISA_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AV
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 
 
+def available_cores() -> int:
+    """Return how many CPU cores this process may run on (its affinity mask where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @lru_cache(maxsize=None)
 def cpu_flags() -> frozenset[str]:
     """Return the CPU feature flags of /proc/cpuinfo (empty where it is not readable)."""

@@ -34,6 +34,7 @@ from tqdm import tqdm
 import affinities
 import cli
 import files
+from hardware import available_cores
 from data import normalize_images
 from scores import UNIFORM_CAUSES, cell_scores, label_boundaries, segment_cells, uniform_prediction
 
@@ -263,30 +264,79 @@ def _mws_tile(affs: np.ndarray, params: SegmentParams, offsets) -> np.ndarray:
     return _renumbered(seg + 1)  # + 1: a segment may be numbered 0
 
 
-def _mws_stitched(affs, params: SegmentParams, offsets, tile: int) -> np.ndarray:
+class _Boxes:
+    """What elf's stitching reads its tiles from, standing in for the affinities: each tile is its bounding box,
+    so that `_TilesAhead` reads and cuts it in a worker thread instead."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def __getitem__(self, box):
+        return box
+
+
+class _TilesAhead:
+    """elf's tile function, cutting the next `workers` tiles in threads while elf stitches (the mutex watershed
+    releases the GIL): called with tile `block_id`'s box, it returns that tile's segments."""
+
+    def __init__(self, affs, cut, blocking, halo: int, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.affs, self.cut, self.blocking, self.halo, self.workers = affs, cut, blocking, halo, workers
+        self.pool, self.pending = ThreadPoolExecutor(workers), {}
+
+    def _submit(self, block_id: int) -> None:
+        if block_id >= self.blocking.number_of_blocks or block_id in self.pending:
+            return
+        outer = self.blocking.get_block_with_halo(block_id, [self.halo, self.halo]).outer_block
+        box = tuple(slice(begin, end) for begin, end in zip(outer.begin, outer.end))
+        self.pending[block_id] = self.pool.submit(lambda: self.cut(np.asarray(self.affs[box])))
+
+    def __call__(self, _box, block_id: int) -> np.ndarray:
+        for ahead in range(block_id, block_id + self.workers + 1):
+            self._submit(ahead)
+        return self.pending.pop(block_id).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+def _mws_stitched(affs, params: SegmentParams, offsets, tile: int, workers: int) -> np.ndarray:
     """Return the (H, W) segments of a page larger than `tile`: each tile with a halo as long as the longest
-    offset is cut on its own, then segments that overlap in the halos are joined (elf's stitching, a multicut)."""
+    offset is cut on its own (`workers` tiles at a time), then segments that overlap in the halos are joined
+    (elf's stitching, a multicut)."""
+    import bioimage_cpp
     from elf.segmentation import stitching
 
     halo = max(abs(side) for offset in offsets for side in offset)
-    seg = stitching.stitch_segmentation(
-        affs, lambda tile_affs, _: _mws_tile(tile_affs, params, offsets).astype(np.uint64), (tile, tile),
-        (halo, halo), shape=tuple(affs.shape[:2]), with_background=False, n_threads=1, verbose=False)
+    shape = tuple(affs.shape[:2])
+    blocking = bioimage_cpp.utils.Blocking([0, 0], list(shape), [tile, tile])  # elf's own tiling of the page
+    tiles = _TilesAhead(affs, lambda tile_affs: _mws_tile(tile_affs, params, offsets).astype(np.uint64), blocking,
+                        halo, workers)
+    try:
+        seg = stitching.stitch_segmentation(_Boxes(shape), tiles, (tile, tile), (halo, halo), shape=shape,
+                                            with_background=False, n_threads=workers, verbose=False)
+    finally:
+        tiles.close()
     return _renumbered(seg + 1)
 
 
 def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSETS,
-              tile: int = MWS_TILE) -> np.ndarray:
+              tile: int = MWS_TILE, workers: int | None = None) -> np.ndarray:
     """Return the (H, W) uint32 cells of (H, W, K) affinities (1 = same cell) by the mutex watershed; no 0 label.
 
     A page larger than `tile` pixels a side is cut in tiles and stitched (`_mws_stitched`): an 8192² page then
     needs a fraction of the memory of one pass (bench/mws_large.py). `affs` may be any array with numpy
-    slicing (a zarr array is read tile by tile)."""
+    slicing (a zarr array is read tile by tile). The tiles are cut `workers` at a time (default: one per core this
+    process may use)."""
     from elf.segmentation import watershed
 
     offsets = affinities.check_offsets(offsets)
     whole = max(affs.shape[:2]) <= tile
-    seg = _mws_tile(affs, params, offsets) if whole else _mws_stitched(affs, params, offsets, tile)
+    if whole:
+        seg = _mws_tile(affs, params, offsets)
+    else:
+        seg = _mws_stitched(affs, params, offsets, tile, workers or available_cores())
     if params.min_size > 0:
         seg, _ = watershed.apply_size_filter(seg, _boundary_heights(affs), params.min_size)
     return _renumbered(seg)

@@ -334,6 +334,8 @@ def test_a_page_larger_than_the_tile_is_cut_in_tiles_and_stitched_into_the_same_
     stored = zarr.open(str(tmp_path / "affs.zarr"), mode="w", shape=noisy.shape, chunks=(64, 64, 8), dtype="f4")
     stored[:] = noisy
     np.testing.assert_array_equal(segment.mws_cells(stored, params, tile=128), tiled)  # read tile by tile
+    for workers in (1, 3):  # tiles cut one at a time or several in threads: the same cells
+        np.testing.assert_array_equal(segment.mws_cells(stored, params, tile=128, workers=workers), tiled)
     np.testing.assert_allclose(segment._boundary_heights(noisy, rows=7), 1 - cell_map(noisy), atol=1e-6)
 
 
