@@ -277,38 +277,42 @@ class _Boxes:
 
 class _TilesAhead:
     """elf's tile function, cutting the next `workers` tiles in threads while elf stitches (the mutex watershed
-    releases the GIL): called with tile `block_id`'s box, it returns that tile's segments."""
+    releases the GIL): called with tile `block_id`'s box, it returns that tile's segments. Each tile also
+    fills its part of `heights` (`_boundary_heights`), so that the affinities are read once."""
 
     def __init__(self, affs, cut, blocking, halo: int, workers: int):
         from concurrent.futures import ThreadPoolExecutor
 
         self.affs, self.cut, self.blocking, self.halo, self.workers = affs, cut, blocking, halo, workers
+        self.heights = np.empty(affs.shape[:2], np.float32)
         self.pool, self.pending = ThreadPoolExecutor(workers), {}
 
-    def _submit(self, block_id: int) -> None:
-        if block_id >= self.blocking.number_of_blocks or block_id in self.pending:
-            return
-        outer = self.blocking.get_block_with_halo(block_id, [self.halo, self.halo]).outer_block
-        box = tuple(slice(begin, end) for begin, end in zip(outer.begin, outer.end))
-        self.pending[block_id] = self.pool.submit(lambda: self.cut(np.asarray(self.affs[box])))
+    def _cut(self, block_id: int) -> np.ndarray:
+        block = self.blocking.get_block_with_halo(block_id, [self.halo, self.halo])
+        outer, inner, local = (tuple(slice(begin, end) for begin, end in zip(box.begin, box.end))
+                               for box in (block.outer_block, block.inner_block, block.inner_block_local))
+        tile_affs = np.asarray(self.affs[outer], dtype=np.float32)
+        self.heights[inner] = 1.0 - affinities.cell_map(tile_affs)[local]  # exact: the halo holds the row below
+        return self.cut(tile_affs)
 
     def __call__(self, _box, block_id: int) -> np.ndarray:
-        for ahead in range(block_id, block_id + self.workers + 1):
-            self._submit(ahead)
+        for ahead in range(block_id, min(block_id + self.workers + 1, self.blocking.number_of_blocks)):
+            if ahead not in self.pending:
+                self.pending[ahead] = self.pool.submit(self._cut, ahead)
         return self.pending.pop(block_id).result()
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
 
 
-def _mws_stitched(affs, params: SegmentParams, offsets, tile: int, workers: int) -> np.ndarray:
-    """Return the (H, W) segments of a page larger than `tile`: each tile with a halo as long as the longest
-    offset is cut on its own (`workers` tiles at a time), then segments that overlap in the halos are joined
-    (elf's stitching, a multicut)."""
+def _mws_stitched(affs, params: SegmentParams, offsets, tile: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (the (H, W) segments, `_boundary_heights`) of a page larger than `tile`: each tile with a halo as
+    long as the longest offset is cut on its own (`workers` tiles at a time), then segments that overlap in the
+    halos are joined (elf's stitching, a multicut)."""
     import bioimage_cpp
     from elf.segmentation import stitching
 
-    halo = max(abs(side) for offset in offsets for side in offset)
+    halo = max(1, *(abs(side) for offset in offsets for side in offset))
     shape = tuple(affs.shape[:2])
     blocking = bioimage_cpp.utils.Blocking([0, 0], list(shape), [tile, tile])  # elf's own tiling of the page
     tiles = _TilesAhead(affs, lambda tile_affs: _mws_tile(tile_affs, params, offsets).astype(np.uint64), blocking,
@@ -318,7 +322,7 @@ def _mws_stitched(affs, params: SegmentParams, offsets, tile: int, workers: int)
                                             with_background=False, n_threads=workers, verbose=False)
     finally:
         tiles.close()
-    return _renumbered(seg + 1)
+    return _renumbered(seg + 1), tiles.heights
 
 
 def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSETS,
@@ -334,11 +338,12 @@ def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSET
     offsets = affinities.check_offsets(offsets)
     whole = max(affs.shape[:2]) <= tile
     if whole:
-        seg = _mws_tile(affs, params, offsets)
+        seg, heights = _mws_tile(affs, params, offsets), None
     else:
-        seg = _mws_stitched(affs, params, offsets, tile, workers or available_cores())
+        seg, heights = _mws_stitched(affs, params, offsets, tile, workers or available_cores())
     if params.min_size > 0:
-        seg, _ = watershed.apply_size_filter(seg, _boundary_heights(affs), params.min_size)
+        heights = _boundary_heights(affs) if heights is None else heights
+        seg, _ = watershed.apply_size_filter(seg, heights, params.min_size)
     return _renumbered(seg)
 
 

@@ -337,6 +337,8 @@ def test_a_page_larger_than_the_tile_is_cut_in_tiles_and_stitched_into_the_same_
     for workers in (1, 3):  # tiles cut one at a time or several in threads: the same cells
         np.testing.assert_array_equal(segment.mws_cells(stored, params, tile=128, workers=workers), tiled)
     np.testing.assert_allclose(segment._boundary_heights(noisy, rows=7), 1 - cell_map(noisy), atol=1e-6)
+    _, heights = segment._mws_stitched(stored, params, OFFSETS, 128, 2)  # the size filter's, from the tiles
+    np.testing.assert_array_equal(heights, segment._boundary_heights(noisy))
 
 
 def test_the_lifted_multicut_keeps_apart_cells_whose_faint_membrane_only_long_range_edges_see():
