@@ -34,8 +34,8 @@ from tqdm import tqdm
 import affinities
 import cli
 import files
-from hardware import available_cores
 from data import normalize_images
+from hardware import available_cores
 from scores import UNIFORM_CAUSES, cell_scores, label_boundaries, segment_cells, uniform_prediction
 
 METHODS = ("threshold", "multicut", "mws", "lmc")
