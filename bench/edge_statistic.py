@@ -1,0 +1,76 @@
+"""Which statistic of the boundary map along an edge the multicut should weigh: a diagnostic.
+
+    .venv/bin/python bench/edge_statistic.py MODEL [MODEL ...]
+
+segment.py weighs each edge between two superpixels by the mean boundary probability along it (elf's
+compute_boundary_mean_and_length). This swaps in the median, the 75th or 90th percentile or the maximum
+(elf's compute_boundary_features), tunes the multicut per model and statistic on the validation pages 5, 15,
+25 (segment.GRIDS) and scores the test pages 0, 10, 20. Writes bench/edge-statistic.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import data  # noqa: E402
+import files  # noqa: E402
+import hardware  # noqa: E402
+import segment  # noqa: E402
+from ensemble import cell_maps  # noqa: E402
+from scores import cell_scores  # noqa: E402
+
+COLUMNS = {"mean": 0, "median": 1, "p75": 8, "p90": 9, "max": 4}  # of elf's compute_boundary_features
+
+
+def local_problem(statistic: str):
+    """Return segment._local_problem with edges weighed by `statistic` of the boundary map along them."""
+    def local(prob, params):
+        from elf.segmentation import features, multicut, watershed
+
+        boundary = (1.0 - prob).astype(np.float32)
+        level = 1.0 - params.threshold
+        if not (boundary <= level).any():
+            return None
+        superpixels, _ = watershed.distance_transform_watershed(
+            boundary, level, params.sigma_seeds, sigma_weights=params.sigma_weights, min_size=params.min_size)
+        rag = features.compute_rag(superpixels)
+        if rag.number_of_edges == 0:
+            return superpixels, rag, None
+        found = features.compute_boundary_features(rag, superpixels, boundary)
+        return superpixels, rag, multicut.compute_edge_costs(found[:, COLUMNS[statistic]], edge_sizes=found[:, -1],
+                                                             beta=params.beta)
+    return local
+
+
+def main(argv: list[str] | None = None) -> int:
+    models = sys.argv[1:] if argv is None else argv
+    images, raw_labels = data.load_isbi(None)
+    labels = data.binarize_labels(raw_labels)
+    labels = labels[..., 0] if labels.ndim == 4 else labels
+    validation, test = list(data.VALIDATION_PAGES), list(data.TEST_PAGES)
+    out = {}
+    for model in models:
+        maps = cell_maps(model, images, validation + test)
+        for statistic in COLUMNS:
+            segment._local_problem = local_problem(statistic)  # the experiment: every multicut below uses it
+            params, rows = segment.tune(maps[: len(validation)], labels[validation], "multicut")
+            scores = [cell_scores(segment.multicut_cells(page, params), labels[t])["v_rand"]
+                      for page, t in zip(maps[len(validation):], test)]
+            out.setdefault(model, {})[statistic] = {"validation": rows[0]["v_rand"], "test": scores,
+                                                    "params": params.as_dict()}
+            print(f"{model} {statistic}: validation {rows[0]['v_rand']:.3f}, test "
+                  f"{' / '.join(f'{x:.3f}' for x in scores)} (mean {np.mean(scores):.3f})", flush=True)
+    files.write_atomic(ROOT / "bench" / "edge-statistic.json",
+                       json.dumps({"models": out, "machine": hardware.describe()}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
