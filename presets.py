@@ -80,6 +80,9 @@ class TrainSettings:
                                        "global batch")
     cpu_devices: int = setting(1, "split the CPU into this many logical devices (the mirrored strategy without "
                                   "GPUs)")
+    ema: float | None = setting(None, "momentum of an exponential moving average of the weights (e.g. 0.99: about "
+                                      "the last 100 steps), which is validated and saved as best.keras "
+                                      "(default: none, the weights as trained)")
     monitor: str = setting("val_loss", "what best.keras is chosen by, e.g. val_loss, val_v_rand (the original "
                                        "used training loss)")
     challenge_every: int = setting(1, "epochs between validation V_rand / V_info (0: never)")
@@ -134,6 +137,8 @@ class TrainSettings:
         for name in ("time_limit", "budget"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds (or unset), got {getattr(self, name)!r}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ValueError(f"ema must lie between 0 and 1 (a momentum, e.g. 0.99) or be unset, got {self.ema!r}")
         if self.verbose not in (0, 1, 2):
             raise ValueError(f"verbose must be 0, 1 or 2, got {self.verbose!r}")
 

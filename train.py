@@ -45,7 +45,8 @@ import losses
 import presets
 import runs
 import segment
-from callbacks import ImageHistory, ModelCheckpoint, StepBackup, StopOnNaN, TensorBoard, TimeLimit
+from callbacks import (AveragedValidation, ImageHistory, ModelCheckpoint, StepBackup, StopOnNaN, TensorBoard,
+                       TimeLimit)
 from metrics import MembraneDice, MembraneIoU, accuracy, membrane_iou, pair_accuracy, pixel_difference
 from model import SIZE_MULTIPLE, build_unet, load_model
 from presets import (  # noqa: F401 (train.X names: the notebook, tests, bench/ and tools use them)
@@ -145,9 +146,10 @@ def learning_rate(settings: TrainSettings):
     raise ValueError(f"unknown lr_schedule {settings.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
 
 
-def make_optimizer(rate, policy: str) -> keras.optimizers.Optimizer:
-    """Return Adam at `rate`, wrapped in dynamic loss scaling under mixed float16 (whose gradients underflow)."""
-    optimizer = keras.optimizers.Adam(rate)
+def make_optimizer(rate, policy: str, ema: float | None = None) -> keras.optimizers.Optimizer:
+    """Return Adam at `rate`, keeping a moving average of the weights at momentum `ema` if given, wrapped in
+    dynamic loss scaling under mixed float16 (whose gradients underflow)."""
+    optimizer = keras.optimizers.Adam(rate, use_ema=ema is not None, ema_momentum=0.99 if ema is None else ema)
     return keras.optimizers.LossScaleOptimizer(optimizer) if policy == "mixed_float16" else optimizer
 
 
@@ -211,7 +213,7 @@ def banner(settings: TrainSettings, model: keras.Model, policy: str, start: runs
         f"{settings.crop}x{settings.crop} crops, batch {settings.batch_size}",
         f"{settings.epochs} epochs x {settings.steps_per_epoch} steps from epoch {epoch}"
         + (f" batch {batch}" if batch else ""),
-        f"lr {settings.learning_rate}{schedule}",
+        f"lr {settings.learning_rate}{schedule}" + (f", weights averaged (momentum {settings.ema})" if settings.ema else ""),
         f"precision {policy}",
     ]
     if settings.target != "membranes":
@@ -232,7 +234,7 @@ def build_model(settings: TrainSettings, policy: str) -> keras.Model:
     model = build_unet((None, None, settings.context), filters=settings.filters, dtype_policy=policy, batch_norm=settings.batch_norm,
                        out_channels=1 if offsets is None else len(offsets), head_filters=settings.head_filters)
     model.compile(
-        optimizer=make_optimizer(learning_rate(settings), policy),
+        optimizer=make_optimizer(learning_rate(settings), policy, settings.ema),
         loss=losses.get_loss(settings.loss, pair_mask=offsets is not None),
         metrics=[accuracy(pair_mask=offsets is not None), pixel_difference, MembraneDice(), membrane_iou()],
     )
@@ -271,6 +273,7 @@ class RunCallbacks(NamedTuple):
     image_history: ImageHistory
     step_backup: StepBackup
     time_limit: TimeLimit
+    averaged_validation: AveragedValidation  # inert unless settings.ema
 
 
 def make_callbacks(prepared: Prepared) -> RunCallbacks:
@@ -290,6 +293,7 @@ def make_callbacks(prepared: Prepared) -> RunCallbacks:
         image_history=image_history,
         step_backup=StepBackup(run.backup, settings.backup_every if prepared.chief else 0, settings.steps_per_epoch),
         time_limit=TimeLimit(settings.time_limit, start.steps // settings.steps_per_epoch, settings.epochs),
+        averaged_validation=AveragedValidation(),
     )
 
 
@@ -319,6 +323,17 @@ def fit(prepared: Prepared, callbacks, say: Callable[[str], None] | None = None)
             "precision": prepared.policy}
 
 
+@contextlib.contextmanager
+def _trained_weights_kept(model: keras.Model):
+    """Within the block, a fit that ends leaves the weights as trained. Keras ends every fit by copying an
+    optimizer's moving average of the weights (settings.ema) into them; only the run's last fit may."""
+    model.optimizer.finalize_variable_values = lambda var_list: None
+    try:
+        yield
+    finally:
+        del model.optimizer.finalize_variable_values
+
+
 def _fit_epochs(model: keras.Model, settings: TrainSettings, split: dict, start: runs.ResumePoint, callbacks: list,
                 replicas: int) -> dict:
     """Train `model` from `start` to the last epoch; return the per-epoch logs (Keras's History)."""
@@ -340,8 +355,9 @@ def _fit_epochs(model: keras.Model, settings: TrainSettings, split: dict, start:
     if first_index and whole_from <= settings.epochs:
         # A run stopped mid-epoch first trains the rest of that epoch, on the batches it had not seen.
         rest = training_batches(settings, split, start.steps)
-        history = model.fit(rest, epochs=whole_from, initial_epoch=initial_epoch, steps_per_epoch=steps - first_index,
-                            **kwargs).history
+        with _trained_weights_kept(model):
+            history = model.fit(rest, epochs=whole_from, initial_epoch=initial_epoch,
+                                steps_per_epoch=steps - first_index, **kwargs).history
     later = model.fit(training_batches(settings, split, whole_from * steps), epochs=settings.epochs,
                       initial_epoch=whole_from, steps_per_epoch=steps, **kwargs).history
     return {key: history.get(key, []) + values for key, values in later.items()}

@@ -30,6 +30,7 @@ import train
     ({"epochs": -1}, "epochs must be a positive"),
     ({"learning_rate": 0.0}, "learning_rate must be positive"),
     ({"backup_every": -1}, "backup_every must be 0 or more"),
+    ({"ema": 1.0}, "ema must lie between 0 and 1"),
     ({"budget": 0.0}, "budget must be a positive number of seconds"),
     ({"verbose": 3}, "verbose must be 0, 1 or 2"),
 ])

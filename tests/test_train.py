@@ -111,6 +111,43 @@ def test_checkpoint_can_keep_the_best_validation_v_rand(isbi_dir, tmp_path):
     assert result["best"].is_file()
 
 
+def test_an_averaged_run_validates_and_saves_the_moving_average_and_trains_on_the_weights(isbi_dir, tmp_path):
+    from callbacks import averaged_weights
+
+    settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=1, ema=0.5)
+    result = train.train(settings)
+    last = train.load_checkpoint(result["last"])  # the weights as trained, and the optimizer's average of them
+    trained = [w.copy() for w in last.get_weights()]
+    with averaged_weights(last), averaged_weights(last):  # nested: swapped once
+        averaged = last.get_weights()
+    best = train.load_model(result["best"])
+    assert [layer.name for layer in best.layers] == [layer.name for layer in last.layers]
+    np.testing.assert_array_equal(np.concatenate([w.ravel() for w in best.get_weights()]),
+                                  np.concatenate([w.ravel() for w in averaged]))
+    assert any(not np.array_equal(a, t) for a, t in zip(averaged, trained))
+    for weight, kept in zip(last.get_weights(), trained):  # back after the block
+        np.testing.assert_array_equal(weight, kept)
+    split = train.load_data(settings)[0]
+    val_x, val_y = split["validation"]
+    raw_loss = last.evaluate(val_x, val_y, batch_size=1, verbose=0, return_dict=True)["loss"]
+    with averaged_weights(last):
+        averaged_loss = last.evaluate(val_x, val_y, batch_size=1, verbose=0, return_dict=True)["loss"]
+    validated = result["history"]["val_loss"][0]  # the average's loss, not the trained weights'
+    assert abs(validated - averaged_loss) < abs(validated - raw_loss) / 10
+    model = train.load_checkpoint(result["last"])
+    batches = train.training_batches(settings, split, 0)
+    with train._trained_weights_kept(model):  # a resumed run's first fit leaves the trained weights
+        model.fit(batches, epochs=1, steps_per_epoch=2, verbose=0, shuffle=False)
+    with averaged_weights(model):
+        averaged = model.get_weights()
+    assert any(not np.array_equal(a, t) for a, t in zip(averaged, model.get_weights()))
+    model.fit(batches, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)  # a run's last fit ends on the average, as Keras's
+    ended = model.get_weights()
+    with averaged_weights(model):
+        for weight, average in zip(ended, model.get_weights()):
+            np.testing.assert_array_equal(weight, average)
+
+
 def test_monitor_direction():
     assert train.monitor_mode("val_loss") == "min"
     assert train.monitor_mode("val_v_rand") == "max"
