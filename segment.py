@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from skimage.segmentation import relabel_sequential
 from tqdm import tqdm
 
 import affinities
@@ -138,7 +137,12 @@ GRIDS = {
 
 def _renumbered(labels: np.ndarray) -> np.ndarray:
     """Return `labels` renumbered 1..n in order of their values (0 stays 0), as uint32."""
-    return relabel_sequential(labels)[0].astype(np.uint32)
+    import bioimage_cpp  # skimage's relabel_sequential, in C++: 8x faster on an 8192² page
+
+    labels = np.asarray(labels)
+    if labels.dtype not in (np.uint32, np.uint64, np.int32, np.int64):
+        labels = labels.astype(np.int64)
+    return bioimage_cpp.segmentation.relabel_sequential(labels)[0].astype(np.uint32, copy=False)
 
 
 def threshold_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
