@@ -13,15 +13,13 @@ never globals.
   from `ImageHistory` when the monitor is one of its scores, so the order of
   the callback list does not matter.
 - `StopOnNaN`, `StepBackup`, `TimeLimit`: a run's safety nets.
-- `AveragedValidation`: where the optimizer keeps a moving average of the
-  weights (`TrainSettings.ema`), Keras's validation pass, `ImageHistory`'s
-  scores and best.keras all see the average (`averaged_weights`); training
-  and last.keras keep the weights as trained.
+- Where the optimizer keeps a moving average of the weights
+  (`TrainSettings.ema`), `ImageHistory`'s scores and best.keras see the
+  average (averaging.py); training and last.keras keep the weights as trained.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -37,6 +35,7 @@ import affinities
 import files
 import runs
 import segment
+from averaging import averaged_weights
 from model import inference_model
 from scores import FLAT_HINT, UNIFORM_CAUSES, cell_scores, challenge_scores, flat_side, uniform_prediction
 
@@ -309,50 +308,6 @@ class ModelCheckpoint(keras.callbacks.Callback):
         files.write_atomic(self.run.last, self.model.save)
         state = {"epochs_done": epoch + 1, "logs": logs, "monitor": self.monitor, "best": self.best, **self.extra}
         self.run.write_json(self.run.state, state)
-
-
-def _averaging_optimizer(model):
-    """Return the optimizer of `model` that keeps a moving average of its weights, or None."""
-    optimizer = getattr(model, "optimizer", None)
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # under loss scaling
-    return optimizer if getattr(optimizer, "use_ema", False) else None
-
-
-@contextlib.contextmanager
-def averaged_weights(model: keras.Model):
-    """Within the block, `model` holds its optimizer's moving average of the weights instead of the weights
-    (nothing changes if it keeps none); the weights are back after it. Nested blocks swap once."""
-    optimizer = _averaging_optimizer(model)
-    if optimizer is None or getattr(optimizer, "averaged_in_model", False):
-        yield
-        return
-    swap = keras.callbacks.SwapEMAWeights()  # its test hooks swap in and out: the public way to swap
-    swap.set_model(model)
-    swap.on_test_begin()
-    optimizer.averaged_in_model = True
-    try:
-        yield
-    finally:
-        swap.on_test_end()
-        optimizer.averaged_in_model = False
-
-
-class AveragedValidation(keras.callbacks.Callback):
-    """Keras's validation pass scores the optimizer's moving average of the weights where it keeps one
-    (`averaged_weights`); otherwise it does nothing."""
-
-    def __init__(self):
-        super().__init__()
-        self._block = None
-
-    def on_test_begin(self, logs=None):
-        self._block = averaged_weights(self.model)
-        self._block.__enter__()
-
-    def on_test_end(self, logs=None):
-        if self._block is not None:
-            self._block.__exit__(None, None, None)
-            self._block = None
 
 
 class TimeLimit(keras.callbacks.Callback):

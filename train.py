@@ -45,8 +45,8 @@ import losses
 import presets
 import runs
 import segment
-from callbacks import (AveragedValidation, ImageHistory, ModelCheckpoint, StepBackup, StopOnNaN, TensorBoard,
-                       TimeLimit)
+from averaging import AveragedValidation, trained_weights_kept
+from callbacks import ImageHistory, ModelCheckpoint, StepBackup, StopOnNaN, TensorBoard, TimeLimit
 from metrics import MembraneDice, MembraneIoU, accuracy, membrane_iou, pair_accuracy, pixel_difference
 from model import SIZE_MULTIPLE, build_unet, load_model
 from presets import (  # noqa: F401 (train.X names: the notebook, tests, bench/ and tools use them)
@@ -323,17 +323,6 @@ def fit(prepared: Prepared, callbacks, say: Callable[[str], None] | None = None)
             "precision": prepared.policy}
 
 
-@contextlib.contextmanager
-def _trained_weights_kept(model: keras.Model):
-    """Within the block, a fit that ends leaves the weights as trained. Keras ends every fit by copying an
-    optimizer's moving average of the weights (settings.ema) into them; only the run's last fit may."""
-    model.optimizer.finalize_variable_values = lambda var_list: None
-    try:
-        yield
-    finally:
-        del model.optimizer.finalize_variable_values
-
-
 def _fit_epochs(model: keras.Model, settings: TrainSettings, split: dict, start: runs.ResumePoint, callbacks: list,
                 replicas: int) -> dict:
     """Train `model` from `start` to the last epoch; return the per-epoch logs (Keras's History)."""
@@ -355,7 +344,7 @@ def _fit_epochs(model: keras.Model, settings: TrainSettings, split: dict, start:
     if first_index and whole_from <= settings.epochs:
         # A run stopped mid-epoch first trains the rest of that epoch, on the batches it had not seen.
         rest = training_batches(settings, split, start.steps)
-        with _trained_weights_kept(model):
+        with trained_weights_kept(model):
             history = model.fit(rest, epochs=whole_from, initial_epoch=initial_epoch,
                                 steps_per_epoch=steps - first_index, **kwargs).history
     later = model.fit(training_batches(settings, split, whole_from * steps), epochs=settings.epochs,

@@ -112,7 +112,7 @@ def test_checkpoint_can_keep_the_best_validation_v_rand(isbi_dir, tmp_path):
 
 
 def test_an_averaged_run_validates_and_saves_the_moving_average_and_trains_on_the_weights(isbi_dir, tmp_path):
-    from callbacks import averaged_weights
+    from averaging import averaged_weights, trained_weights_kept
 
     settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=1, ema=0.5)
     result = train.train(settings)
@@ -136,7 +136,7 @@ def test_an_averaged_run_validates_and_saves_the_moving_average_and_trains_on_th
     assert abs(validated - averaged_loss) < abs(validated - raw_loss) / 10
     model = train.load_checkpoint(result["last"])
     batches = train.training_batches(settings, split, 0)
-    with train._trained_weights_kept(model):  # a resumed run's first fit leaves the trained weights
+    with trained_weights_kept(model):  # a resumed run's first fit leaves the trained weights
         model.fit(batches, epochs=1, steps_per_epoch=2, verbose=0, shuffle=False)
     with averaged_weights(model):
         averaged = model.get_weights()
