@@ -33,6 +33,7 @@ from tqdm import tqdm
 import affinities
 import cli
 import files
+import stitch
 from data import normalize_images
 from hardware import available_cores
 from scores import UNIFORM_CAUSES, cell_scores, label_boundaries, segment_cells, uniform_prediction
@@ -268,65 +269,15 @@ def _mws_tile(affs: np.ndarray, params: SegmentParams, offsets) -> np.ndarray:
     return _renumbered(seg + 1)  # + 1: a segment may be numbered 0
 
 
-class _Boxes:
-    """What elf's stitching reads its tiles from, standing in for the affinities: each tile is its bounding box,
-    so that `_TilesAhead` reads and cuts it in a worker thread instead."""
-
-    def __init__(self, shape):
-        self.shape = tuple(shape)
-
-    def __getitem__(self, box):
-        return box
-
-
-class _TilesAhead:
-    """elf's tile function, cutting the next `workers` tiles in threads while elf stitches (the mutex watershed
-    releases the GIL): called with tile `block_id`'s box, it returns that tile's segments. Each tile also
-    fills its part of `heights` (`_boundary_heights`), so that the affinities are read once."""
-
-    def __init__(self, affs, cut, blocking, halo: int, workers: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.affs, self.cut, self.blocking, self.halo, self.workers = affs, cut, blocking, halo, workers
-        self.heights = np.empty(affs.shape[:2], np.float32)
-        self.pool, self.pending = ThreadPoolExecutor(workers), {}
-
-    def _cut(self, block_id: int) -> np.ndarray:
-        block = self.blocking.get_block_with_halo(block_id, [self.halo, self.halo])
-        outer, inner, local = (tuple(slice(begin, end) for begin, end in zip(box.begin, box.end))
-                               for box in (block.outer_block, block.inner_block, block.inner_block_local))
-        tile_affs = np.asarray(self.affs[outer], dtype=np.float32)
-        self.heights[inner] = 1.0 - affinities.cell_map(tile_affs)[local]  # exact: the halo holds the row below
-        return self.cut(tile_affs)
-
-    def __call__(self, _box, block_id: int) -> np.ndarray:
-        for ahead in range(block_id, min(block_id + self.workers + 1, self.blocking.number_of_blocks)):
-            if ahead not in self.pending:
-                self.pending[ahead] = self.pool.submit(self._cut, ahead)
-        return self.pending.pop(block_id).result()
-
-    def close(self) -> None:
-        self.pool.shutdown(cancel_futures=True)
-
-
 def _mws_stitched(affs, params: SegmentParams, offsets, tile: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (the (H, W) segments, `_boundary_heights`) of a page larger than `tile`: each tile with a halo as
-    long as the longest offset is cut on its own (`workers` tiles at a time), then segments that overlap in the
-    halos are joined (elf's stitching, a multicut)."""
-    import bioimage_cpp
-    from elf.segmentation import stitching
-
+    """Return (the (H, W) segments, `_boundary_heights`) of a page larger than `tile`, cut by the mutex watershed in
+    tiles with a halo as long as the longest offset, `workers` at a time, and stitched (stitch.py)."""
     halo = max(1, *(abs(side) for offset in offsets for side in offset))
-    shape = tuple(affs.shape[:2])
-    blocking = bioimage_cpp.utils.Blocking([0, 0], list(shape), [tile, tile])  # elf's own tiling of the page
-    tiles = _TilesAhead(affs, lambda tile_affs: _mws_tile(tile_affs, params, offsets).astype(np.uint64), blocking,
-                        halo, workers)
-    try:
-        seg = stitching.stitch_segmentation(_Boxes(shape), tiles, (tile, tile), (halo, halo), shape=shape,
-                                            with_background=False, n_threads=workers, verbose=False)
-    finally:
-        tiles.close()
-    return _renumbered(seg + 1), tiles.heights
+    seg, heights = stitch.stitched(
+        affs, lambda tile_affs: _mws_tile(tile_affs, params, offsets).astype(np.uint64),
+        lambda tile_affs: 1.0 - affinities.cell_map(tile_affs),  # exact inside a tile: its halo holds the row below
+        tile, halo, workers)
+    return _renumbered(seg + 1), heights
 
 
 def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSETS,

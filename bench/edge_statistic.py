@@ -29,27 +29,20 @@ from scores import cell_scores  # noqa: E402
 COLUMNS = {"mean": 0, "median": 1, "p75": 8, "p90": 9, "max": 4}  # of elf's compute_boundary_features
 
 
-def local_problem(statistic: str):
-    """Return segment._local_problem with edges weighed by `statistic` of the boundary map along them."""
-    def local(prob, params):
-        from elf.segmentation import features, multicut, watershed
+def mean_replaced_by(statistic: str):
+    """Return elf's `compute_boundary_mean_and_length` with `statistic` in place of the mean: what
+    segment._local_problem weighs the edges by, while the experiment patches it in."""
+    from elf.segmentation import features
 
-        boundary = (1.0 - prob).astype(np.float32)
-        level = 1.0 - params.threshold
-        if not (boundary <= level).any():
-            return None
-        superpixels, _ = watershed.distance_transform_watershed(
-            boundary, level, params.sigma_seeds, sigma_weights=params.sigma_weights, min_size=params.min_size)
-        rag = features.compute_rag(superpixels)
-        if rag.number_of_edges == 0:
-            return superpixels, rag, None
-        found = features.compute_boundary_features(rag, superpixels, boundary)
-        return superpixels, rag, multicut.compute_edge_costs(found[:, COLUMNS[statistic]], edge_sizes=found[:, -1],
-                                                             beta=params.beta)
-    return local
+    def statistic_and_length(rag, superpixels, boundary, n_threads=None):
+        found = features.compute_boundary_features(rag, superpixels, boundary, n_threads=n_threads)
+        return found[:, [COLUMNS[statistic], -1]]
+    return statistic_and_length
 
 
 def main(argv: list[str] | None = None) -> int:
+    from elf.segmentation import features
+
     models = sys.argv[1:] if argv is None else argv
     images, raw_labels = data.load_isbi(None)
     labels = data.binarize_labels(raw_labels)
@@ -59,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         maps = cell_maps(model, images, validation + test)
         for statistic in COLUMNS:
-            segment._local_problem = local_problem(statistic)  # the experiment: every multicut below uses it
+            features.compute_boundary_mean_and_length = mean_replaced_by(statistic)  # every multicut below
             params, rows = segment.tune(maps[: len(validation)], labels[validation], "multicut")
             scores = [cell_scores(segment.multicut_cells(page, params), labels[t])["v_rand"]
                       for page, t in zip(maps[len(validation):], test)]

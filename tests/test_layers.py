@@ -22,11 +22,11 @@ MODULES = sorted(path.stem for path in ROOT.glob("*.py"))
 FACES = ["train", "predict", "evaluate", "export", "benchmark", "op_profile", "figures", "data_cli"]  # op_profile:
 # benchmark.py's FLOP count and per-op profile
 # presets: what a run is made of (the settings, the presets, their flags); sizing: a run sized to a time budget.
-TRAINING = ["presets", "sizing", "callbacks", "runs", "distribute", "losses"]  # losses: a Keras module that only
-# training reaches
+TRAINING = ["presets", "sizing", "callbacks", "averaging", "runs", "distribute", "losses"]  # losses: a Keras module
+# that only training reaches; averaging: the optimizer's moving average of the weights
 INFERENCE = ["tiling", "runtimes", "cards", "outputs", "blocks"]  # cards: a model's card and its ModelIO;
 # outputs: what predicting an image writes
-LEAVES = ["data", "augment", "segment", "affinities", "files", "hardware", "scores", "shapes", "cli",
+LEAVES = ["data", "augment", "segment", "stitch", "affinities", "files", "hardware", "scores", "shapes", "cli",
           "model", "metrics"]
 LAYERS = [FACES, TRAINING, INFERENCE, LEAVES]
 KERAS_LEAVES = ["model", "metrics", "augment"]  # augment: its AugmentedBatches is a keras.utils.PyDataset
