@@ -275,8 +275,7 @@ def _mws_stitched(affs, params: SegmentParams, offsets, tile: int, workers: int)
     halo = max(1, *(abs(side) for offset in offsets for side in offset))
     seg, heights = stitch.stitched(
         affs, lambda tile_affs: _mws_tile(tile_affs, params, offsets).astype(np.uint64),
-        lambda tile_affs: 1.0 - affinities.cell_map(tile_affs),  # exact inside a tile: its halo holds the row below
-        tile, halo, workers)
+        _heights, tile, halo, workers)  # the heights are exact inside a tile: its halo holds the row below
     return _renumbered(seg + 1), heights
 
 
@@ -302,14 +301,19 @@ def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSET
     return _renumbered(seg)
 
 
+def _heights(affs: np.ndarray) -> np.ndarray:
+    """Return the size filter's (H, W) heights of (H, W, K) affinities: 1 - `affinities.cell_map`."""
+    return 1.0 - affinities.cell_map(affs)
+
+
 def _boundary_heights(affs, rows: int = 1024) -> np.ndarray:
-    """Return 1 - `affinities.cell_map` of (H, W, K) affinities as float32 (H, W), `rows` rows at a time (each
+    """Return `_heights` of (H, W, K) affinities as float32 (H, W), `rows` rows at a time (each
     block with the row below it, whose "up" edge it needs), so that a zarr array is never read whole."""
     height = affs.shape[0]
     out = np.empty(affs.shape[:2], np.float32)
     for top in range(0, height, rows):
         block = np.asarray(affs[top : min(top + rows + 1, height)], dtype=np.float32)
-        out[top : top + rows] = 1.0 - affinities.cell_map(block)[: rows]
+        out[top : top + rows] = _heights(block)[: rows]
     return out
 
 
