@@ -276,7 +276,7 @@ def _mws_stitched(affs, params: SegmentParams, offsets, tile: int, workers: int)
     seg, heights = stitch.stitched(
         affs, lambda tile_affs: _mws_tile(tile_affs, params, offsets).astype(np.uint64),
         _heights, tile, halo, workers)  # the heights are exact inside a tile: its halo holds the row below
-    return _renumbered(seg + 1), heights
+    return _renumbered(seg), heights  # elf numbers the stitched segments from 1
 
 
 def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSETS,
@@ -287,8 +287,6 @@ def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSET
     needs a fraction of the memory of one pass (bench/mws_large.py). `affs` may be any array with numpy
     slicing (a zarr array is read tile by tile). The tiles are cut `workers` at a time (default: one per core this
     process may use)."""
-    from elf.segmentation import watershed
-
     offsets = affinities.check_offsets(offsets)
     whole = max(affs.shape[:2]) <= tile
     if whole:
@@ -296,8 +294,34 @@ def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSET
     else:
         seg, heights = _mws_stitched(affs, params, offsets, tile, workers or available_cores())
     if params.min_size > 0:
-        heights = _boundary_heights(affs) if heights is None else heights
-        seg, _ = watershed.apply_size_filter(seg, heights, params.min_size)
+        seg = _size_filtered(seg, _boundary_heights(affs) if heights is None else heights, params.min_size)
+    return seg
+
+
+def _size_filtered(seg: np.ndarray, heights: np.ndarray, min_size: int) -> np.ndarray:
+    """Return (H, W) uint32 segments numbered 1..n: those of `seg` (1..n, no 0) smaller than `min_size` pixels
+    flooded from their neighbours over `heights` by a seeded watershed, as elf's `apply_size_filter` does on the
+    whole page. Here each group of touching small segments is flooded in its own box with a one-pixel rim: only
+    its rim's segments can reach it, so the result is the same (up to which side wins a tie), and an 8192² page
+    takes 3 s instead of 10."""
+    import bioimage_cpp
+    from elf.segmentation import watershed
+    from scipy import ndimage
+
+    small = np.bincount(seg.ravel()) < min_size
+    small[0] = False
+    if not small.any():
+        return seg
+    if small[1:].all():  # no seed left: elf grows from the heights' minima instead
+        return _renumbered(watershed.apply_size_filter(seg, heights, min_size)[0])
+    seg = seg.astype(np.uint32)  # a copy: the small segments are flooded in place
+    groups, _ = ndimage.label(small[seg], structure=np.ones((3, 3)))
+    for number, box in enumerate(ndimage.find_objects(groups), start=1):
+        box = tuple(slice(max(side.start - 1, 0), side.stop + 1) for side in box)
+        flooded = np.where(groups[box] == number, np.uint32(0), seg[box])
+        inside = flooded == 0
+        flooded = bioimage_cpp.segmentation.watershed(np.ascontiguousarray(heights[box], np.float32), flooded)
+        seg[box][inside] = flooded[inside]
     return _renumbered(seg)
 
 
