@@ -35,6 +35,7 @@ import cli
 import files
 import stitch
 from data import normalize_images
+from labels import renumbered, size_filtered
 from hardware import available_cores
 from scores import UNIFORM_CAUSES, cell_scores, label_boundaries, segment_cells, uniform_prediction
 
@@ -136,16 +137,6 @@ GRIDS = {
 }
 
 
-def _renumbered(labels: np.ndarray) -> np.ndarray:
-    """Return `labels` renumbered 1..n in order of their values (0 stays 0), as uint32."""
-    import bioimage_cpp  # skimage's relabel_sequential, in C++: 8x faster on an 8192² page
-
-    labels = np.asarray(labels)
-    if labels.dtype not in (np.uint32, np.uint64, np.int32, np.int64):
-        labels = labels.astype(np.int64)
-    return bioimage_cpp.segmentation.relabel_sequential(labels)[0].astype(np.uint32, copy=False)
-
-
 def threshold_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
     """Return the (H, W) uint32 cells of a probability map: 4-connected components of prob > threshold, 0 = membrane."""
     return segment_cells(prob > params.threshold).astype(np.uint32)
@@ -177,7 +168,7 @@ def _cells_of_nodes(rag, superpixels: np.ndarray, nodes) -> np.ndarray:
     from elf.segmentation import features
 
     # + 1: the solver may call a component 0, which would read as "no cell"
-    return _renumbered(features.project_node_labels_to_pixels(rag, superpixels, np.asarray(nodes) + 1))
+    return renumbered(features.project_node_labels_to_pixels(rag, superpixels, np.asarray(nodes) + 1))
 
 
 def multicut_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
@@ -187,7 +178,7 @@ def multicut_cells(prob: np.ndarray, params: SegmentParams) -> np.ndarray:
 
     local = _local_problem(prob, params)
     if local is None or local[2] is None:
-        return np.zeros(prob.shape, np.uint32) if local is None else _renumbered(local[0])
+        return np.zeros(prob.shape, np.uint32) if local is None else renumbered(local[0])
     superpixels, rag, costs = local
     return _cells_of_nodes(rag, superpixels, multicut.multicut_kernighan_lin(rag, costs))
 
@@ -236,7 +227,7 @@ def lifted_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFF
     offsets = affinities.check_offsets(offsets)
     local = _local_problem(affinities.cell_map(affs), params)
     if local is None or local[2] is None:
-        return np.zeros(affs.shape[:2], np.uint32) if local is None else _renumbered(local[0])
+        return np.zeros(affs.shape[:2], np.uint32) if local is None else renumbered(local[0])
     superpixels, rag, costs = local
     added, uvs, lifted_costs = _long_range_edges(superpixels, affs, offsets, rag, params.beta)
     costs = costs + added
@@ -266,7 +257,7 @@ def _mws_tile(affs: np.ndarray, params: SegmentParams, offsets) -> np.ndarray:
         cuts[2:] *= keep
         strides = [1, 1]
     seg = mutex_watershed.mutex_watershed(cuts, [list(o) for o in offsets], strides)
-    return _renumbered(seg + 1)  # + 1: a segment may be numbered 0
+    return renumbered(seg + 1)  # + 1: a segment may be numbered 0
 
 
 def _mws_stitched(affs, params: SegmentParams, offsets, tile: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
@@ -276,7 +267,7 @@ def _mws_stitched(affs, params: SegmentParams, offsets, tile: int, workers: int)
     seg, heights = stitch.stitched(
         affs, lambda tile_affs: _mws_tile(tile_affs, params, offsets).astype(np.uint64),
         _heights, tile, halo, workers)  # the heights are exact inside a tile: its halo holds the row below
-    return _renumbered(seg), heights  # elf numbers the stitched segments from 1
+    return renumbered(seg), heights  # elf numbers the stitched segments from 1
 
 
 def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSETS,
@@ -294,35 +285,8 @@ def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSET
     else:
         seg, heights = _mws_stitched(affs, params, offsets, tile, workers or available_cores())
     if params.min_size > 0:
-        seg = _size_filtered(seg, _boundary_heights(affs) if heights is None else heights, params.min_size)
+        seg = size_filtered(seg, _boundary_heights(affs) if heights is None else heights, params.min_size)
     return seg
-
-
-def _size_filtered(seg: np.ndarray, heights: np.ndarray, min_size: int) -> np.ndarray:
-    """Return (H, W) uint32 segments numbered 1..n: those of `seg` (1..n, no 0) smaller than `min_size` pixels
-    flooded from their neighbours over `heights` by a seeded watershed, as elf's `apply_size_filter` does on the
-    whole page. Here each group of touching small segments is flooded in its own box with a one-pixel rim: only
-    its rim's segments can reach it, so the result is the same (up to which side wins a tie), and an 8192² page
-    takes 3 s instead of 10."""
-    import bioimage_cpp
-    from elf.segmentation import watershed
-    from scipy import ndimage
-
-    small = np.bincount(seg.ravel()) < min_size
-    small[0] = False
-    if not small.any():
-        return seg
-    if small[1:].all():  # no seed left: elf grows from the heights' minima instead
-        return _renumbered(watershed.apply_size_filter(seg, heights, min_size)[0])
-    seg = seg.astype(np.uint32)  # a copy: the small segments are flooded in place
-    groups, _ = ndimage.label(small[seg], structure=np.ones((3, 3)))
-    for number, box in enumerate(ndimage.find_objects(groups), start=1):
-        box = tuple(slice(max(side.start - 1, 0), side.stop + 1) for side in box)
-        flooded = np.where(groups[box] == number, np.uint32(0), seg[box])
-        inside = flooded == 0
-        flooded = bioimage_cpp.segmentation.watershed(np.ascontiguousarray(heights[box], np.float32), flooded)
-        seg[box][inside] = flooded[inside]
-    return _renumbered(seg)
 
 
 def _heights(affs: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ TRAINING = ["presets", "sizing", "callbacks", "averaging", "runs", "distribute",
 # that only training reaches; averaging: the optimizer's moving average of the weights
 INFERENCE = ["tiling", "runtimes", "cards", "outputs", "blocks"]  # cards: a model's card and its ModelIO;
 # outputs: what predicting an image writes
-LEAVES = ["data", "augment", "segment", "stitch", "affinities", "files", "hardware", "scores", "shapes", "cli",
+LEAVES = ["data", "augment", "segment", "stitch", "labels", "affinities", "files", "hardware", "scores", "shapes", "cli",
           "model", "metrics"]
 LAYERS = [FACES, TRAINING, INFERENCE, LEAVES]
 KERAS_LEAVES = ["model", "metrics", "augment"]  # augment: its AugmentedBatches is a keras.utils.PyDataset
