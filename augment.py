@@ -8,8 +8,10 @@ would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import multiprocessing
 from collections.abc import Callable
 
 import keras
@@ -245,3 +247,24 @@ class AugmentedBatches(keras.utils.PyDataset):
         x, y, *w = (np.stack(parts).astype(np.float32) for parts in zip(*samples))
         y = y[..., np.newaxis] if self.target is None else np.stack([self.target(page) for page in y])
         return (x[..., np.newaxis] if x.ndim == 3 else x, y.astype(np.float32), *w)
+
+
+@contextlib.contextmanager
+def workers_from_a_fork_server():
+    """Within it, Keras starts the processes that augment batches (`use_multiprocessing=True`) from a fork
+    server that has imported this module, instead of forking the training process: a child forked while one
+    of TensorFlow's threads holds a lock can wait on that lock for ever (keras-team/keras#11461; seen here as a
+    data worker stuck on its queue's lock)."""
+    from keras.src.trainers.data_adapters import py_dataset_adapter
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    pools, ids = py_dataset_adapter.get_pool_class, py_dataset_adapter.get_worker_id_queue
+    queue = context.Queue()  # the workers' ids: a lock made for forked children cannot reach these
+    py_dataset_adapter.get_pool_class = lambda use_multiprocessing: context.Pool if use_multiprocessing else pools(False)
+    py_dataset_adapter.get_worker_id_queue = lambda: queue
+    try:
+        yield
+    finally:
+        py_dataset_adapter.get_pool_class, py_dataset_adapter.get_worker_id_queue = pools, ids
+        queue.close()

@@ -308,7 +308,8 @@ def fit(prepared: Prepared, callbacks, say: Callable[[str], None] | None = None)
     model, settings, shared = prepared.model, prepared.settings, prepared.shared
     began = time.monotonic()
     try:
-        with interrupts_raise():
+        workers = augment.workers_from_a_fork_server() if settings.data_workers else contextlib.nullcontext()
+        with interrupts_raise(), workers:
             history = _fit_epochs(model, settings, prepared.split, prepared.start, list(callbacks), prepared.replicas)
     except KeyboardInterrupt as stop:
         backup = prepared.run.backup if prepared.chief else None

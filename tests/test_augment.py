@@ -187,3 +187,18 @@ def test_neighbouring_sections_move_with_the_page_under_one_transform(aug):
     np.testing.assert_allclose(moved[..., 0], alone, atol=1e-6)
     np.testing.assert_allclose(moved[..., 2], 1 - alone, atol=1e-5)
     np.testing.assert_array_equal(moved_label, alone_label)
+
+
+def test_data_workers_start_from_a_fork_server_not_as_forks_of_the_training_process():
+    import multiprocessing
+    import os
+
+    from keras.src.trainers.data_adapters import py_dataset_adapter
+
+    with augment.workers_from_a_fork_server():
+        pool = py_dataset_adapter.get_pool_class(True)(1)
+        try:
+            assert pool.apply(os.getppid) != os.getpid()  # a forked worker's parent is this process
+        finally:
+            pool.terminate()
+    assert py_dataset_adapter.get_pool_class(True) is multiprocessing.Pool  # only while training
