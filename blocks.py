@@ -131,6 +131,12 @@ class AffinityPage:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.volume.shape[1:])
 
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        """The stored chunks of a page (None when not stored in chunks): how stitch.py reads it, strip by strip."""
+        chunks = getattr(self.volume, "chunks", None)
+        return tuple(chunks[1:]) if chunks else None
+
     def __getitem__(self, key) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
         return normalize_images(np.asarray(self.volume[(self.index, *key)]))

@@ -346,5 +346,9 @@ def test_an_affinity_zarr_keeps_its_affinities_and_is_cut_by_the_mutex_watershed
     cells = zarr.open_array(str(tmp_path / "cells.zarr"), mode="r")[:]
     for page, expected_page in zip(cells, expected):
         np.testing.assert_array_equal(page, segment.mws_cells(expected_page, params, offsets))
+    page = blocks.AffinityPage(stored, 1)  # a page larger than the tiles: read in strips of its chunks' rows
+    assert page.chunks == (32, 32, 4)
+    np.testing.assert_array_equal(segment.mws_cells(page, params, offsets, tile=16),
+                                  segment.mws_cells(np.asarray(page), params, offsets, tile=16))
     with pytest.raises(ValueError, match="holds affinities: cut it with mws"):
         blocks.segment_volume(tmp_path / "affs.zarr", tmp_path / "other.zarr", "multicut", progress=False)
