@@ -18,7 +18,7 @@ import numpy as np
 
 class _Boxes:
     """What elf's stitching reads its tiles from, standing in for the page: each tile is its bounding box, so
-    that `_TilesAhead` reads and cuts it in a worker thread instead."""
+    that `_TilesAhead` reads it (in order) and cuts it in a worker thread instead."""
 
     def __init__(self, shape):
         self.shape = tuple(shape)
@@ -51,11 +51,13 @@ class _Strips:
 
 
 def _reader(page, tile: int):
-    """Return what tiles are read from: the page itself when it is in memory, else `_Strips` of its chunk rows."""
+    """Return what tiles are read from: the page itself when it is in memory, else `_Strips` of its chunk rows
+    (at most `tile` rows, so that a page stored as one chunk is not held whole)."""
     if isinstance(page, np.ndarray):
         return page
     rows = (getattr(page, "chunks", None) or (tile,))[0]
-    return _Strips(page, int(max(rows) if isinstance(rows, tuple) else rows))  # a dask array's chunks are tuples
+    rows = max(rows) if isinstance(rows, tuple) else rows  # a dask array's chunks are tuples
+    return _Strips(page, min(int(rows), tile))
 
 
 class _TilesAhead:

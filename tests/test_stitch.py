@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 import stitch
 
@@ -16,9 +17,10 @@ class CountedRows:
         return self.page[box]
 
 
-def test_a_stored_page_is_read_once_a_row_and_every_tile_gets_its_pixels():
+@pytest.mark.parametrize("chunk_rows", [32, 1000])  # chunks lower than a tile, or the whole page in one chunk
+def test_a_stored_page_is_read_once_a_row_and_every_tile_gets_its_pixels(chunk_rows):
     page = np.random.default_rng(0).random((150, 130, 3)).astype(np.float32)
-    stored = CountedRows(page, 32)
+    stored = CountedRows(page, chunk_rows)
     seen = []
     segments, per_pixel = stitch.stitched(
         stored, lambda tile: (seen.append(tile.copy()) or np.ones(tile.shape[:2], np.uint64)),
