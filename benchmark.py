@@ -367,13 +367,29 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def with_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Return `args` with the filters, size, batch and batch norm that were not given taken from `--preset` (else
+    the seed model's: 64, 512, 5)."""
+    base = (64, 512, 5, False)
+    if args.preset:
+        from presets import preset
+
+        settings = preset(args.preset)
+        base = (settings.filters, settings.crop, settings.batch_size, settings.batch_norm)
+    args.filters, args.size, args.batch = (given or default for given, default in
+                                           zip((args.filters, args.size, args.batch), base[:3]))
+    args.batch_norm = args.batch_norm or base[3]
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return benchmark.py's command line."""
     parser = cli.parser(__doc__)
-    parser.add_argument("--preset", help="take filters, batch norm, size (crop) and batch from a train.py preset")
-    parser.add_argument("--filters", type=int, default=64)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=5)
+    parser.add_argument("--preset", help="take filters, batch norm, size (crop) and batch from a train.py preset; "
+                        "--filters, --size and --batch override it")
+    parser.add_argument("--filters", type=int, help="default 64, or the preset's")
+    parser.add_argument("--size", type=int, help="default 512, or the preset's crop")
+    parser.add_argument("--batch", type=int, help="default 5, or the preset's")
     parser.add_argument("--precision", action="append", help="repeat to compare; default: auto")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -405,12 +421,7 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError(f"--threads takes INTRA,INTER, two whole numbers, got {args.threads!r}") from None
         except RuntimeError:
             raise ValueError("--threads must be set before TensorFlow starts (run benchmark.py afresh)") from None
-    if args.preset:
-        from presets import preset
-
-        settings = preset(args.preset)
-        args.filters, args.size, args.batch = settings.filters, settings.crop, settings.batch_size
-        args.batch_norm = args.batch_norm or settings.batch_norm
+    with_preset(args)
     # other jobs on the machine slow every figure: the load average says how busy it was
     report = {"machine": hardware.describe(), "load_average_1min": {"start": os.getloadavg()[0]}, "results": []}
     print(f"machine: {report['machine']}; load average {os.getloadavg()[0]:.2f}")

@@ -99,3 +99,10 @@ def test_epoch_overhead_charges_each_moment_of_an_epoch_once(isbi_dir):
     assert all(seconds >= 0 for seconds in parts.values())
     assert 2 * sum(parts.values()) < time.perf_counter() - began  # two epochs of the three, and no more
     assert "epoch / train steps in fit" in epoch_overhead.table(found)
+
+
+def test_a_preset_fills_only_the_sizes_not_given():
+    parse = benchmark.build_parser().parse_args
+    assert vars(benchmark.with_preset(parse(["--preset", "cpu", "--filters", "24"]))).items() >= {
+        "filters": 24, "size": 256, "batch": 4, "batch_norm": True}.items()
+    assert vars(benchmark.with_preset(parse([]))).items() >= {"filters": 64, "size": 512, "batch": 5, "batch_norm": False}.items()
