@@ -267,7 +267,7 @@ def _mws_stitched(affs, params: SegmentParams, offsets, tile: int, workers: int)
     seg, heights = stitch.stitched(
         affs, lambda tile_affs: _mws_tile(tile_affs, params, offsets).astype(np.uint64),
         _heights, tile, halo, workers)  # the heights are exact inside a tile: its halo holds the row below
-    return renumbered(seg), heights  # elf numbers the stitched segments from 1
+    return seg.astype(np.uint32), heights  # elf numbers the stitched segments 1..n already
 
 
 def mws_cells(affs: np.ndarray, params: SegmentParams, offsets=affinities.OFFSETS,
