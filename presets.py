@@ -53,6 +53,8 @@ class TrainSettings:
     context: int = setting(1, "sections the network sees at once: the page and its neighbours as input channels "
                               "(1, 3, 5; the stack's ends mirrored, data.with_context)")
     filters: int = setting(64, "filters of the first convolutions (doubled at each of the 4 poolings)")
+    fallback_filters: int | None = setting(None, "with a budget: train this many filters instead where the budget "
+                                                 "gives `filters` less than half the recipe's steps (sizing.py)")
     head_filters: int | None = setting(None, "ReLU filters before the output layer (default: the original's 2 "
                                              "per output)")
     batch_norm: bool = setting(False, "batch normalisation between each convolution and its ReLU (not in the "
@@ -124,8 +126,9 @@ class TrainSettings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)!r}")
         data.check_context(self.context)
-        if self.head_filters is not None and self.head_filters <= 0:
-            raise ValueError(f"head_filters must be a positive whole number or None, got {self.head_filters!r}")
+        for name in ("head_filters", "fallback_filters"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive whole number or None, got {getattr(self, name)!r}")
         if self.crop % SIZE_MULTIPLE:
             raise ValueError(f"crop must be a multiple of {SIZE_MULTIPLE} pixels (the U-Net pools 4 times), "
                              f"got {self.crop}")
@@ -159,21 +162,23 @@ def target_offsets(settings: TrainSettings) -> tuple | None:
 PRESETS = {
     "original": TrainSettings(),
     # Chosen for a 2-core CPU by measurement on AMD EPYC Zen 4 (docs/EXPERIMENTS.md):
-    # 16 filters, 256x256 crops, batch 4, Adam 1e-3 (it beat 5e-4). Cross-entropy plus
-    # the Dice of the membranes beat cross-entropy alone on every test score; the border-weighted
-    # loss was worse on both. 16 filters before the output (the original's 2 let a run train both
+    # 256x256 crops, batch 4, Adam 1e-3 (it beat 5e-4). 32 filters sized to the budget (25 x 58-63 steps on
+    # Zen 4) beat 16 filters' whole 25 x 100 steps on validation and test over seeds 1-3
+    # (bench/seeds-filters32.json); where the budget leaves 32 filters less than half the recipe's steps
+    # (float32 CPUs), 16 filters train instead, as before. Cross-entropy plus the Dice of the membranes
+    # beat cross-entropy alone on every test score; the border-weighted loss was worse on both. 16 filters before the output (the original's 2 let a run train both
     # onto one side of the membrane: 2 of 3 seeds, flat at 0.43 or 0.88) with a cosine decay of the
     # rate: seeds 1-3 in bench/seeds-head16-cosine.json (docs/EXPERIMENTS.md).
     # Batch normalisation costs 1.4x per step on this CPU (0.54 s against 0.38 s) but
     # in 25 epochs beat 40 without it on test accuracy (0.916 against 0.908) and pixel
-    # difference (11.2 % against 11.5 %). With the fused normalisation 25 epochs take 13 minutes
-    # on Intel Sapphire Rapids; the budget shortens the epochs of a slower CPU to fit 30 minutes.
+    # difference (11.2 % against 11.5 %). The budget shortens the epochs of a slower CPU to fit 30 minutes.
     # Backups every 100 steps (at most one epoch, 30 s of training, at risk; none falls on an epoch end,
     # where last.keras is saved). Weight histograms are off, as by default (--histogram-freq 5 draws them
     # every 5 epochs, at 25 and 1 they cost about 2 s each of a 32 s epoch: docs/PERFORMANCE.md).
     "cpu": TrainSettings(
         run_dir="runs/cpu",
-        filters=16,
+        filters=32,
+        fallback_filters=16,
         head_filters=16,
         batch_norm=True,
         crop=256,

@@ -438,7 +438,7 @@ def prepare(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
     sizing = None
     if settings.budget:
         previous = shared.saved_settings() if settings.resume and not settings.clear_all else None
-        measure = functools.partial(measure_speed, settings, split, policy)
+        measure = functools.partial(measure_speed, split=split, policy=policy)
         settings, sizing = size_to_budget(settings, measure, previous, time.monotonic() - setup_began)
         say(sizing_line(settings, sizing))
     saved = state_settings(settings, sizing)

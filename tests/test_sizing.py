@@ -11,7 +11,7 @@ import train
 
 def speed(step: float, validation: float):
     """Return a stand-in for train.measure_speed that says this machine takes `step` and `validation` seconds."""
-    return lambda: {"step": step, "validation": validation}
+    return lambda settings: {"step": step, "validation": validation}
 
 
 def test_a_budget_sizes_the_epochs_to_the_measured_speed_and_a_resumed_run_keeps_the_sizing():
@@ -38,3 +38,20 @@ def test_a_budget_where_validation_would_crowd_out_training_gives_fewer_longer_e
     assert sized.epochs == 2 and sized.steps_per_epoch == 1250  # never more steps than the recipe's 2,500
     resumed, _ = sizing.size_to_budget(settings, speed(0.01, 20.0), previous=train.state_settings(sized, chosen))
     assert (resumed.epochs, resumed.steps_per_epoch) == (2, 1250)
+
+
+def test_a_wider_network_the_budget_starves_falls_back_to_the_narrower_one_and_a_resume_keeps_it():
+    settings = presets.preset("tiny", epochs=2, steps_per_epoch=100, budget=60.0, filters=8, fallback_filters=4)
+    slow_when_wide = lambda candidate: {"step": 2.0 if candidate.filters == 8 else 0.5, "validation": 5.0}
+    sized, chosen = sizing.size_to_budget(settings, slow_when_wide, previous=None)
+    # 8 filters: 2 x 11 steps of 2 s, 11 % of the recipe's 200; 4 filters: 2 x 45 steps of 0.5 s
+    assert (sized.filters, sized.epochs, sized.steps_per_epoch) == (4, 2, 45)
+    assert chosen["wider"] == {"filters": 8, "seconds_per_step": 2.0, "steps": 22} and chosen["filters"] == 4
+    assert "8 filters (2.00 s per step) would get 22 of the recipe's 200 steps, less than 50%, so 4 filters" \
+        in sizing.sizing_line(sized, chosen)
+    resumed, _ = sizing.size_to_budget(settings, lambda candidate: pytest.fail("re-measured"),
+                                       previous=train.state_settings(sized, chosen))
+    assert (resumed.filters, resumed.steps_per_epoch) == (4, 45)
+    fast_enough = lambda candidate: {"step": 0.3 if candidate.filters == 8 else 0.1, "validation": 5.0}
+    kept, chosen = sizing.size_to_budget(settings, fast_enough, previous=None)
+    assert (kept.filters, kept.steps_per_epoch) == (8, 76) and "wider" not in chosen
