@@ -319,7 +319,8 @@ def fit(prepared: Prepared, callbacks, say: Callable[[str], None] | None = None)
     seconds = time.monotonic() - began
     say(f"training took {seconds / 60:.1f} min; best model: {shared.best}")
     if prepared.chief:
-        shared.write_json(shared.summary, run_summary(settings, prepared.policy, seconds, prepared.start, history))
+        shared.write_json(shared.summary, run_summary(settings, prepared.policy, seconds, prepared.start, history,
+                                                           prepared.commit))
     return {"history": history, "best": shared.best, "last": shared.last, "logs": shared.logs, "seconds": seconds,
             "precision": prepared.policy}
 
@@ -353,12 +354,13 @@ def _fit_epochs(model: keras.Model, settings: TrainSettings, split: dict, start:
     return {key: history.get(key, []) + values for key, values in later.items()}
 
 
-def run_summary(settings: TrainSettings, policy: str, seconds: float, start: runs.ResumePoint, history: dict) -> dict:
-    """Return what summary.json records of a finished run."""
+def run_summary(settings: TrainSettings, policy: str, seconds: float, start: runs.ResumePoint, history: dict,
+                commit: str | None) -> dict:
+    """Return what summary.json records of a finished run (`commit`: the checkout's when training started)."""
     epochs = len(history.get("loss", []))
     return {
         "command": " ".join(sys.argv) if Path(sys.argv[0]).name == "train.py" else "train.train(settings)",
-        "commit": runs.git_commit(),
+        "commit": commit,
         "machine": hardware.describe(),
         "precision": policy,
         "seconds": seconds,
@@ -398,6 +400,7 @@ class Prepared:
     run: runs.RunFolder  # where this process writes: the run folder, or a worker's temporary one
     shared: runs.RunFolder  # the run folder
     saved: dict  # the settings as saved beside the run (state_settings)
+    commit: str | None  # the checkout's commit when the run was prepared: what it trains (runs.git_commit)
 
 
 def prepare(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
@@ -411,7 +414,7 @@ def prepare(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
     happens.
     """
     say = say or (lambda line: None)
-    setup_began = time.monotonic()
+    setup_began, commit = time.monotonic(), runs.git_commit()
     # First: devices and multi-worker communication are set up before any other TensorFlow work.
     strategy = distribute.make_strategy(settings.strategy, settings.cpu_devices)
     replicas = distribute.replicas(strategy)
@@ -457,7 +460,8 @@ def prepare(settings: TrainSettings, loaded: tuple[dict, dict] | None = None,
         # TensorBoard forgets what a killed run logged after the step this run resumes from.
         runs.mark_session_start([run.logs / part for part in runs.TENSORBOARD_PARTS], start.steps + 1)
     say(banner(settings, model, policy, start, strategy, run, chief))
-    return Prepared(settings, split, model, start, policy, strategy, replicas, chief, write_dir, run, shared, saved)
+    return Prepared(settings, split, model, start, policy, strategy, replicas, chief, write_dir, run, shared, saved,
+                    commit)
 
 
 def _save_interrupted(model: keras.Model, backup: Path | None, steps_per_epoch: int,

@@ -62,6 +62,15 @@ def test_short_training_on_real_crops_lowers_the_loss(isbi_dir, tmp_path):
     assert summary["final_logs"]["loss"] == pytest.approx(losses[-1])
 
 
+def test_a_run_records_the_commit_it_started_from_not_the_checkout_it_ends_in(isbi_dir, tmp_path, monkeypatch):
+    settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=1, steps_per_epoch=1)
+    monkeypatch.setattr(train.runs, "git_commit", lambda: "1a2b3c4")
+    prepared = train.prepare(settings)
+    monkeypatch.setattr(train.runs, "git_commit", lambda: "5d6e7f8+dirty")  # edited while it trained
+    train.fit(prepared, train.make_callbacks(prepared))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["commit"] == "1a2b3c4"
+
+
 def test_rerun_resumes_from_last_epoch_and_clear_all_starts_afresh(isbi_dir, tmp_path, capsys):
     settings = train.preset("tiny", data_dir=str(isbi_dir), run_dir=str(tmp_path / "run"), epochs=1, steps_per_epoch=1)
     train.train(settings)
