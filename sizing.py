@@ -79,7 +79,7 @@ def sizing_line(settings: TrainSettings, sizing: dict) -> str:
                    f"x {sizing['steps_per_epoch']} steps")
     wider = sizing.get("wider")
     narrowed = (f"{wider['filters']} filters ({wider['seconds_per_step']:.2f} s per step) would get "
-                f"{wider['steps']} of the recipe's {epochs * recipe} steps, less than {WIDE_SHARE:.0%}, so "
+                f"{wider['steps']:,} of the recipe's {epochs * recipe:,} steps, less than {WIDE_SHARE:.0%}, so "
                 f"{sizing['filters']} filters; " if wider else "")
     return (f"sized to this machine: {narrowed}{sizing['seconds_per_step']:.2f} s per train step and "
             f"{sizing['validation_seconds']:.1f} s of validation per epoch, measured; {verdict}; about "
