@@ -166,9 +166,9 @@ PRESETS = {
     # Zen 4) beat 16 filters' whole 25 x 100 steps on validation and test over seeds 1-3
     # (bench/seeds-filters32.json); where the budget leaves 32 filters less than half the recipe's steps
     # (float32 CPUs), 16 filters train instead, as before. Cross-entropy plus the Dice of the membranes
-    # beat cross-entropy alone on every test score; the border-weighted loss was worse on both. 16 filters before the output (the original's 2 let a run train both
-    # onto one side of the membrane: 2 of 3 seeds, flat at 0.43 or 0.88) with a cosine decay of the
-    # rate: seeds 1-3 in bench/seeds-head16-cosine.json (docs/EXPERIMENTS.md).
+    # beat cross-entropy alone on every test score; the border-weighted loss was worse on both. 16 filters
+    # before the output (the original's 2 let a run train both onto one side of the membrane: 2 of 3 seeds,
+    # flat at 0.43 or 0.88) with a cosine decay of the rate: bench/seeds-head16-cosine.json.
     # Batch normalisation costs 1.4x per step on this CPU (0.54 s against 0.38 s) but
     # in 25 epochs beat 40 without it on test accuracy (0.916 against 0.908) and pixel
     # difference (11.2 % against 11.5 %). The budget shortens the epochs of a slower CPU to fit 30 minutes.

@@ -38,10 +38,10 @@ def size_to_budget(settings: TrainSettings, measure: Callable[[TrainSettings], d
                                    filters=sizing.get("filters", settings.filters)), sizing
     began = time.perf_counter()
     sizing, wider = _sized(settings, measure(settings), spent + time.perf_counter() - began), None
-    if settings.fallback_filters and settings.fallback_filters != settings.filters and \
-            sizing["epochs"] * sizing["steps_per_epoch"] < WIDE_SHARE * settings.epochs * settings.steps_per_epoch:
-        wider = {"filters": settings.filters, "seconds_per_step": sizing["seconds_per_step"],
-                 "steps": sizing["epochs"] * sizing["steps_per_epoch"]}
+    planned = sizing["epochs"] * sizing["steps_per_epoch"]
+    if settings.fallback_filters not in (None, settings.filters) and \
+            planned < WIDE_SHARE * settings.epochs * settings.steps_per_epoch:
+        wider = {"filters": settings.filters, "seconds_per_step": sizing["seconds_per_step"], "steps": planned}
         settings = dataclasses.replace(settings, filters=settings.fallback_filters)
         sizing = _sized(settings, measure(settings), spent + time.perf_counter() - began)
     sizing = {**recipe, **sizing, "filters": settings.filters, **({"wider": wider} if wider else {})}

@@ -9,8 +9,8 @@ from the run's logs and scores its best model, in Keras (the runtime the model c
 are read from data/ so that no path of this machine is stored. TensorFlow's native log lines
 (cli.NATIVE_LOG), which the kernel captures from its stderr, and redrawn progress-bar states are dropped;
 everything else is stored as the run printed and drew it. A checkout with uncommitted changes is refused:
-the Training section names its commit. The shipped model is not this run but the median of the preset's seeds
-benchmark (bench/seeds.py), shipped with `python export.py <run folder>`.
+the Training section names its commit. The shipped model is another run of the preset (README,
+Results), shipped with `python export.py <run folder>`.
 """
 
 from __future__ import annotations
