@@ -40,11 +40,12 @@ benchmark: setup
 	$(PY) benchmark.py --precision float32 --precision mixed_bfloat16 --out bench/seed-512-b5.json
 
 # The shipped model (or EXPORT_MODEL=runs/<run>/best.keras) for bioimage.io tools, onnxruntime and TF Serving, in dist/.
-EXPORT_MODEL ?= models/unet-isbi-cpu.keras
+EXPORT_MODEL ?= models/unet-isbi-cpu.npz
 export: setup
 	$(PY) export.py --format bioimageio --model $(EXPORT_MODEL)
 	$(PY) export.py --format onnx --model $(EXPORT_MODEL)
 	$(PY) export.py --format savedmodel --model $(EXPORT_MODEL)
+	$(PY) export.py --format keras --model $(EXPORT_MODEL)
 
 train: data
 	$(PY) train.py --preset $(PRESET) --run-dir $(RUN)

@@ -82,12 +82,14 @@ def pipeline_pairs_per_s(crop: int | None, augmentation=None, batches: int = 10,
 
 
 def volume_prediction(model_path, volume_path, precision: str = "auto") -> dict:
-    """Return the seconds and pages/s of predicting a TIFF stack with predict.py's tiled path."""
+    """Return the seconds and pages/s of predicting a TIFF stack with predict.py's tiled path (`model_path` None:
+    the shipped model)."""
+    import runtimes
     import tiling
     from model import load_model
 
     stack = files.read_stack(volume_path)
-    model = load_model(model_path, precision=precision)
+    model = load_model(runtimes.resolve_model(model_path), precision=precision)
     tiling.predict_stack(model, stack[:1], progress=False)  # warm-up
     start = time.perf_counter()
     tiling.predict_stack(model, stack, progress=False)
@@ -122,13 +124,14 @@ def _keras_normalisation(active: bool):
         model_module.FusedBatchNormalization = original
 
 
-def runtime_timings(model_path: str, side: int = 576, rounds: int = 5) -> dict:
+def runtime_timings(model_path: str | None, side: int = 576, rounds: int = 5) -> dict:
     """Return the seconds per (1, side, side, 1) tile of a .keras model in Keras (precision auto and float32) and
     in onnxruntime (its cached ONNX conversion), alternating, with the largest difference from Keras float32;
     'before' is the same network in auto precision with Keras's unfolded normalisation (random weights, so its
     difference is not meaningful), as the shipped model was predicted before `model.fold_batch_norm`."""
     import runtimes
 
+    model_path = runtimes.resolve_model(model_path)
     filters = runtimes.load_model(model_path).get_layer("CNT_1_conv_1").filters
     with _keras_normalisation(True):  # the shipped model before folding: Keras's layers, as it trained
         unfolded = build_unet((None, None, 1), filters=filters, batch_norm=True,
@@ -286,7 +289,7 @@ OPTIONS = ("threads", "batch", "layout", "onednn", "jit", "upsampling", "normali
 
 
 def options(names: list[str], filters: int, size: int, batch: int, precision: str = "auto", rounds: int = 5,
-            say=None, model_path: str = "models/unet-isbi-cpu.keras") -> dict:
+            say=None, model_path: str | None = None) -> dict:
     """Return the timings of the options tried, each measured against the default in turn (see OPTIONS);
     `say` receives each option's table as it is measured."""
     policy = hardware.choose_precision(precision)
@@ -396,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peak", action="store_true", help="also measure the bf16 and fp32 matmul peaks")
     parser.add_argument("--pipeline", action="store_true", help="also measure the augmentation pipeline alone")
     parser.add_argument("--volume", help="also time predicting this TIFF stack with --model")
-    parser.add_argument("--model", default="models/unet-isbi-cpu.keras", help="model for --volume")
+    parser.add_argument("--model", help="model for --volume and the runtime option (default: the shipped one)")
     parser.add_argument("--threads", help="INTRA,INTER: TensorFlow's intra-op and inter-op threads (0 = default)")
     parser.add_argument("--jit", action="store_true", help="compile the train step with XLA (jit_compile=True)")
     parser.add_argument("--upsampling", default="upsample", choices=("upsample", "transpose"),

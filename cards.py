@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+import compact
 from runtimes import is_model, load_model, model_kind
 
 # ---------------------------------------------------------------- the model card
@@ -154,11 +155,14 @@ def _channels(shape) -> int | None:
 
 
 def _keras_file_channels(path: Path) -> tuple[int | None, int | None]:
-    """Return (input channels, output channels) of a functional model in a .keras file, read from its
-    configuration without Keras ((None, None) where it does not say)."""
+    """Return (input channels, output channels) of a functional model in a .keras (or compact .npz) file, read
+    from its configuration without Keras ((None, None) where it does not say)."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            config = json.loads(archive.read("config.json"))["config"]
+        if path.suffix.lower() == compact.SUFFIX:
+            config = compact.read_config(path)["config"]
+        else:
+            with zipfile.ZipFile(path) as archive:
+                config = json.loads(archive.read("config.json"))["config"]
         layers = {layer["name"]: layer["config"] for layer in config["layers"]}
         (first,), (last,) = ([ends] if isinstance(ends[0], str) else ends
                              for ends in (config["input_layers"], config["output_layers"]))

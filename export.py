@@ -1,7 +1,8 @@
 """Package a trained run as a model to ship, or export a model for other tools and runtimes.
 
-    python export.py runs/cpu                      # writes models/unet-isbi-cpu.keras and .json
+    python export.py runs/cpu                      # writes models/unet-isbi-cpu.npz (8-bit kernels) and .json
     python export.py runs/original --dest models/unet-isbi-original.keras
+    python export.py --format keras                # the shipped model as a float32 .keras -> dist/unet-isbi-cpu.keras
     python export.py --format bioimageio           # the shipped model -> dist/unet-isbi-cpu.zip (bioimage.io)
     python export.py --format onnx                 # -> dist/unet-isbi-cpu.onnx (onnxruntime, OpenVINO)
     python export.py --format savedmodel --model runs/cpu/best.keras --out dist/cpu-savedmodel
@@ -37,7 +38,7 @@ import files
 import hardware
 import runs
 import runtimes
-from model import SIZE_MULTIPLE, inference_model, load_model
+from model import SIZE_MULTIPLE, inference_model, load_model, save_compact
 from runtimes import INPUT_NAME, ONNX_OPSET, environment_kept, write_onnx
 
 PROJECT_DIR = runtimes.PROJECT_DIR
@@ -47,7 +48,8 @@ LICENSE = "MIT"  # SPDX id of the exported packages' licence, the project's own 
 
 
 def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: str | Path | None = None) -> dict:
-    """Write the run's best model (float32, no optimizer) to `dest` and its card to `dest`.json; return the card.
+    """Write the run's best model (float32, no optimizer; compact, its kernels in 8 bits, where `dest` is a .npz as
+    the default is: `model.save_compact`) to `dest` and its card to `dest`.json; return the card.
 
     The card holds how it was trained (the run's settings.json and
     summary.json), how its output is cut into cells (`evaluate.tune`, on the
@@ -60,7 +62,10 @@ def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: s
         raise FileNotFoundError(f"{run.best}: no best model in this run; train it first")
     dest = Path(dest)
     model = inference_model(load_model(run.best), float32=True)
-    files.write_atomic(dest, model.save)
+    if dest.suffix.lower() == runtimes.COMPACT_SUFFIX:
+        save_compact(model, dest)
+    else:
+        files.write_atomic(dest, model.save)
     size_mb = dest.stat().st_size / 2**20
     if size_mb > MAX_MB:
         raise ValueError(f"{dest} is {size_mb:.1f} MB, more than the {MAX_MB} MB a shipped model may take")
@@ -94,7 +99,7 @@ def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: s
 
 # ---------------------------------------------------------------- portable exports
 
-FORMATS = ("bioimageio", "onnx", "savedmodel")
+FORMATS = ("bioimageio", "keras", "onnx", "savedmodel")
 DIST_DIR = PROJECT_DIR / "dist"
 MIN_SIZE = 96  # smallest input side a bioimage.io tool may pick, pixels: more than twice the halo
 HALO = 32  # pixels a bioimage.io tool should crop from each tile edge: predict.py's overlap / 2
@@ -111,7 +116,8 @@ CITATIONS = (
 def default_out(model_path: str | Path, fmt: str) -> Path:
     """Return where `fmt` of `model_path` goes when no --out is given: dist/<model name>.zip|.onnx|-savedmodel."""
     stem = Path(model_path).stem
-    return DIST_DIR / {"bioimageio": f"{stem}.zip", "onnx": f"{stem}.onnx", "savedmodel": f"{stem}-savedmodel"}[fmt]
+    return DIST_DIR / {"bioimageio": f"{stem}.zip", "keras": f"{stem}.keras", "onnx": f"{stem}.onnx",
+                       "savedmodel": f"{stem}-savedmodel"}[fmt]
 
 
 def check_writable(out: Path, fmt: str) -> None:
@@ -407,7 +413,7 @@ def export_model(
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     model_path = runtimes.resolve_model(model_path, kinds=("keras",))
     out = Path(out) if out is not None else default_out(model_path, fmt)
-    suffix = {"bioimageio": ".zip", "onnx": ".onnx"}.get(fmt)
+    suffix = {"bioimageio": ".zip", "keras": ".keras", "onnx": ".onnx"}.get(fmt)
     if suffix and out.suffix.lower() != suffix:
         raise ValueError(f"{out}: the {fmt} export is one {suffix} file; give a name ending in {suffix}")
     check_writable(out, fmt)
@@ -418,7 +424,7 @@ def export_model(
     x = _with_batch(page)
     reference = np.asarray(model.predict_on_batch(x), dtype=np.float32)
     writer = {"bioimageio": partial(write_package, model, model_path, page, reference),
-              "onnx": partial(write_onnx, model), "savedmodel": partial(write_savedmodel, model)}[fmt]
+              "keras": model.save, "onnx": partial(write_onnx, model), "savedmodel": partial(write_savedmodel, model)}[fmt]
     result = {"format": fmt, "path": str(out)}
 
     def write_checked(part: Path) -> None:
@@ -442,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dest", default=str(DEFAULT_DEST), help="with RUN_DIR: where the shipped model goes")
     parser.add_argument("--data-dir", help="the folder holding the ISBI stacks")
     parser.add_argument("--format", choices=FORMATS, help="export a model for other tools and runtimes")
-    parser.add_argument("--model", help=f"with --format: a .keras model (default {DEFAULT_DEST.relative_to(PROJECT_DIR)})")
+    parser.add_argument("--model", help=f"with --format: a .keras or compact .npz model (default {DEFAULT_DEST.relative_to(PROJECT_DIR)})")
     parser.add_argument("--out", help="with --format: the file or folder to write (default dist/<model name>...)")
     parser.add_argument("--test-image", help=f"with --format: a TIFF whose page 0 is the test page (default the "
                                              f"ISBI {data.TEST_FILE})")

@@ -23,15 +23,16 @@ from pathlib import Path
 import numpy as np
 
 PROJECT_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL = PROJECT_DIR / "models" / "unet-isbi-cpu.keras"  # the shipped model
-KERAS_SUFFIX, ONNX_SUFFIX, PACKAGE_SUFFIX = ".keras", ".onnx", ".zip"
+DEFAULT_MODEL = PROJECT_DIR / "models" / "unet-isbi-cpu.npz"  # the shipped model, compact (model.save_compact)
+KERAS_SUFFIX, COMPACT_SUFFIX, ONNX_SUFFIX, PACKAGE_SUFFIX = ".keras", ".npz", ".onnx", ".zip"
 SAVEDMODEL_FILE = "saved_model.pb"
 ONNX_OPSET = 17
 INPUT_NAME = "raw"  # the input's name in the ONNX, SavedModel and bioimage.io exports
 PACKAGE_WEIGHTS = ("onnx", "keras_v3", "tensorflow_saved_model_bundle")  # the first one a package has is used
 PACKAGE_GAIN = 1 / 255  # the scaling to [0, 1] that predict.py applies before the model
 MODEL_KINDS = ("keras", "onnx", "package", "savedmodel")  # the formats `load_model` reads
-KIND_NAMES = {"keras": ".keras", "onnx": ".onnx", "package": "bioimage.io .zip", "savedmodel": "SavedModel folder"}
+KIND_NAMES = {"keras": ".keras (or compact .npz)", "onnx": ".onnx", "package": "bioimage.io .zip",
+              "savedmodel": "SavedModel folder"}
 
 
 def model_kind(path: str | os.PathLike) -> str | None:
@@ -40,7 +41,8 @@ def model_kind(path: str | os.PathLike) -> str | None:
     path = Path(path)
     if path.is_dir():
         return "savedmodel" if (path / SAVEDMODEL_FILE).is_file() else None
-    return {KERAS_SUFFIX: "keras", ONNX_SUFFIX: "onnx", PACKAGE_SUFFIX: "package"}.get(path.suffix.lower())
+    return {KERAS_SUFFIX: "keras", COMPACT_SUFFIX: "keras", ONNX_SUFFIX: "onnx",
+            PACKAGE_SUFFIX: "package"}.get(path.suffix.lower())
 
 
 def is_model(path: str | os.PathLike) -> bool:
@@ -172,7 +174,7 @@ def load_model(path: str | os.PathLike, precision: str | None = None):
     if kind == "package":
         return load_package(path, precision)
     if kind != "keras":
-        raise ValueError(f"{path}: not a model this project reads (.keras, .onnx, bioimage.io .zip, SavedModel folder)")
+        raise ValueError(f"{path}: not a model this project reads ({', '.join(KIND_NAMES.values())})")
     if path.is_file() and not zipfile.is_zipfile(path):  # Keras would call it "File not found"
         import files
 
@@ -389,7 +391,7 @@ def load_for_prediction(path: str | os.PathLike, runtime: str | None = None):
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
     path = Path(path)
-    if path.suffix.lower() != KERAS_SUFFIX:
+    if model_kind(path) != "keras":
         return load_model(path, precision="auto"), {"runtime": "as exported", "seconds": {}, "cached": False}
     if runtime == "keras":
         return load_model(path, precision="auto"), {"runtime": "keras", "seconds": {}, "cached": False}

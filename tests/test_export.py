@@ -4,10 +4,11 @@ checked against the Keras model."""
 import contextlib
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
-from conftest import tiff
+from conftest import ROOT, tiff
 import tifffile
 import zarr
 
@@ -20,9 +21,11 @@ import tiling
 from model import build_unet
 
 
-def test_shipped_model_is_float32_without_optimizer_and_predicts_like_the_run(tiny_run, isbi_dir, tmp_path):
-    dest = tmp_path / "shipped.keras"
+def test_shipped_model_is_compact_float32_without_optimizer_and_predicts_like_the_run(tiny_run, isbi_dir, tmp_path):
+    dest = tmp_path / "shipped.npz"
     card = export.ship_model(tiny_run["best"].parent, dest, isbi_dir)
+    with np.load(dest) as stored:
+        assert stored["q0"].dtype == np.int8  # the first kernel, in 8 bits
     shipped = runtimes.load_model(dest)
     assert shipped.get_layer("CNT_1_conv_1").compute_dtype == "float32"
     assert getattr(shipped, "optimizer", None) is None
@@ -34,6 +37,16 @@ def test_shipped_model_is_float32_without_optimizer_and_predicts_like_the_run(ti
     assert saved["test_pages"] == [0, 10, 20]
     assert saved["training"]["settings"]["filters"] == 4
     assert 0 <= saved["test_scores"]["mean"]["v_rand"] <= 1
+
+
+def test_no_file_in_the_repository_is_larger_than_a_shipped_model_may_be():
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if listed.returncode:
+        pytest.skip("not a git checkout")
+    names = [name for name in listed.stdout.decode().split("\0") if name and (ROOT / name).is_file()]
+    sizes = {name: (ROOT / name).stat().st_size / 2**20 for name in names}
+    assert sizes[runtimes.DEFAULT_MODEL.relative_to(ROOT).as_posix()] > 1  # the shipped model is tracked
+    assert {name: size for name, size in sizes.items() if size > export.MAX_MB} == {}
 
 
 def test_export_of_a_run_without_model_is_a_clear_error(tmp_path, capsys):
@@ -96,8 +109,9 @@ def test_bioimageio_package_passes_spec_validation_and_the_core_model_test(packa
     assert summary.status == "passed", summary.format()
 
 
-@pytest.mark.parametrize("fmt, name", [("onnx", "tiny.onnx"), ("savedmodel", "tiny-savedmodel")])
-def test_onnx_and_savedmodel_exports_predict_like_keras(fmt, name, unet_path, test_page, tmp_path):
+@pytest.mark.parametrize("fmt, name", [("onnx", "tiny.onnx"), ("savedmodel", "tiny-savedmodel"),
+                                       ("keras", "tiny-float32.keras")])
+def test_onnx_savedmodel_and_keras_exports_predict_like_the_keras_model(fmt, name, unet_path, test_page, tmp_path):
     out = tmp_path / name
     result = export.export_model(unet_path, fmt, out, test_image=test_page)
     assert result["largest_difference"] <= export.TOLERANCE
@@ -161,7 +175,7 @@ def test_predict_with_exported_onnx_or_package_matches_keras_to_tiff_and_zarr(pa
 def test_only_a_keras_model_is_exported_and_anything_else_is_named_before_writing(tmp_path, capsys):
     onnx = tmp_path / "tiny.onnx"
     onnx.write_bytes(b"refused by its kind, never read")
-    for model, words in ((onnx, "tiny.onnx: not a .keras model"), (tmp_path / "none.keras", "no such model file")):
+    for model, words in ((onnx, "tiny.onnx: not a .keras (or compact .npz) model"), (tmp_path / "none.keras", "no such model file")):
         assert export.main(["--format", "onnx", "--model", str(model), "--out", str(tmp_path / "out.onnx")]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1

@@ -27,7 +27,7 @@ TRAINING = ["presets", "sizing", "callbacks", "averaging", "runs", "distribute",
 INFERENCE = ["tiling", "runtimes", "cards", "outputs", "blocks"]  # cards: a model's card and its ModelIO;
 # outputs: what predicting an image writes
 LEAVES = ["data", "augment", "segment", "stitch", "labels", "affinities", "files", "hardware", "scores", "shapes", "cli",
-          "model", "metrics"]
+          "model", "metrics", "compact"]
 LAYERS = [FACES, TRAINING, INFERENCE, LEAVES]
 KERAS_LEAVES = ["model", "metrics", "augment"]  # augment: its AugmentedBatches is a keras.utils.PyDataset
 # Modules that must import without TensorFlow or Keras: the inference layer and the numpy leaves (runtimes

@@ -14,7 +14,8 @@ import segment
 
 
 def test_card_path_sits_beside_the_model():
-    assert cards.card_path("models/unet-isbi-cpu.keras").as_posix() == "models/unet-isbi-cpu.json"
+    assert cards.card_path("models/unet-isbi-cpu.npz").as_posix() == "models/unet-isbi-cpu.json"
+    assert cards.card_path("runs/cpu/best.keras").as_posix() == "runs/cpu/best.json"
     assert cards.card_path("dist/savedmodel").as_posix() == "dist/savedmodel.json"
 
 
@@ -80,12 +81,12 @@ def test_resolve_model_names_what_is_missing_and_what_the_caller_cannot_run(tmp_
     with pytest.raises(FileNotFoundError, match="none.keras: no such model file"):
         runtimes.resolve_model(tmp_path / "none.keras")
     (tmp_path / "weights.h5").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"weights.h5: not a model this project reads \(.keras, .onnx"):
+    with pytest.raises(ValueError, match=r"weights.h5: not a model this project reads \(.keras \(or compact .npz\), .onnx"):
         runtimes.resolve_model(tmp_path / "weights.h5")
     (tmp_path / "saved").mkdir()
     (tmp_path / "saved" / runtimes.SAVEDMODEL_FILE).write_bytes(b"")
     assert runtimes.resolve_model(tmp_path / "saved") == tmp_path / "saved"
-    with pytest.raises(ValueError, match="saved: not a .keras model, which this needs"):
+    with pytest.raises(ValueError, match=r"saved: not a .keras \(or compact .npz\) model, which this needs"):
         runtimes.resolve_model(tmp_path / "saved", kinds=("keras",))
 
 
