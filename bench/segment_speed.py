@@ -1,7 +1,7 @@
 """Speed and memory of segment.py's methods on ISBI 2012 pages, and peak memory on one large tiled map.
 
     .venv/bin/python bench/segment_speed.py                                    # synthetic maps from the labels
-    .venv/bin/python bench/segment_speed.py --model models/unet-isbi-cpu.keras # + the model's maps of 3 pages
+    .venv/bin/python bench/segment_speed.py --model models/unet-isbi-cpu.npz   # + the model's maps of 3 pages
     .venv/bin/python bench/segment_speed.py --out bench/segment-speed.json
 
 Without a model the maps are made from the labels: a probability map is the label smoothed (Gaussian,
