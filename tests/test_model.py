@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from conftest import bf16_refused
 
 import files
 import hardware
@@ -43,6 +44,7 @@ def test_valid_padding_output_size_matches_formula_and_crops_skips(size):
     assert output_size(572, "valid") == 386  # the paper's 388 minus the OUT_3 3x3 conv
 
 
+@pytest.mark.skipif(bf16_refused(), reason="oneDNN capped below its bfloat16 kernels")
 def test_bfloat16_policy_keeps_float32_output():
     model = build_unet((32, 32, 1), filters=2, dtype_policy="mixed_bfloat16")
     assert model.get_layer("CNT_1_conv_1").compute_dtype == "bfloat16"
@@ -105,6 +107,7 @@ def test_a_model_file_that_is_not_a_model_gives_a_data_error(not_models, tmp_pat
             assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
 
 
+@pytest.mark.skipif(bf16_refused(), reason="oneDNN capped below its bfloat16 kernels")
 def test_load_model_recasts_to_the_requested_precision(tmp_path):
     model = build_unet((None, None, 1), filters=2, dtype_policy="mixed_bfloat16")
     model.save(tmp_path / "m.keras")
@@ -116,8 +119,9 @@ def test_load_model_recasts_to_the_requested_precision(tmp_path):
     np.testing.assert_array_equal(back.predict_on_batch(x), model.predict_on_batch(x))
 
 
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", pytest.param("mixed_float16", marks=pytest.mark.skipif(
-    hardware.onednn_capped_below_bf16(), reason="oneDNN capped below its float16 kernels"))])
+@pytest.mark.parametrize("policy", ["float32", pytest.param("mixed_bfloat16", marks=pytest.mark.skipif(
+    bf16_refused(), reason="oneDNN capped below its bfloat16 kernels")), pytest.param("mixed_float16",
+    marks=pytest.mark.skipif(hardware.onednn_capped_below_bf16(), reason="oneDNN capped below its float16 kernels"))])
 def test_each_precision_policy_builds_trains_a_step_and_predicts(policy):
     import keras
 
