@@ -158,7 +158,7 @@ def _keras_file_channels(path: Path) -> tuple[int | None, int | None]:
     """Return (input channels, output channels) of a functional model in a .keras (or compact .npz) file, read
     from its configuration without Keras ((None, None) where it does not say)."""
     try:
-        if path.suffix.lower() == compact.SUFFIX:
+        if compact.is_compact(path):
             config = compact.read_config(path)["config"]
         else:
             with zipfile.ZipFile(path) as archive:

@@ -25,6 +25,11 @@ CONFIG = "keras_config"  # the key of the configuration; its presence marks a co
 STEPS = 127  # int8 steps from 0 to a channel's largest weight
 
 
+def is_compact(path: str | os.PathLike) -> bool:
+    """Return True if `path` names a compact model (by its suffix; what it holds is checked when it is read)."""
+    return os.fspath(path).lower().endswith(SUFFIX)
+
+
 def quantize(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Return (int8 steps, float32 scale per output channel) of a kernel whose last axis is its output channels."""
     weight = np.asarray(weight, np.float32)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import cards
+import compact
 import data
 import files
 import hardware
@@ -62,7 +63,7 @@ def ship_model(run_dir: str | Path, dest: str | Path = DEFAULT_DEST, data_dir: s
         raise FileNotFoundError(f"{run.best}: no best model in this run; train it first")
     dest = Path(dest)
     model = inference_model(load_model(run.best), float32=True)
-    if dest.suffix.lower() == runtimes.COMPACT_SUFFIX:
+    if compact.is_compact(dest):
         save_compact(model, dest)
     else:
         files.write_atomic(dest, model.save)
@@ -448,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dest", default=str(DEFAULT_DEST), help="with RUN_DIR: where the shipped model goes")
     parser.add_argument("--data-dir", help="the folder holding the ISBI stacks")
     parser.add_argument("--format", choices=FORMATS, help="export a model for other tools and runtimes")
-    parser.add_argument("--model", help=f"with --format: a .keras or compact .npz model (default {DEFAULT_DEST.relative_to(PROJECT_DIR)})")
+    parser.add_argument("--model", help=f"with --format: a .keras or compact .npz model "
+                                        f"(default {DEFAULT_DEST.relative_to(PROJECT_DIR)})")
     parser.add_argument("--out", help="with --format: the file or folder to write (default dist/<model name>...)")
     parser.add_argument("--test-image", help=f"with --format: a TIFF whose page 0 is the test page (default the "
                                              f"ISBI {data.TEST_FILE})")

@@ -272,10 +272,10 @@ def load_model(path: str | os.PathLike, precision: str | None = None, custom_obj
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such model file")
-    if path.suffix.lower() == compact.SUFFIX and custom_objects is not None:
+    if compact.is_compact(path) and custom_objects is not None:
         raise DataError(f"{path}: a compact model holds no optimizer to train on; resume from a run's .keras file")
     try:
-        if path.suffix.lower() == compact.SUFFIX:
+        if compact.is_compact(path):
             model = keras.models.model_from_json(json.dumps(compact.read_config(path)))
             model.set_weights(compact.read_weights(path))
         else:

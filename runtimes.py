@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+import compact
+
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = PROJECT_DIR / "models" / "unet-isbi-cpu.npz"  # the shipped model, compact (model.save_compact)
-KERAS_SUFFIX, COMPACT_SUFFIX, ONNX_SUFFIX, PACKAGE_SUFFIX = ".keras", ".npz", ".onnx", ".zip"
+KERAS_SUFFIX, ONNX_SUFFIX, PACKAGE_SUFFIX = ".keras", ".onnx", ".zip"
 SAVEDMODEL_FILE = "saved_model.pb"
 ONNX_OPSET = 17
 INPUT_NAME = "raw"  # the input's name in the ONNX, SavedModel and bioimage.io exports
@@ -41,7 +43,7 @@ def model_kind(path: str | os.PathLike) -> str | None:
     path = Path(path)
     if path.is_dir():
         return "savedmodel" if (path / SAVEDMODEL_FILE).is_file() else None
-    return {KERAS_SUFFIX: "keras", COMPACT_SUFFIX: "keras", ONNX_SUFFIX: "onnx",
+    return {KERAS_SUFFIX: "keras", compact.SUFFIX: "keras", ONNX_SUFFIX: "onnx",
             PACKAGE_SUFFIX: "package"}.get(path.suffix.lower())
 
 
