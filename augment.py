@@ -36,6 +36,14 @@ class Augmentation:
     (the paper used 10). Per-pixel displacements are interpolated from the grid
     by cubic splines and added to the affine transform, so each pair is still
     resampled only once.
+
+    Intensity changes (off by default) touch the image only, never the label:
+    its contrast is scaled about its mean by a factor within 1 +- `contrast`,
+    `brightness` is added within +- (in units of the [0, 1] image), it is
+    blurred by a Gaussian of up to `blur` pixels, and Gaussian noise of up to
+    `noise` standard deviation is added; each drawn uniformly per pair. The
+    ISBI stack is blurred in its first half and sharp in its second, and its
+    pages differ in brightness and contrast (docs/EXPERIMENTS.md).
     """
 
     rotation_range: float = 0.2
@@ -48,17 +56,31 @@ class Augmentation:
     rot90: bool = False
     elastic_grid: int = 0
     elastic_sigma: float = 10.0
+    contrast: float = 0.0
+    brightness: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
 
     def __post_init__(self):
         if self.elastic_grid < 0 or self.elastic_grid == 1:
             raise ValueError(f"elastic_grid must be 0 (off) or at least 2 points per side, got {self.elastic_grid}")
         if self.elastic_sigma < 0:
             raise ValueError(f"elastic_sigma must be >= 0 pixels, got {self.elastic_sigma}")
+        for name in ("contrast", "brightness", "blur", "noise"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.contrast >= 1:
+            raise ValueError(f"contrast must be below 1 (a factor within 1 +- contrast), got {self.contrast}")
 
     @property
     def elastic(self) -> bool:
         """Whether the settings deform elastically (a grid and a non-zero sigma)."""
         return self.elastic_grid > 0 and self.elastic_sigma > 0
+
+    @property
+    def intensity(self) -> bool:
+        """Whether the settings change the image's intensities."""
+        return any((self.contrast, self.brightness, self.blur, self.noise))
 
     @classmethod
     def none(cls) -> "Augmentation":
@@ -114,6 +136,23 @@ def _elastic_displacement(shape: tuple[int, int], grid: int, sigma: float, rng: 
     return rows @ coarse @ np.ascontiguousarray(cols.T)
 
 
+def random_intensity(image: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
+    """Return an (H, W[, C]) float32 image with random contrast, brightness, blur and noise, clipped to [0, 1];
+    the channels of neighbouring sections change together."""
+    image = np.asarray(image, np.float32)
+    if aug.contrast:
+        mean = image.mean()
+        image = mean + (image - mean) * rng.uniform(1 - aug.contrast, 1 + aug.contrast)
+    if aug.brightness:
+        image = image + rng.uniform(-aug.brightness, aug.brightness)
+    if aug.blur:
+        sigma = rng.uniform(0.0, aug.blur)
+        image = ndimage.gaussian_filter(image, (sigma, sigma, 0)[: image.ndim], mode="nearest")
+    if aug.noise:
+        image = image + rng.normal(0.0, rng.uniform(0.0, aug.noise), image.shape)
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
 def _resample(
     arrays: tuple[tuple[np.ndarray, int], ...],
     matrix: np.ndarray,
@@ -152,7 +191,8 @@ def augment_pair(
     the weights stay on the pixels they were computed for. Borders are filled by
     repeating the nearest pixel, as Keras' fill_mode='nearest'. An elastic
     deformation, when `aug` asks for one, is composed with the affine transform
-    and the crop, so that the image is interpolated only once.
+    and the crop, so that the image is interpolated only once; intensity changes
+    follow, on the image alone.
     """
     h, w = label.shape
     if image.shape[:2] != (h, w):
@@ -172,6 +212,8 @@ def augment_pair(
     outputs = _resample(arrays, matrix, (out_h, out_w), displacement)
     if image.ndim == 3:  # neighbouring sections (data.with_context) move as one
         outputs = [np.stack(outputs[: len(channels)], axis=-1), *outputs[len(channels) :]]
+    if aug.intensity:
+        outputs[0] = random_intensity(outputs[0], aug, rng)
     if aug.rot90:
         # Quarter turns keep the shape only for square outputs; otherwise half turns.
         k = int(rng.integers(4)) if out_h == out_w else 2 * int(rng.integers(2))

@@ -251,6 +251,10 @@ AUGMENTATION_HELP = {
     "rot90": "random quarter turns (see docs/EXPERIMENTS.md: the ISBI labels are not symmetric up/down)",
     "elastic_grid": "elastic deformation grid points per side (0: off; paper: 3)",
     "elastic_sigma": "elastic displacement standard deviation, pixels",
+    "contrast": "random contrast: the image scaled about its mean by a factor within 1 +- this (0: off)",
+    "brightness": "random brightness: up to this much added or taken, in units of the [0, 1] image (0: off)",
+    "blur": "random Gaussian blur of up to this many pixels (0: off)",
+    "noise": "random Gaussian noise of up to this standard deviation, [0, 1] image units (0: off)",
 }
 
 

@@ -202,3 +202,54 @@ def test_data_workers_start_from_a_fork_server_not_as_forks_of_the_training_proc
         finally:
             pool.terminate()
     assert py_dataset_adapter.get_pool_class(True) is multiprocessing.Pool  # only while training
+
+
+INTENSITY = dataclasses.replace(augment.Augmentation.none(), contrast=0.3, brightness=0.1, blur=1.5, noise=0.05)
+
+
+def test_intensity_changes_are_off_by_default_and_leave_the_image_alone():
+    assert not augment.Augmentation().intensity
+    image = blobs() * 0.6 + 0.2
+    moved, _ = augment.augment_pair(image, blobs(), augment.Augmentation.none(), np.random.default_rng(0))
+    np.testing.assert_array_equal(moved, image)
+
+
+def test_intensity_changes_touch_the_image_in_range_and_never_the_label():
+    image, label = blobs() * 0.6 + 0.2, blobs(seed=1)
+    changed = []
+    for seed in range(8):
+        moved, moved_label = augment.augment_pair(image, label, INTENSITY, np.random.default_rng(seed))
+        np.testing.assert_array_equal(moved_label, label)
+        assert moved.dtype == np.float32 and 0.0 <= moved.min() and moved.max() <= 1.0
+        changed.append(np.abs(moved - image).mean())
+    assert min(changed) > 0.005  # every draw changes the image
+
+
+@pytest.mark.parametrize("field, value", [("contrast", 0.5), ("brightness", 0.2), ("blur", 2.0), ("noise", 0.1)])
+def test_each_intensity_change_does_what_it_says(field, value):
+    image = blobs() * 0.5 + 0.25
+    aug = dataclasses.replace(augment.Augmentation.none(), **{field: value})
+    moved = [augment.random_intensity(image, aug, np.random.default_rng(seed)) for seed in range(20)]
+    stds, means = [m.std() / image.std() for m in moved], [m.mean() - image.mean() for m in moved]
+    sharpness = [(np.diff(m, axis=0) ** 2).mean() / (np.diff(image, axis=0) ** 2).mean() for m in moved]  # energy
+    if field == "contrast":  # scaled about the mean: the spread changes, the mean does not
+        assert max(stds) > 1.2 and min(stds) < 0.8 and max(np.abs(means)) < 1e-5
+    elif field == "brightness":  # a shift: the mean moves, the spread does not
+        assert max(means) > 0.1 and min(means) < -0.1 and np.allclose(stds, 1.0, atol=1e-5)
+    elif field == "blur":  # edges soften, the mean stays
+        assert min(sharpness) < 0.6 and max(sharpness) <= 1.0 + 1e-6 and max(np.abs(means)) < 1e-3
+    else:  # noise: neighbouring pixels differ more
+        assert max(sharpness) > 2.0
+
+
+def test_intensity_changes_the_neighbouring_sections_together():
+    image = np.stack([blobs() * 0.5 + 0.25] * 3, axis=-1)
+    moved = augment.random_intensity(image, dataclasses.replace(INTENSITY, noise=0.0), np.random.default_rng(3))
+    np.testing.assert_allclose(moved[..., 0], moved[..., 2])
+    assert not np.allclose(moved[..., 0], image[..., 0])
+
+
+@pytest.mark.parametrize("field, value", [("contrast", -0.1), ("contrast", 1.0), ("blur", -1.0), ("noise", float("nan"))])
+def test_bad_intensity_settings_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        augment.Augmentation(**{field: value})
