@@ -40,6 +40,21 @@ def mean_replaced_by(statistic: str):
     return statistic_and_length
 
 
+def tuned_and_scored(maps: np.ndarray, labels: np.ndarray, validation: list[int], test: list[int]) -> dict:
+    """Return the multicut tuned on the first len(validation) of `maps` and scored on the rest (the test pages):
+    {"validation": best mean V_rand, "test": V_rand per page, "params": the tuned parameters}."""
+    params, rows = segment.tune(maps[: len(validation)], labels[validation], "multicut")
+    scores = [cell_scores(segment.multicut_cells(page, params), labels[t])["v_rand"]
+              for page, t in zip(maps[len(validation):], test)]
+    return {"validation": rows[0]["v_rand"], "test": scores, "params": params.as_dict()}
+
+
+def shown(model: str, name: str, result: dict) -> str:
+    """Return one line of a model's result under one variant."""
+    return (f"{model} {name}: validation {result['validation']:.3f}, test "
+            f"{' / '.join(f'{x:.3f}' for x in result['test'])} (mean {np.mean(result['test']):.3f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     from elf.segmentation import features
 
@@ -53,13 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         maps = cell_maps(model, images, validation + test)
         for statistic in COLUMNS:
             features.compute_boundary_mean_and_length = mean_replaced_by(statistic)  # every multicut below
-            params, rows = segment.tune(maps[: len(validation)], labels[validation], "multicut")
-            scores = [cell_scores(segment.multicut_cells(page, params), labels[t])["v_rand"]
-                      for page, t in zip(maps[len(validation):], test)]
-            out.setdefault(model, {})[statistic] = {"validation": rows[0]["v_rand"], "test": scores,
-                                                    "params": params.as_dict()}
-            print(f"{model} {statistic}: validation {rows[0]['v_rand']:.3f}, test "
-                  f"{' / '.join(f'{x:.3f}' for x in scores)} (mean {np.mean(scores):.3f})", flush=True)
+            out.setdefault(model, {})[statistic] = tuned_and_scored(maps, labels, validation, test)
+            print(shown(model, statistic, out[model][statistic]), flush=True)
     files.write_atomic(ROOT / "bench" / "edge-statistic.json",
                        json.dumps({"models": out, "machine": hardware.describe()}, indent=1) + "\n")
     return 0
