@@ -138,10 +138,10 @@ def test_the_shipped_models_cells_score_better_than_its_best_threshold(shipped_s
     mean = shipped_scores["mean"]
     assert shipped_scores["method"] == "multicut"
     assert mean["cell_v_rand"] > mean["v_rand"]
-    worst = min(shipped_scores["per_page"], key=lambda page: page["v_rand"])  # page 20: merged cells
-    assert worst["cell_v_rand"] > worst["v_rand"] + 0.05 and worst["cell_v_rand"] > 0.8  # cut apart
-    for page in shipped_scores["per_page"]:  # V_rand is the harmonic mean of its split and merge parts
-        split, merge = page["cell_rand_split"], page["cell_rand_merge"]
+    for page in shipped_scores["per_page"]:
+        # no page loses more than a point to the cutting, and none merges (page 20 did before the intensity changes)
+        assert page["cell_v_rand"] > page["v_rand"] - 0.01 and page["cell_v_rand"] > 0.95
+        split, merge = page["cell_rand_split"], page["cell_rand_merge"]  # V_rand: the harmonic mean of the two
         assert page["cell_v_rand"] == pytest.approx(2 * split * merge / (split + merge))
 
 
