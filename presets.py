@@ -192,8 +192,8 @@ PRESETS = {
         time_limit=30 * 60,
         budget=30 * 60,
         backup_every=100,
-        # intensity changes: the stack's first half is blurred, and a faint membrane there merged cells in every
-        # run without them (docs/EXPERIMENTS.md, bench/seeds-intensity.json)
+        # intensity changes: the stack's first half is blurred and its pages differ in brightness; without them a
+        # faint membrane on test page 20 merged cells in nearly every run (docs/EXPERIMENTS.md, bench/seeds-intensity.json)
         augmentation=augment.Augmentation(vertical_flip=True, rot90=True, contrast=0.2, brightness=0.1, blur=1.0,
                                           noise=0.03),
         preset="cpu",
