@@ -37,9 +37,10 @@ def test_the_summary_gives_the_median_of_the_seeds_means_and_the_worst_page_of_a
 
 
 @pytest.mark.filterwarnings("ignore:the map is uniform")  # a tiny model trained for 6 steps
-def test_a_tiny_recipe_is_trained_tuned_and_scored_and_a_rerun_only_reads_the_results(tmp_path, capsys):
+def test_a_tiny_recipe_is_trained_tuned_and_scored_and_a_rerun_only_reads_the_results(isbi_dir, tmp_path, capsys):
     out = tmp_path / "seeds.json"
-    args = ["--name", "tiny", "--seeds", "1", "--preset", "tiny", "--root", str(tmp_path / "runs"), "--out", str(out)]
+    args = ["--name", "tiny", "--seeds", "1", "--preset", "tiny", "--root", str(tmp_path / "runs"), "--out", str(out),
+            "--data-dir", str(isbi_dir)]
     assert seeds.main(args) == 0
     record = json.loads(out.read_text())
     (run,) = record["runs"]
